@@ -1,0 +1,56 @@
+"""The benchmark matrix: one test per model x method x track cell (see conftest.py).
+
+Each cell: load (cached per worker) -> quantize a copy -> evaluate -> record -> gates.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pytest
+
+from fixtures.models import BaselineCache, ModelStore
+from ptq.errors import PtqError
+from ptq.gates import BaselineStore, quality_gates
+from ptq.matrix import Cell
+from ptq.pipeline import run_method
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Known failures (missing data, model offline, NaN metric) fail the cell with their message only."""
+    try:
+        yield
+    except PtqError as exc:
+        pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+
+
+def test_cell(cell: Cell, models: ModelStore, fp_baselines: BaselineCache, baseline_store: BaselineStore,
+              record: dict[str, Any], pytestconfig: pytest.Config) -> None:
+    config = cell.config
+    if config.model.needs_gpu and pytestconfig.ptq_device.type != "cuda":
+        pytest.skip(f"{cell.model} needs a GPU")
+    method = pytestconfig.ptq_catalog.registry[cell.method]
+    with user_errors():
+        loaded = models.get(config)
+        record["model_source"] = loaded.source.to_dict()
+        baseline = fp_baselines.get(loaded, config)
+        outcome = baseline if method.baseline else run_method(method, loaded, config)
+    fp_ppl = baseline.metrics["ppl"]
+    ppl = outcome.metrics["ppl"]
+    first = next(iter(ppl))
+    record.update(
+        metrics={**outcome.metrics, "fp_ppl": fp_ppl, "ppl_ratio": ppl[first] / fp_ppl[first]},
+        data=outcome.data,
+        notes=outcome.notes,
+        fallbacks=outcome.fallbacks,
+    )
+    gates = quality_gates(ppl, fp_ppl, config.gates)
+    if not pytestconfig.getoption("update_baselines"):
+        gates += baseline_store.check(cell.id, record["config_fingerprint"], ppl, config.gates.baseline_rel_tol,
+                                      required=not pytestconfig.getoption("override"))
+    record["gates"] = [gate.to_dict() for gate in gates]
+    failed = [gate for gate in gates if gate.passed is False]
+    if failed:
+        pytest.fail("; ".join(f"{gate.name} {gate.metric}: {gate.detail}" for gate in failed), pytrace=False)

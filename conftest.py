@@ -1,0 +1,187 @@
+"""Wires the benchmark into pytest: options, the cell matrix, `-k` on cell names, and the
+leaderboard written from all cells' records (also under xdist).
+
+The fixtures themselves live in fixtures/ (devices, models, recording).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from _pytest.mark.expression import Expression
+
+from ptq.config import parse_override
+from ptq.errors import ConfigError, PtqError
+from ptq.gates import BaselineStore
+from ptq.matrix import Catalog, Cell, Selection
+from ptq.report.leaderboard import leaderboard_rows, render_table, write_leaderboard
+from ptq.report.records import REPORT_PROPERTY
+
+pytest_plugins = ["fixtures.devices", "fixtures.models", "fixtures.recording"]
+
+ROOT = Path(__file__).parent
+CELLS = pytest.StashKey[list[Cell]]()
+DEFAULT_EXPERIMENT = "default"  # bench/experiments/default.yaml: what `pytest bench` runs with no options
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("ptq-bench", "post-training quantization benchmark")
+    group.addoption("--models", nargs="+", help="model names (bench/models/*.yaml); default: all, or the experiment's")
+    group.addoption("--methods", nargs="+", help="method names (bench/methods/*.yaml); default: all")
+    group.addoption("--tracks", nargs="+", help="tracks A B C; default: all")
+    group.addoption("--experiment", help="an experiment: a name in bench/experiments/ or a YAML path")
+    group.addoption("--override", action="append", default=[], metavar="KEY.PATH=VALUE",
+                    help="set any config key last (repeatable), e.g. --override weight.bits=3")
+    group.addoption("--update-baselines", action="store_true",
+                    help="write the measured metrics into bench/baselines.json instead of checking them")
+    group.addoption("--bench-dir", default=str(ROOT / "bench"), help="folder of the benchmark YAMLs")
+    group.addoption("--reports-dir", default=str(ROOT / "reports"), help="where records and the leaderboard go")
+    group.addoption("--run-id", help="name of this run's records folder (default: time and a random suffix)")
+
+
+def _wants_matrix(config: pytest.Config) -> bool:
+    """Build the matrix only when the benchmark module is among the collected paths."""
+    bench = (ROOT / "bench").resolve()
+    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args] or [Path(config.rootpath)]
+    return any(path.is_relative_to(bench) or bench.is_relative_to(path) for path in paths)
+
+
+def _usage_error(message: str, catalog: Catalog | None) -> pytest.UsageError:
+    if catalog is not None:
+        message += (f"\n  models: {' '.join(catalog.models)}\n  methods: {' '.join(catalog.methods)}"
+                    f"\n  tracks: {' '.join(catalog.tracks)}\n  experiments: {' '.join(catalog.experiments)}")
+    return pytest.UsageError(message)
+
+
+def _experiment_path(value: str | None, catalog: Catalog) -> Path | None:
+    if value is None:
+        return catalog.experiments.get(DEFAULT_EXPERIMENT)
+    if value in catalog.experiments:
+        return catalog.experiments[value]
+    path = Path(value)
+    if path.is_file():
+        return path
+    raise ConfigError(f"--experiment {value!r} is neither a name in {catalog.bench_dir / 'experiments'} nor a file")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        run_id = config.getoption("run_id") or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        config.ptq_run = {"run_id": run_id, "command_line": [sys.executable, "-m", "pytest", *config.invocation_params.args]}
+        config.pluginmanager.register(LeaderboardCollector(config), "ptq-leaderboard")
+    else:
+        config.ptq_run = json.loads(config.workerinput["ptq_run"])
+    if not _wants_matrix(config):
+        config.stash[CELLS] = []
+        return
+    catalog = None
+    try:
+        catalog = Catalog(Path(config.getoption("bench_dir")))
+        overrides = tuple(parse_override(text) for text in config.getoption("override"))
+        selection = Selection(
+            models=tuple(config.getoption("models")) if config.getoption("models") else None,
+            methods=tuple(config.getoption("methods")) if config.getoption("methods") else None,
+            tracks=tuple(config.getoption("tracks")) if config.getoption("tracks") else None,
+            experiment=_experiment_path(config.getoption("experiment"), catalog),
+            overrides=overrides,
+        )
+        config.stash[CELLS] = catalog.cells(selection, config.ptq_device.type)
+    except PtqError as exc:
+        raise _usage_error(f"ptq-bench: {exc}", catalog) from None
+    config.ptq_catalog = catalog
+    config.ptq_selection = selection
+
+
+def pytest_configure_node(node) -> None:  # xdist controller: hand the run id to each worker
+    node.workerinput["ptq_run"] = json.dumps(node.config.ptq_run)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cell" not in metafunc.fixturenames:
+        return
+    params = []
+    for cell in metafunc.config.stash[CELLS]:
+        model = cell.config.model
+        marks = [pytest.mark.xdist_group(cell.model), getattr(pytest.mark, model.size)]
+        if model.needs_gpu:
+            marks.append(pytest.mark.gpu)
+        if model.size != "small":
+            marks.append(pytest.mark.slow)
+        params.append(pytest.param(cell, id=cell.id, marks=marks))
+    metafunc.parametrize("cell", params)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`-k` on cells matches whole names: `-k "rtn and A"` selects the rtn cells of track A.
+
+    pytest's own `-k` matches substrings of every name in a test's path, so a bare "A" would
+    match any name holding an "a". For cells, a term matches when it equals (ignoring case)
+    the model, method, track, size or cell id, or, when longer than one character, is a
+    substring of the cell id. Other tests keep pytest's matching.
+    """
+    expression = config.option.keyword.lstrip()
+    if not expression:
+        return
+    from _pytest.mark import KeywordMatcher
+
+    compiled = Expression.compile(expression)
+    kept, dropped = [], []
+    for item in items:
+        cell = item.callspec.params.get("cell") if hasattr(item, "callspec") else None
+        if isinstance(cell, Cell):
+            names = {name.lower() for name in cell.keywords}
+            cell_id = cell.id.lower()
+            matches = compiled.evaluate(
+                lambda term, **_: term.lower() in names or (len(term) > 1 and term.lower() in cell_id))
+        else:
+            matches = compiled.evaluate(KeywordMatcher.from_item(item))
+        (kept if matches else dropped).append(item)
+    config.option.keyword = ""  # done here; pytest's pass would re-match substrings
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+
+class LeaderboardCollector:
+    """On the controller (or a plain run): gathers every cell's record from the test
+    reports, which xdist ships from workers, then writes the leaderboard and, with
+    --update-baselines, the baselines of the cells that passed."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.records: list[dict] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for name, value in report.user_properties:
+            if name == REPORT_PROPERTY:
+                self.records.append(json.loads(value))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not self.records:
+            return
+        write_leaderboard(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"])
+        if self.config.getoption("update_baselines"):
+            store = BaselineStore(Path(self.config.getoption("bench_dir")) / "baselines.json")
+            for rec in self.records:
+                if rec["status"] == "passed":
+                    store.update(rec["cell_id"], rec["config_fingerprint"], {
+                        "ppl": rec["metrics"]["ppl"], "device": rec["environment"]["device"],
+                        "commit": rec["environment"]["git_commit"]})
+            store.save()
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.records:
+            return
+        terminalreporter.write_sep("=", "ptq-bench leaderboard")
+        terminalreporter.write_line(render_table(leaderboard_rows(self.records)))
+        reports = Path(self.config.getoption("reports_dir"))
+        terminalreporter.write_line(f"written: {reports / 'leaderboard.md'}, records in "
+                                    f"{reports / 'runs' / self.config.ptq_run['run_id']}")

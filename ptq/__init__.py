@@ -1,0 +1,1 @@
+"""ptq-bench: post-training quantization methods and the evaluation around them."""

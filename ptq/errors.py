@@ -1,0 +1,27 @@
+"""Errors with messages meant for users: they are shown without a traceback."""
+
+from __future__ import annotations
+
+
+class PtqError(Exception):
+    """An error whose message says what went wrong and what to do; shown without a traceback."""
+
+
+class ConfigError(PtqError):
+    """A YAML file or an --override is malformed, names an unknown key, or has a wrong type."""
+
+
+class DataUnavailable(PtqError):
+    """A dataset is neither in the local data directory nor reachable on the hub."""
+
+
+class ModelUnavailable(PtqError):
+    """A model's weights cannot be found locally or downloaded."""
+
+
+class UnsupportedModel(PtqError):
+    """No architecture adapter knows this model."""
+
+
+class NonFiniteMetric(PtqError):
+    """A metric came out NaN or infinite."""

@@ -1,0 +1,1 @@
+"""Evaluators: perplexity (and, later, lm-eval tasks, passkey, speed probes)."""

@@ -1,0 +1,49 @@
+"""Peak memory of a stretch of work: CUDA max allocated on a GPU, else the process's peak RSS."""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+
+import psutil
+import torch
+
+
+class PeakMemory:
+    """Context manager; `.peak_bytes` and `.kind` are set on exit.
+
+    On CPU the resident set size is sampled every `interval` seconds in a thread (the
+    kernel's own peak, ru_maxrss, covers the whole process life and not one cell).
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.05) -> None:
+        self.device = device
+        self.interval = interval
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss"
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        process = psutil.Process()
+        while True:
+            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            assert self._thread is not None
+            self._thread.join()

@@ -1,0 +1,191 @@
+"""The benchmark catalog (bench/*.yaml) and the model x method x track cells built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from ptq.config import (
+    TRACKS,
+    CellConfig,
+    ExperimentHeader,
+    Layer,
+    build,
+    check_partial,
+    read_yaml_layer,
+    resolve,
+)
+from ptq.errors import ConfigError
+from ptq.models.adapters import ADAPTERS
+from ptq.registry import MethodInfo, discover
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: str
+    track: str
+    config: CellConfig
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}-{self.method}-{self.track}"
+
+    @property
+    def keywords(self) -> frozenset[str]:
+        """Names that `-k` matches exactly (case-insensitively), see conftest."""
+        return frozenset({self.model, self.method, self.track, self.id, self.config.model.size})
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the user asked for; None means "not given" (all, or the experiment's choice)."""
+
+    models: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    tracks: tuple[str, ...] | None = None
+    experiment: Path | None = None
+    overrides: tuple[Layer, ...] = ()
+
+
+def _read_dir(folder: Path) -> dict[str, Layer]:
+    return {path.stem: read_yaml_layer(path) for path in sorted(folder.glob("*.yaml"))}
+
+
+def _check_header(layer: Layer, key: str, stem: str) -> None:
+    if key not in layer.data or not isinstance(layer.data[key], dict):
+        raise ConfigError(f"{layer.source}: needs a '{key}:' section")
+    name = layer.data[key].get("name")
+    if name != stem:
+        where = layer.provenance.get((key, "name"), layer.source)
+        raise ConfigError(f"{where}: {key}.name is {name!r} but the file is {stem}.yaml; they must match")
+
+
+class Catalog:
+    """Every YAML under bench/, each validated when read."""
+
+    def __init__(self, bench_dir: Path) -> None:
+        self.bench_dir = bench_dir
+        self.registry: dict[str, MethodInfo] = discover()
+        self.defaults = read_yaml_layer(bench_dir / "defaults.yaml")
+        self.device_profiles = {
+            device: self.defaults.sub("device_profiles").sub(device)
+            for device in (self.defaults.data.get("device_profiles") or {})
+        }
+        self.defaults = self.defaults.without("device_profiles")
+        check_partial(self.defaults.data, CellConfig, self.defaults)
+        for profile in self.device_profiles.values():
+            check_partial(profile.data, CellConfig, profile)
+        self.models = _read_dir(bench_dir / "models")
+        self.methods = _read_dir(bench_dir / "methods")
+        self.tracks = _read_dir(bench_dir / "tracks")
+        self.experiments = {path.stem: path for path in sorted((bench_dir / "experiments").glob("*.yaml"))}
+        families = {adapter.family for adapter in ADAPTERS}
+        for stem, layer in self.models.items():
+            _check_header(layer, "model", stem)
+            check_partial(layer.data, CellConfig, layer)
+            family = layer.data["model"].get("family")
+            if family not in families:
+                where = layer.provenance.get(("model", "family"), layer.source)
+                raise ConfigError(f"{where}: unknown model family {family!r}; known: {', '.join(sorted(families))}")
+        for stem, layer in self.tracks.items():
+            _check_header(layer, "track", stem)
+            check_partial(layer.data, CellConfig, layer)
+        for stem, layer in self.methods.items():
+            self._check_method(stem, layer)
+        missing = sorted(set(self.registry) - set(self.methods))
+        if missing:
+            raise ConfigError(f"methods registered in ptq/methods without a YAML in {bench_dir / 'methods'}: {missing}")
+
+    def _check_method(self, stem: str, layer: Layer) -> None:
+        _check_header(layer, "method", stem)
+        if stem not in self.registry:
+            raise ConfigError(
+                f"{layer.source}: no method {stem!r} is registered in ptq/methods "
+                f"(registered: {', '.join(sorted(self.registry))})"
+            )
+        check_partial(layer.without("tracks").data, CellConfig, layer)
+        per_track = layer.data.get("tracks") or {}
+        supported = self.registry[stem].tracks
+        for track in per_track:
+            where = layer.provenance.get(("tracks", track), layer.source)
+            if track not in supported:
+                raise ConfigError(f"{where}: method {stem} supports tracks {sorted(supported)}, not {track!r}")
+            sub = layer.sub("tracks").sub(track)
+            check_partial(sub.data, CellConfig, sub)
+
+    def experiment(self, path: Path) -> tuple[ExperimentHeader, Layer]:
+        layer = read_yaml_layer(path)
+        if "experiment" not in layer.data:
+            raise ConfigError(f"{path}: an experiment file needs an 'experiment:' section (name, models, ...)")
+        header_layer = layer.sub("experiment")
+        check_partial(header_layer.data, ExperimentHeader, header_layer)
+        header = build(ExperimentHeader, header_layer.data, header_layer.provenance)
+        settings = layer.without("experiment")
+        check_partial(settings.data, CellConfig, settings)
+        return header, settings
+
+    def cell_config(
+        self, model: str, method: str, track: str, experiment: Layer | None, overrides: tuple[Layer, ...],
+        device_type: str,
+    ) -> CellConfig:
+        method_layer = self.methods[method]
+        layers = [self.defaults]
+        if device_type in self.device_profiles:
+            layers.append(self.device_profiles[device_type])
+        layers += [
+            self.models[model],
+            method_layer.without("tracks"),
+            method_layer.sub("tracks").sub(track),
+            self.tracks[track],
+        ]
+        if experiment is not None:
+            layers.append(experiment)
+        layers += list(overrides)
+        config = resolve(layers)
+        # Specs the method does not read are dropped, so its record never claims them.
+        uses = self.registry[method].uses
+        unused = {spec: None for spec in ("weight", "act", "kv") if spec not in uses}
+        return dataclasses.replace(config, **unused)
+
+    def cells(self, selection: Selection, device_type: str) -> list[Cell]:
+        """The cells of a selection, in a stable order (model, track, method)."""
+        header, experiment = (None, None)
+        if selection.experiment is not None:
+            header, experiment = self.experiment(selection.experiment)
+
+        def pick(given: tuple[str, ...] | None, from_experiment: tuple[str, ...] | None,
+                 known: typing.Iterable[str], what: str) -> tuple[tuple[str, ...], bool]:
+            chosen = given if given is not None else from_experiment
+            if chosen is None:
+                return tuple(known), False
+            unknown = [name for name in chosen if name not in known]
+            if unknown:
+                raise ConfigError(f"unknown {what} {unknown}; known {what}: {', '.join(known)}")
+            return tuple(dict.fromkeys(chosen)), True
+
+        models, _ = pick(selection.models, header and header.models, self.models, "models")
+        methods, methods_explicit = pick(selection.methods, header and header.methods, self.methods, "methods")
+        tracks, tracks_explicit = pick(selection.tracks, header and header.tracks, TRACKS, "tracks")
+        for track in tracks:
+            if track not in self.tracks:
+                raise ConfigError(f"track {track} has no YAML in {self.bench_dir / 'tracks'}")
+        if methods_explicit and tracks_explicit:
+            for method in methods:
+                if not self.registry[method].tracks & set(tracks):
+                    raise ConfigError(
+                        f"method {method} supports tracks {sorted(self.registry[method].tracks)}, "
+                        f"none of the requested {list(tracks)}"
+                    )
+        cells = []
+        for model in models:
+            for track in tracks:
+                for method in methods:
+                    if track not in self.registry[method].tracks:
+                        continue
+                    config = self.cell_config(model, method, track, experiment, selection.overrides, device_type)
+                    cells.append(Cell(model, method, track, config))
+        return cells
+

@@ -1,0 +1,34 @@
+"""Round-to-nearest: every spec of the cell applied with the shared quantizer, no calibration.
+
+Track A quantizes weights; track B also quantizes every block linear's input per token,
+dynamically; track C quantizes keys and values as the cache stores them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from torch import nn
+
+from ptq.config import CellConfig
+from ptq.kv import QuantizedKVCache
+from ptq.models.adapters import ArchAdapter
+from ptq.quant import fake_quantize
+from ptq.registry import QuantizedModel, register_method
+from ptq.transforms import quantize_inputs, replace_weights
+
+
+@register_method("rtn", tracks=("A", "B", "C"), uses=("weight", "act", "kv"))
+def rtn(model: nn.Module, adapter: ArchAdapter, config: CellConfig) -> QuantizedModel:
+    result = QuantizedModel(model)
+    linears = adapter.quantizable_linears(model)
+    if config.weight is not None:
+        replace_weights(linears, partial(fake_quantize, spec=config.weight))
+        result.notes += sorted({note for linear in linears.values()
+                                if (note := config.weight.describe(linear.in_features))})
+    if config.act is not None:
+        quantize_inputs(model, list(linears), config.act)
+    if config.kv is not None:
+        layers = len(adapter.decoder_blocks(model))
+        result.make_cache = partial(QuantizedKVCache, config.kv, layers)
+    return result

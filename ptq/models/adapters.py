@@ -1,0 +1,80 @@
+"""Architecture adapters: where a decoder-only family keeps its blocks, norms, embeddings and head.
+
+One small data record per family; no algorithm knows a family by name, it asks the
+adapter. Adding a family is one `ArchAdapter(...)` entry in `ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ptq.errors import UnsupportedModel
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    family: str
+    architectures: tuple[str, ...]  # transformers class names this adapter covers
+    blocks: str  # dotted path from the causal-LM module to the ModuleList of decoder blocks
+    embeddings: tuple[str, ...]  # modules before the first block
+    final_norm: str
+    lm_head: str
+    rotary: str | None  # module computing rotary position embeddings, shared by all blocks
+
+    def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        """The linear layers of one decoder block, by their name inside the block, in execution order."""
+        return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+    def quantizable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """Every linear inside the decoder blocks, by full name. The LM head and embeddings stay in
+        float, as in the GPTQ, AWQ and SmoothQuant reference code (they are often tied)."""
+        return {
+            f"{self.blocks}.{index}.{name}": linear
+            for index, block in enumerate(self.decoder_blocks(model))
+            for name, linear in self.block_linears(block).items()
+        }
+
+
+ADAPTERS: tuple[ArchAdapter, ...] = (
+    ArchAdapter(
+        family="llama",  # Llama 1-3, Mistral, Qwen2/2.5, SmolLM2: same module layout
+        architectures=("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"),
+        blocks="model.layers",
+        embeddings=("model.embed_tokens",),
+        final_norm="model.norm",
+        lm_head="lm_head",
+        rotary="model.rotary_emb",
+    ),
+    ArchAdapter(
+        family="opt",
+        architectures=("OPTForCausalLM",),
+        blocks="model.decoder.layers",
+        embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+        final_norm="model.decoder.final_layer_norm",
+        lm_head="lm_head",
+        rotary=None,
+    ),
+)
+
+
+def adapter_for(model: nn.Module, family: str | None = None) -> ArchAdapter:
+    """The adapter of a loaded model, by its class name (and checked against the declared family)."""
+    arch = type(model).__name__
+    for adapter in ADAPTERS:
+        if arch in adapter.architectures:
+            if family is not None and family != adapter.family:
+                raise UnsupportedModel(
+                    f"model class {arch} belongs to family {adapter.family!r}, but its YAML says {family!r}"
+                )
+            return adapter
+    known = ", ".join(a for adapter in ADAPTERS for a in adapter.architectures)
+    raise UnsupportedModel(
+        f"no architecture adapter for {arch}. Known: {known}. To add one, give ptq.models.adapters.ADAPTERS "
+        "an ArchAdapter naming the decoder blocks' ModuleList, the embeddings, the final norm, the LM head "
+        "and the rotary module (if any)."
+    )

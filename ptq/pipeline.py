@@ -1,0 +1,110 @@
+"""One cell's work: quantize a copy of the loaded model, evaluate it, collect metrics."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ptq.config import CellConfig, EvalConfig
+from ptq.data import load_text, tokenize_once
+from ptq.eval.memory import PeakMemory
+from ptq.eval.perplexity import PerplexityResult, perplexity
+from ptq.models.adapters import ArchAdapter
+from ptq.models.loading import ResolvedSource
+from ptq.registry import MethodInfo, QuantizedModel
+
+EVAL_SPLIT = "test"
+
+
+@dataclass
+class LoadedModel:
+    """A model as loaded once per worker; cells quantize copies of it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ArchAdapter
+    source: ResolvedSource
+    device: torch.device
+
+    @property
+    def float_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+@dataclass
+class Evaluation:
+    results: dict[str, PerplexityResult]
+    data: dict[str, Any]  # per dataset: origin, sha256, token count
+    fallbacks: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        seconds = sum(r.seconds for r in self.results.values())
+        tokens = sum(r.windows * r.seqlen for r in self.results.values())
+        return {
+            "ppl": {name: r.ppl for name, r in self.results.items()},
+            "eval": {name: {"windows": r.windows, "seqlen": r.seqlen, "tokens_scored": r.tokens_scored,
+                            "seconds": r.seconds} for name, r in self.results.items()},
+            "eval_tokens_per_s": tokens / seconds if seconds > 0 else None,
+        }
+
+
+def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig) -> Evaluation:
+    """Perplexity on every configured dataset. On CUDA OOM the batch is halved and that is recorded."""
+    results: dict[str, PerplexityResult] = {}
+    data: dict[str, Any] = {}
+    fallbacks: list[str] = []
+    for dataset in config.datasets:
+        text = load_text(dataset, EVAL_SPLIT)
+        ids = tokenize_once(loaded.tokenizer, text)
+        data[dataset] = {**text.describe(), "tokens": int(ids.shape[1])}
+        batch_size = config.batch_size
+        while True:
+            try:
+                results[dataset] = perplexity(quantized.model, ids, config.seqlen, config.max_windows, batch_size,
+                                              quantized.make_cache)
+                break
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                fallbacks.append(f"{dataset}: out of memory at eval batch {batch_size}, retried at {batch_size // 2}")
+                batch_size //= 2
+    return Evaluation(results, data, fallbacks)
+
+
+@dataclass
+class CellOutcome:
+    metrics: dict[str, Any]
+    data: dict[str, Any]
+    notes: list[str]
+    fallbacks: list[str]
+
+
+def measure_baseline(loaded: LoadedModel, config: CellConfig) -> CellOutcome:
+    """The float model's metrics, measured once per model and session and shared by its cells."""
+    with PeakMemory(loaded.device) as memory:
+        evaluation = evaluate(QuantizedModel(loaded.model), loaded, config.eval)
+    metrics = {**evaluation.metrics(), "quant_seconds": 0.0, "peak_memory_bytes": memory.peak_bytes,
+               "peak_memory_kind": memory.kind, "model_float_bytes": loaded.float_bytes}
+    return CellOutcome(metrics, {"eval": evaluation.data, "calibration": None}, [], evaluation.fallbacks)
+
+
+def run_method(method: MethodInfo, loaded: LoadedModel, config: CellConfig) -> CellOutcome:
+    """Quantize a copy of the float model with `method`, then evaluate it; the original is left intact."""
+    with PeakMemory(loaded.device) as memory:
+        model = copy.deepcopy(loaded.model)
+        start = time.perf_counter()
+        quantized = method.apply(model, loaded.adapter, config)
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
+        quant_seconds = time.perf_counter() - start
+        evaluation = evaluate(quantized, loaded, config.eval)
+    metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "peak_memory_bytes": memory.peak_bytes,
+               "peak_memory_kind": memory.kind, "model_float_bytes": loaded.float_bytes}
+    return CellOutcome(metrics, {"eval": evaluation.data, "calibration": None}, quantized.notes,
+                       quantized.fallbacks + evaluation.fallbacks)

@@ -1,0 +1,149 @@
+"""The quantizer primitive every method and track shares.
+
+A `QuantSpec` says how to quantize (bits, symmetric or asymmetric, and the granularity
+over which one scale is shared); `quantize` turns a tensor into integer codes plus
+scales and zero points, and `fake_quantize` returns the dequantized tensor.
+
+Granularities all reduce over the last dimension, which is the input dimension of a
+weight row ([out, in]) and the feature dimension of an activation or KV vector:
+  tensor   one scale for the whole tensor
+  channel  one scale per output row of a weight
+  token    one scale per token (the same reduction, named for activations and KV)
+  group    one scale per `group_size` consecutive elements of a row; when the size does
+           not divide the row, the last group of each row is smaller (as in the GPTQ
+           authors' code), and a group never spans two rows.
+Ranges follow the GPTQ reference: asymmetric ranges always contain zero (so zero is
+exactly representable), symmetric ranges are signed with scale = absmax / (2^(b-1) - 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Granularity = Literal["tensor", "channel", "token", "group"]
+GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "token", "group")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    symmetric: bool = False
+    granularity: Granularity = "group"
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "group" and self.group_size <= 0:
+            raise ValueError(f"group_size must be positive for group granularity, got {self.group_size}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def group_sizes(self, row_length: int) -> list[int]:
+        """Lengths of the groups along one row; the last one is smaller when the size does not divide it."""
+        if self.granularity != "group":
+            return [row_length]
+        full, tail = divmod(row_length, self.group_size)
+        return [self.group_size] * full + ([tail] if tail else [])
+
+    def describe(self, row_length: int) -> str | None:
+        """A note for records when groups are uneven, else None."""
+        sizes = self.group_sizes(row_length)
+        if len(sizes) > 1 and sizes[-1] != sizes[0]:
+            return (
+                f"group size {self.group_size} does not divide row length {row_length}: "
+                f"each row has {len(sizes) - 1} groups of {self.group_size} and a last group of {sizes[-1]}"
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Integer codes with one scale (and zero point, if asymmetric) per group along the last dim."""
+
+    codes: torch.Tensor  # same shape as the input; int8 (symmetric) or uint8 (asymmetric)
+    scale: torch.Tensor  # [..., n_groups]
+    zero: torch.Tensor | None  # [..., n_groups], None when symmetric
+    spec: QuantSpec
+    dtype: torch.dtype  # the dtype to dequantize to
+
+    def dequantize(self) -> torch.Tensor:
+        sizes = self.spec.group_sizes(self.codes.shape[-1])
+        scale = _expand_groups(self.scale, sizes)
+        codes = self.codes.to(scale.dtype)
+        if self.zero is not None:
+            codes = codes - _expand_groups(self.zero, sizes)
+        return (codes * scale).to(self.dtype)
+
+    def nbytes(self) -> int:
+        """Storage if codes were packed at `spec.bits` each, plus scales and zero points as stored."""
+        code_bytes = (self.codes.numel() * self.spec.bits + 7) // 8
+        param_bytes = self.scale.numel() * self.scale.element_size()
+        if self.zero is not None:
+            param_bytes += self.zero.numel() * self.zero.element_size()
+        return code_bytes + param_bytes
+
+
+def _reduce_groups(x: torch.Tensor, sizes: list[int], reduce: str) -> torch.Tensor:
+    """Reduce the last dim of `x` group by group with amin/amax: [..., n] -> [..., n_groups]."""
+    size = sizes[0]
+    full = sum(1 for s in sizes if s == size)
+    lead = x.shape[:-1]
+    body = x[..., : full * size].reshape(*lead, full, size)
+    parts = [getattr(body, reduce)(dim=-1)]
+    if full < len(sizes):
+        parts.append(getattr(x[..., full * size :], reduce)(dim=-1, keepdim=True))
+    return torch.cat(parts, dim=-1)
+
+
+def _expand_groups(params: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Broadcast per-group parameters back over the elements of each group."""
+    repeats = torch.tensor(sizes, device=params.device)
+    return params.repeat_interleave(repeats, dim=-1)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """Quantize `x` to integer codes, with parameters computed from `x` itself (dynamic / RTN)."""
+    source_dtype = x.dtype
+    work = x.float()
+    if spec.granularity == "tensor":
+        work = work.reshape(1, -1)
+    sizes = spec.group_sizes(work.shape[-1])
+    xmin = _reduce_groups(work, sizes, "amin")
+    xmax = _reduce_groups(work, sizes, "amax")
+    if spec.symmetric:
+        absmax = torch.maximum(xmin.abs(), xmax)
+        scale = absmax / spec.qmax
+        zero = None
+    else:
+        xmin = xmin.clamp(max=0)
+        xmax = xmax.clamp(min=0)
+        scale = (xmax - xmin) / spec.qmax
+    # An all-zero group gets scale 1: any scale represents it exactly.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if not spec.symmetric:
+        zero = torch.round(-xmin / scale)
+    codes = torch.round(work / _expand_groups(scale, sizes))
+    if zero is not None:
+        codes = codes + _expand_groups(zero, sizes)
+    codes = codes.clamp(spec.qmin, spec.qmax).to(torch.int8 if spec.symmetric else torch.uint8)
+    if spec.granularity == "tensor":
+        codes = codes.reshape(x.shape)
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, spec=spec, dtype=source_dtype)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize and dequantize: the tensor as a kernel would see it, in `x`'s dtype."""
+    return quantize(x, spec).dequantize()

@@ -1,0 +1,67 @@
+"""The method registry: methods register by name with the tracks they support.
+
+Every module in `ptq.methods` is imported by `discover()`, so adding a method is adding
+one file there (plus its YAML in bench/methods/).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol
+
+from torch import nn
+from transformers.cache_utils import Cache
+
+from ptq.config import CellConfig
+from ptq.models.adapters import ArchAdapter
+
+Spec = Literal["weight", "act", "kv"]
+
+
+@dataclass
+class QuantizedModel:
+    """What a method hands to the evaluators."""
+
+    model: nn.Module
+    make_cache: Callable[[], Cache] | None = None  # a fresh cache per forward, when the KV cache is quantized
+    notes: list[str] = field(default_factory=list)  # facts worth recording (uneven groups, ...)
+    fallbacks: list[str] = field(default_factory=list)  # anything that ran other than as configured
+
+
+class MethodFn(Protocol):
+    def __call__(self, model: nn.Module, adapter: ArchAdapter, config: CellConfig) -> QuantizedModel: ...
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    tracks: frozenset[str]
+    uses: frozenset[Spec]  # which of the cell's weight/act/kv specs the method reads
+    apply: MethodFn
+    baseline: bool  # the float model itself: its metrics are the session's FP baseline
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register_method(
+    name: str, *, tracks: tuple[str, ...], uses: tuple[Spec, ...], baseline: bool = False
+) -> Callable[[MethodFn], MethodFn]:
+    def decorator(fn: MethodFn) -> MethodFn:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name].apply.__module__}, {fn.__module__})")
+        _REGISTRY[name] = MethodInfo(name, frozenset(tracks), frozenset(uses), fn, baseline)
+        return fn
+
+    return decorator
+
+
+def discover() -> dict[str, MethodInfo]:
+    """Import every module of ptq.methods (registering its methods) and return the registry."""
+    import ptq.methods
+
+    for module in pkgutil.iter_modules(ptq.methods.__path__):
+        importlib.import_module(f"ptq.methods.{module.name}")
+    return dict(_REGISTRY)

@@ -1,0 +1,75 @@
+"""The leaderboard: one row per cell, from the cells' records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from ptq.report.records import atomic_write
+
+TRACK_ORDER = {"A": 0, "B": 1, "C": 2}
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat rows, ordered by model, track, then quality (failed and skipped cells last)."""
+    rows = []
+    for record in records:
+        metrics = record["metrics"]
+        ppl = metrics.get("ppl", {})
+        rows.append({
+            "cell": record["cell_id"],
+            "model": record["model"],
+            "method": record["method"],
+            "track": record["track"],
+            "experiment": record["experiment"],
+            "status": record["status"],
+            "ppl_wikitext2": ppl.get("wikitext2"),
+            "fp_ppl_wikitext2": metrics.get("fp_ppl", {}).get("wikitext2"),
+            "ppl_ratio": metrics.get("ppl_ratio"),
+            "quant_seconds": metrics.get("quant_seconds"),
+            "eval_tokens_per_s": metrics.get("eval_tokens_per_s"),
+            "peak_memory_mb": (metrics["peak_memory_bytes"] / 2**20) if metrics.get("peak_memory_bytes") else None,
+            "reason": record["reason"],
+        })
+    rows.sort(key=lambda r: (r["model"], TRACK_ORDER.get(r["track"], 9), r["status"] != "passed",
+                             r["ppl_wikitext2"] if r["ppl_wikitext2"] is not None else float("inf"), r["method"]))
+    return rows
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    table = [
+        [
+            row["cell"], row["status"], _fmt(row["ppl_wikitext2"], 2), _fmt(row["ppl_ratio"], 3),
+            _fmt(row["quant_seconds"], 1), _fmt(row["eval_tokens_per_s"], 0), _fmt(row["peak_memory_mb"], 0),
+            (row["reason"] or "").replace("\n", " ")[:120],
+        ]
+        for row in rows
+    ]
+    headers = ["cell", "status", "PPL wikitext2", "× FP", "quant s", "eval tok/s", "peak MB", "reason"]
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def write_leaderboard(records: list[dict[str, Any]], reports_dir: Path, run_id: str) -> tuple[Path, Path]:
+    """Write reports/leaderboard.md and reports/leaderboard.json for one run."""
+    rows = leaderboard_rows(records)
+    notes = sorted({note for record in records for note in record["notes"]})
+    baselines = sorted({f"{r['model']}: {r['config']['model']['baseline_note']}" for r in records
+                        if r["config"].get("model", {}).get("baseline_note")})
+    md = [f"# Leaderboard (run {run_id})", "", render_table(rows), ""]
+    if baselines:
+        md += ["## Baselines", ""] + [f"- {line}" for line in baselines] + [""]
+    if notes:
+        md += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    md += [f"Records: `reports/runs/{run_id}/`.", ""]
+    md_path = reports_dir / "leaderboard.md"
+    json_path = reports_dir / "leaderboard.json"
+    atomic_write(md_path, "\n".join(md))
+    atomic_write(json_path, json.dumps({"run_id": run_id, "rows": rows}, indent=2, default=str) + "\n")
+    return md_path, json_path

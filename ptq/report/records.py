@@ -1,0 +1,142 @@
+"""Cell records: one JSON and one Markdown file per cell, written atomically.
+
+A record holds everything needed to reproduce and judge a cell: the fully resolved
+config, the metrics, the gates and their outcome, and the environment (code version,
+packages, device, data and model checksums, command line).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+PACKAGES = ("ptq-bench", "torch", "transformers", "accelerate", "datasets", "lm_eval", "gguf", "numpy")
+STATUSES = ("passed", "failed", "skipped")
+REPORT_PROPERTY = "ptq_record"  # name under which a record travels in a test report's user_properties
+
+# The exact top-level layout of a record: key -> type(s) of its value.
+RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "schema_version": int,
+    "run_id": str,
+    "cell_id": str,
+    "model": str,
+    "method": str,
+    "track": str,
+    "experiment": (str, type(None)),
+    "status": str,
+    "reason": (str, type(None)),
+    "config": dict,
+    "config_fingerprint": (str, type(None)),
+    "metrics": dict,
+    "gates": list,
+    "notes": list,
+    "fallbacks": list,
+    "model_source": (dict, type(None)),
+    "data": dict,
+    "environment": dict,
+    "started": str,
+    "wall_seconds": float,
+}
+
+
+def validate_record(record: dict[str, Any]) -> None:
+    """Raise ValueError unless `record` has exactly the schema's keys, with the right types."""
+    keys, expected = set(record), set(RECORD_FIELDS)
+    if keys != expected:
+        raise ValueError(f"record keys differ from the schema: missing {sorted(expected - keys)}, "
+                         f"unexpected {sorted(keys - expected)}")
+    for key, kind in RECORD_FIELDS.items():
+        if not isinstance(record[key], kind):
+            raise ValueError(f"record[{key!r}] is {type(record[key]).__name__}, expected {kind}")
+    if record["status"] not in STATUSES:
+        raise ValueError(f"record status {record['status']!r} is not one of {STATUSES}")
+
+
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def environment(repo: Path, device: torch.device, command_line: list[str]) -> dict[str, Any]:
+    """Where and with what a cell ran."""
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=repo)
+    cuda = device.type == "cuda"
+    return {
+        "git_commit": _git("rev-parse", "HEAD", cwd=repo),
+        "git_dirty": bool(status) if status is not None else None,
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "cuda_version": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+        "xdist_worker": os.environ.get("PYTEST_XDIST_WORKER"),
+        "command_line": command_line,
+    }
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def render_markdown(record: dict[str, Any]) -> str:
+    lines = [f"# {record['cell_id']}: {record['status']}", ""]
+    if record["reason"]:
+        lines += [f"**Reason:** {record['reason']}", ""]
+    lines += ["## Metrics", "", "```json", json.dumps(record["metrics"], indent=2), "```", ""]
+    if record["gates"]:
+        lines += ["## Gates", "", "| gate | measured | limit | baseline | passed |", "|---|---|---|---|---|"]
+        for gate in record["gates"]:
+            lines.append(f"| {gate['name']} | {gate.get('measured')} | {gate.get('limit')} | "
+                         f"{gate.get('baseline')} | {gate['passed']} |")
+        lines.append("")
+    for title, key in (("Notes", "notes"), ("Fallbacks", "fallbacks")):
+        if record[key]:
+            lines += [f"## {title}", ""] + [f"- {item}" for item in record[key]] + [""]
+    for title, key in (("Configuration", "config"), ("Model source", "model_source"), ("Data", "data"),
+                       ("Environment", "environment")):
+        lines += [f"## {title}", "", "```json", json.dumps(record[key], indent=2, default=str), "```", ""]
+    return "\n".join(lines)
+
+
+def write_record(record: dict[str, Any], run_dir: Path) -> Path:
+    """Validate and write `<cell_id>.json` and `<cell_id>.md` under `run_dir`; return the JSON path."""
+    validate_record(record)
+    json_path = run_dir / f"{record['cell_id']}.json"
+    atomic_write(json_path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write(run_dir / f"{record['cell_id']}.md", render_markdown(record))
+    return json_path

@@ -1,0 +1,40 @@
+"""Model transforms shared by methods: rewrite linear weights, quantize linear inputs."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ptq.quant import QuantSpec, fake_quantize
+
+
+def replace_weights(linears: dict[str, nn.Linear], transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Overwrite each linear's weight with `transform(weight)` in place (no model-size copy)."""
+    with torch.no_grad():
+        for linear in linears.values():
+            linear.weight.copy_(transform(linear.weight))
+
+
+class ActQuantLinear(nn.Module):
+    """A linear layer whose input is fake-quantized dynamically (scales from the input itself)."""
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec) -> None:
+        super().__init__()
+        self.linear = linear
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(fake_quantize(x, self.spec))
+
+    def extra_repr(self) -> str:
+        return f"act={self.spec}"
+
+
+def quantize_inputs(model: nn.Module, linear_names: list[str], spec: QuantSpec) -> None:
+    """Wrap the named linears of `model` so their inputs are quantized with `spec`."""
+    for name in linear_names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, ActQuantLinear(getattr(parent, child), spec))
