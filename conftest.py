@@ -102,13 +102,34 @@ def pytest_configure_node(node) -> None:  # xdist controller: hand the run id to
     node.workerinput["ptq_run"] = json.dumps(node.config.ptq_run)
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under `--dist loadgroup` (the default here), all cells of one model go to one worker.
+
+    Cells are grouped by the controller's own cell list rather than by xdist_group marks,
+    which xdist 3.8 fails to apply on pytest 9.2 (it renames `item._nodeid`, which pytest
+    no longer reads). Other tests are scheduled one by one.
+    """
+    if config.getoption("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    model_of = {f"test_cell[{cell.id}]": cell.model for cell in config.stash[CELLS]}
+
+    class ModelGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            model = model_of.get(nodeid.rsplit("::", 1)[-1])
+            return f"model:{model}" if model else super()._split_scope(nodeid)
+
+    return ModelGroupScheduling(config, log)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cell" not in metafunc.fixturenames:
         return
     params = []
     for cell in metafunc.config.stash[CELLS]:
         model = cell.config.model
-        marks = [pytest.mark.xdist_group(cell.model), getattr(pytest.mark, model.size)]
+        marks = [getattr(pytest.mark, model.size)]
         if model.needs_gpu:
             marks.append(pytest.mark.gpu)
         if model.size != "small":

@@ -67,6 +67,8 @@ class Catalog:
     """Every YAML under bench/, each validated when read."""
 
     def __init__(self, bench_dir: Path) -> None:
+        if not (bench_dir / "defaults.yaml").is_file():
+            raise ConfigError(f"{bench_dir} is not a benchmark folder: it has no defaults.yaml")
         self.bench_dir = bench_dir
         self.registry: dict[str, MethodInfo] = discover()
         self.defaults = read_yaml_layer(bench_dir / "defaults.yaml")

