@@ -16,9 +16,11 @@ import pytest
 from _pytest.mark.expression import Expression
 
 from ptq.config import parse_override
+from ptq.data import load_text
 from ptq.errors import ConfigError, PtqError
 from ptq.gates import BaselineStore
 from ptq.matrix import Catalog, Cell, Selection
+from ptq.pipeline import EVAL_SPLIT
 from ptq.report.leaderboard import leaderboard_rows, render_table, write_leaderboard
 from ptq.report.records import REPORT_PROPERTY
 
@@ -92,6 +94,9 @@ def pytest_configure(config: pytest.Config) -> None:
             overrides=overrides,
         )
         config.stash[CELLS] = catalog.cells(selection, config.ptq_device.type)
+        if not config.option.collectonly:  # missing data is a usage error, before any model loads
+            for dataset in sorted({d for cell in config.stash[CELLS] for d in cell.config.eval.datasets}):
+                load_text(dataset, EVAL_SPLIT)
     except PtqError as exc:
         raise _usage_error(f"ptq-bench: {exc}", catalog) from None
     config.ptq_catalog = catalog

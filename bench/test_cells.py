@@ -22,8 +22,10 @@ def user_errors() -> Iterator[None]:
     """Known failures (missing data, model offline, NaN metric) fail the cell with their message only."""
     try:
         yield
+        return
     except PtqError as exc:
-        pytest.fail(f"{type(exc).__name__}: {exc}", pytrace=False)
+        message = f"{type(exc).__name__}: {exc}"
+    pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
 
 
 def test_cell(cell: Cell, models: ModelStore, fp_baselines: BaselineCache, baseline_store: BaselineStore,

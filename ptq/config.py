@@ -325,7 +325,10 @@ def build(schema: type, data: dict[str, Any], provenance: Provenance, prefix: tu
             if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         ]
         raise ConfigError(f"{where}: {dotted} is missing required key(s) {missing}") from exc
-    except ValueError as exc:  # a dataclass rejected a combination of values
+    except ValueError as exc:  # a dataclass rejected a value: point at that key if the message names it
+        named = [f.name for f in dataclasses.fields(schema) if str(exc).startswith(f.name)]
+        if named:
+            where = provenance.get(prefix + (named[0],), where)
         raise ConfigError(f"{where}: {dotted}: {exc}") from None
 
 
@@ -356,5 +359,7 @@ def resolve(layers: list[Layer]) -> CellConfig:
     for layer in layers:
         check_partial(layer.data, CellConfig, layer)
         data = deep_merge(data, layer.data)
-        provenance.update(layer.provenance)
+        for path, where in layer.provenance.items():  # re-insert so the latest setter is also last
+            provenance.pop(path, None)
+            provenance[path] = where
     return build(CellConfig, data, provenance)

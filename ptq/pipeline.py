@@ -85,19 +85,11 @@ class CellOutcome:
     fallbacks: list[str]
 
 
-def measure_baseline(loaded: LoadedModel, config: CellConfig) -> CellOutcome:
-    """The float model's metrics, measured once per model and session and shared by its cells."""
-    with PeakMemory(loaded.device) as memory:
-        evaluation = evaluate(QuantizedModel(loaded.model), loaded, config.eval)
-    metrics = {**evaluation.metrics(), "quant_seconds": 0.0, "peak_memory_bytes": memory.peak_bytes,
-               "peak_memory_kind": memory.kind, "model_float_bytes": loaded.float_bytes}
-    return CellOutcome(metrics, {"eval": evaluation.data, "calibration": None}, [], evaluation.fallbacks)
-
-
 def run_method(method: MethodInfo, loaded: LoadedModel, config: CellConfig) -> CellOutcome:
-    """Quantize a copy of the float model with `method`, then evaluate it; the original is left intact."""
+    """Quantize with `method`, then evaluate. Methods work on a copy, so the loaded model stays
+    float for the next cell; the baseline method leaves the model as it is and gets no copy."""
     with PeakMemory(loaded.device) as memory:
-        model = copy.deepcopy(loaded.model)
+        model = loaded.model if method.baseline else copy.deepcopy(loaded.model)
         start = time.perf_counter()
         quantized = method.apply(model, loaded.adapter, config)
         if loaded.device.type == "cuda":

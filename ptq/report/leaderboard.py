@@ -35,7 +35,8 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ppl_ratio": metrics.get("ppl_ratio"),
             "quant_seconds": metrics.get("quant_seconds"),
             "eval_tokens_per_s": metrics.get("eval_tokens_per_s"),
-            "peak_memory_mb": (metrics["peak_memory_bytes"] / 2**20) if metrics.get("peak_memory_bytes") else None,
+            "peak_memory_mb": (metrics["peak_memory_bytes"] / 2**20
+                               if metrics.get("peak_memory_bytes") is not None else None),
             "reason": record["reason"],
         })
     rows.sort(key=lambda r: (r["model"], TRACK_ORDER.get(r["track"], 9), r["status"] != "passed",
