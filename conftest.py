@@ -19,7 +19,7 @@ from ptq.config import parse_override
 from ptq.data import load_text
 from ptq.errors import ConfigError, PtqError
 from ptq.gates import BaselineStore
-from ptq.matrix import Catalog, Cell, Selection
+from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, Selection
 from ptq.pipeline import EVAL_SPLIT
 from ptq.report.leaderboard import leaderboard_rows, render_table, write_leaderboard
 from ptq.report.records import REPORT_PROPERTY
@@ -28,7 +28,6 @@ pytest_plugins = ["fixtures.devices", "fixtures.models", "fixtures.recording"]
 
 ROOT = Path(__file__).parent
 CELLS = pytest.StashKey[list[Cell]]()
-DEFAULT_EXPERIMENT = "default"  # bench/experiments/default.yaml: what `pytest bench` runs with no options
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -36,7 +35,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--models", nargs="+", help="model names (bench/models/*.yaml); default: all, or the experiment's")
     group.addoption("--methods", nargs="+", help="method names (bench/methods/*.yaml); default: all")
     group.addoption("--tracks", nargs="+", help="tracks A B C; default: all")
-    group.addoption("--experiment", help="an experiment: a name in bench/experiments/ or a YAML path")
+    group.addoption("--experiment", nargs="+", default=[DEFAULT_EXPERIMENT],
+                    help="experiments: names in bench/experiments/ or YAML paths (default: default); "
+                         "cells of experiments other than 'default' carry its name in their id")
     group.addoption("--override", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="set any config key last (repeatable), e.g. --override weight.bits=3")
     group.addoption("--update-baselines", action="store_true",
@@ -60,9 +61,7 @@ def _usage_error(message: str, catalog: Catalog | None) -> pytest.UsageError:
     return pytest.UsageError(message)
 
 
-def _experiment_path(value: str | None, catalog: Catalog) -> Path | None:
-    if value is None:
-        return catalog.experiments.get(DEFAULT_EXPERIMENT)
+def _experiment_path(value: str, catalog: Catalog) -> Path:
     if value in catalog.experiments:
         return catalog.experiments[value]
     path = Path(value)
@@ -90,7 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
             models=tuple(config.getoption("models")) if config.getoption("models") else None,
             methods=tuple(config.getoption("methods")) if config.getoption("methods") else None,
             tracks=tuple(config.getoption("tracks")) if config.getoption("tracks") else None,
-            experiment=_experiment_path(config.getoption("experiment"), catalog),
+            experiments=tuple(_experiment_path(value, catalog) for value in config.getoption("experiment")),
             overrides=overrides,
         )
         config.stash[CELLS] = catalog.cells(selection, config.ptq_device.type)

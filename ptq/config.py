@@ -89,6 +89,10 @@ class CalibConfig:
     n_samples: int = 128
     seqlen: int = 512
     seed: int = 0
+    batch_size: int = 8  # calibration sequences per forward
+    # What the next block sees during calibration: the outputs of the block as quantized
+    # (GPTQ reference, llmc quant_out=True) or as it was in float.
+    propagate: Literal["quantized", "float"] = "quantized"
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,10 @@ class CellConfig:
         """A short hash of everything that determines the cell's metrics (not its gates)."""
         payload = self.to_dict()
         payload.pop("gates")
+        for section in ("method", "track"):  # prose does not change a metric
+            payload[section].pop("description")
+        for key in ("size", "needs_gpu", "baseline_note"):
+            payload["model"].pop(key)
         payload["device_type"] = device_type
         blob = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -139,6 +147,7 @@ class ExperimentHeader:
     models: tuple[str, ...] | None = None
     methods: tuple[str, ...] | None = None
     tracks: tuple[Literal["A", "B", "C"], ...] | None = None
+    calib_datasets: tuple[Literal["c4", "wikitext2"], ...] | None = None  # one cell per set, calibrated methods
 
 
 # ------------------------------------------------------------------ YAML with line numbers
@@ -230,14 +239,14 @@ def parse_override(text: str) -> Layer:
 # ------------------------------------------------------------------------ validation
 
 
-def _describe(tp: Any) -> str:
+def describe_type(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_describe(a) for a in typing.get_args(tp))
+        return " | ".join(describe_type(a) for a in typing.get_args(tp))
     if origin is tuple:
-        return f"list of {_describe(typing.get_args(tp)[0])}"
+        return f"list of {describe_type(typing.get_args(tp)[0])}"
     if origin is dict:
         return "mapping"
     if dataclasses.is_dataclass(tp):
@@ -245,17 +254,17 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _type_matches(value: Any, tp: Any) -> bool:
+def type_matches(value: Any, tp: Any) -> bool:
     """Shallow check of a YAML value against a type hint (mappings are checked key by key elsewhere)."""
     if tp is Any:
         return True
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_matches(value, arg) for arg in typing.get_args(tp))
+        return any(type_matches(value, arg) for arg in typing.get_args(tp))
     if origin is Literal:
         return value in typing.get_args(tp)
     if origin is tuple:
-        return isinstance(value, list) and all(_type_matches(v, typing.get_args(tp)[0]) for v in value)
+        return isinstance(value, list) and all(type_matches(v, typing.get_args(tp)[0]) for v in value)
     if origin is dict:
         return isinstance(value, dict)
     if dataclasses.is_dataclass(tp):
@@ -291,8 +300,8 @@ def check_partial(data: dict[str, Any], schema: type, layer: Layer, prefix: tupl
             known = ", ".join(sorted(hints))
             raise ConfigError(f"{where}: unknown key {dotted!r} (known keys here: {known})")
         tp = hints[key]
-        if not _type_matches(value, tp):
-            raise ConfigError(f"{where}: {dotted} must be {_describe(tp)}, got {value!r}")
+        if not type_matches(value, tp):
+            raise ConfigError(f"{where}: {dotted} must be {describe_type(tp)}, got {value!r}")
         nested = _dataclass_in(tp)
         if nested is not None and isinstance(value, dict):
             check_partial(value, nested, layer, path)

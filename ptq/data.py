@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -26,20 +26,24 @@ DATA_DIR_ENV = "PTQ_DATA_DIR"
 
 @dataclass(frozen=True)
 class Text:
-    """One dataset split as a single string, with where it came from."""
+    """One dataset split: its rows, and the single string they join into, with their origin."""
 
     dataset: str
     split: str
-    text: str
-    origin: str  # "local:<path>" or "hub:<name>"
-    rows: int
+    rows: tuple[str, ...]
+    joiner: str
+    origin: str  # "local:<path>" or "hub"
 
-    @property
+    @cached_property
+    def text(self) -> str:
+        return self.joiner.join(self.rows)
+
+    @cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
     def describe(self) -> dict[str, object]:
-        return {"dataset": self.dataset, "split": self.split, "origin": self.origin, "rows": self.rows,
+        return {"dataset": self.dataset, "split": self.split, "origin": self.origin, "rows": len(self.rows),
                 "sha256": self.sha256, "chars": len(self.text)}
 
 
@@ -104,8 +108,7 @@ def load_text(dataset: str, split: str) -> Text:
     root = data_dir()
     if root is not None and (root / spec.local_file).is_file():
         path = root / spec.local_file
-        rows = spec.read_local(path)
-        return Text(dataset, split, spec.joiner.join(rows), f"local:{path}", len(rows))
+        return Text(dataset, split, tuple(spec.read_local(path)), spec.joiner, f"local:{path}")
     try:
         rows = spec.read_hub()
     except Exception as exc:  # any hub failure (offline, missing package) becomes one actionable message
@@ -115,7 +118,7 @@ def load_text(dataset: str, split: str) -> Text:
             f"(set {DATA_DIR_ENV} to a folder laid out like shared/data, see its README), "
             f"and loading it from the hub failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from None
-    return Text(dataset, split, spec.joiner.join(rows), "hub", len(rows))
+    return Text(dataset, split, tuple(rows), spec.joiner, "hub")
 
 
 _TOKEN_CACHE: dict[tuple[str, str], torch.Tensor] = {}

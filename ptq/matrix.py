@@ -22,21 +22,37 @@ from ptq.models.adapters import ADAPTERS
 from ptq.registry import MethodInfo, discover
 
 
+DEFAULT_EXPERIMENT = "default"  # ids of its cells carry no experiment suffix
+
+
 @dataclass(frozen=True)
 class Cell:
     model: str
     method: str
     track: str
     config: CellConfig
+    experiment: str | None = None
+    calibrated: bool = False  # the method reads calibration data: its dataset is part of the id
 
     @property
     def id(self) -> str:
-        return f"{self.model}-{self.method}-{self.track}"
+        parts = [self.model, self.method]
+        if self.calibrated:
+            parts.append(self.config.calib.dataset)
+        parts.append(self.track)
+        if self.experiment and self.experiment != DEFAULT_EXPERIMENT:
+            parts.append(self.experiment)
+        return "-".join(parts)
 
     @property
     def keywords(self) -> frozenset[str]:
         """Names that `-k` matches exactly (case-insensitively), see conftest."""
-        return frozenset({self.model, self.method, self.track, self.id, self.config.model.size})
+        names = {self.model, self.method, self.track, self.id, self.config.model.size}
+        if self.calibrated:
+            names.add(self.config.calib.dataset)
+        if self.experiment:
+            names.add(self.experiment)
+        return frozenset(names)
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,7 @@ class Selection:
     models: tuple[str, ...] | None = None
     methods: tuple[str, ...] | None = None
     tracks: tuple[str, ...] | None = None
-    experiment: Path | None = None
+    experiments: tuple[Path, ...] = ()
     overrides: tuple[Layer, ...] = ()
 
 
@@ -129,10 +145,8 @@ class Catalog:
         check_partial(settings.data, CellConfig, settings)
         return header, settings
 
-    def cell_config(
-        self, model: str, method: str, track: str, experiment: Layer | None, overrides: tuple[Layer, ...],
-        device_type: str,
-    ) -> CellConfig:
+    def cell_config(self, model: str, method: str, track: str, top: tuple[Layer, ...], device_type: str) -> CellConfig:
+        """Resolve one cell; `top` are the layers above the track (experiment, then CLI overrides)."""
         method_layer = self.methods[method]
         layers = [self.defaults]
         if device_type in self.device_profiles:
@@ -143,9 +157,7 @@ class Catalog:
             method_layer.sub("tracks").sub(track),
             self.tracks[track],
         ]
-        if experiment is not None:
-            layers.append(experiment)
-        layers += list(overrides)
+        layers += list(top)
         config = resolve(layers)
         # Specs the method does not read are dropped, so its record never claims them.
         uses = self.registry[method].uses
@@ -153,11 +165,17 @@ class Catalog:
         return dataclasses.replace(config, **unused)
 
     def cells(self, selection: Selection, device_type: str) -> list[Cell]:
-        """The cells of a selection, in a stable order (model, track, method)."""
-        header, experiment = (None, None)
-        if selection.experiment is not None:
-            header, experiment = self.experiment(selection.experiment)
+        """The cells of a selection, experiment by experiment, in a stable order (model, track, method)."""
+        if not selection.experiments:
+            return self._experiment_cells(selection, None, None, device_type)
+        cells = []
+        for path in selection.experiments:
+            header, settings = self.experiment(path)
+            cells += self._experiment_cells(selection, header, settings, device_type)
+        return cells
 
+    def _experiment_cells(self, selection: Selection, header: ExperimentHeader | None, settings: Layer | None,
+                          device_type: str) -> list[Cell]:
         def pick(given: tuple[str, ...] | None, from_experiment: tuple[str, ...] | None,
                  known: typing.Iterable[str], what: str) -> tuple[tuple[str, ...], bool]:
             chosen = given if given is not None else from_experiment
@@ -181,13 +199,25 @@ class Catalog:
                         f"method {method} supports tracks {sorted(self.registry[method].tracks)}, "
                         f"none of the requested {list(tracks)}"
                     )
+        # An experiment may sweep calibration sets: each becomes a layer under the CLI overrides.
+        calib_layers: list[tuple[Layer, ...]] = [()]
+        if header is not None and header.calib_datasets:
+            calib_layers = [(Layer({"calib": {"dataset": name}}, {}, f"experiment {header.name} calib_datasets"),)
+                            for name in header.calib_datasets]
+        experiment_name = header.name if header else None
         cells = []
         for model in models:
             for track in tracks:
                 for method in methods:
-                    if track not in self.registry[method].tracks:
+                    info = self.registry[method]
+                    if track not in info.tracks:
                         continue
-                    config = self.cell_config(model, method, track, experiment, selection.overrides, device_type)
-                    cells.append(Cell(model, method, track, config))
+                    for calib in calib_layers if info.calibrated else [()]:
+                        layers = ((settings,) if settings else ()) + calib + selection.overrides
+                        config = self.cell_config(model, method, track, layers, device_type)
+                        cells.append(Cell(model, method, track, config, experiment_name, info.calibrated))
+        ids = [cell.id for cell in cells]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise ConfigError(f"cell ids are not unique: {duplicated}")
         return cells
-

@@ -16,7 +16,8 @@ from ptq.eval.memory import PeakMemory
 from ptq.eval.perplexity import PerplexityResult, perplexity
 from ptq.models.adapters import ArchAdapter
 from ptq.models.loading import ResolvedSource
-from ptq.registry import MethodInfo, QuantizedModel
+from ptq.calib import calibration_set
+from ptq.registry import MethodInfo, QuantContext, QuantizedModel
 
 EVAL_SPLIT = "test"
 
@@ -88,15 +89,17 @@ class CellOutcome:
 def run_method(method: MethodInfo, loaded: LoadedModel, config: CellConfig) -> CellOutcome:
     """Quantize with `method`, then evaluate. Methods work on a copy, so the loaded model stays
     float for the next cell; the baseline method leaves the model as it is and gets no copy."""
+    calibration = calibration_set(loaded.tokenizer, config.calib) if method.calibrated else None
     with PeakMemory(loaded.device) as memory:
         model = loaded.model if method.baseline else copy.deepcopy(loaded.model)
         start = time.perf_counter()
-        quantized = method.apply(model, loaded.adapter, config)
+        quantized = method.apply(model, config, QuantContext(loaded.adapter, loaded.device, calibration))
         if loaded.device.type == "cuda":
             torch.cuda.synchronize(loaded.device)
         quant_seconds = time.perf_counter() - start
         evaluation = evaluate(quantized, loaded, config.eval)
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "peak_memory_bytes": memory.peak_bytes,
                "peak_memory_kind": memory.kind, "model_float_bytes": loaded.float_bytes}
-    return CellOutcome(metrics, {"eval": evaluation.data, "calibration": None}, quantized.notes,
+    data = {"eval": evaluation.data, "calibration": calibration.record if calibration else None}
+    return CellOutcome(metrics, data, quantized.notes,
                        quantized.fallbacks + evaluation.fallbacks)

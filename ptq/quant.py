@@ -80,11 +80,11 @@ class QuantizedTensor:
     dtype: torch.dtype  # the dtype to dequantize to
 
     def dequantize(self) -> torch.Tensor:
-        sizes = self.spec.group_sizes(self.codes.shape[-1])
-        scale = _expand_groups(self.scale, sizes)
-        codes = self.codes.to(scale.dtype)
+        codes = as_rows(self.codes, self.spec).to(self.scale.dtype)
+        sizes = self.spec.group_sizes(codes.shape[-1])
+        scale = expand_groups(self.scale, sizes)
         if self.zero is not None:
-            codes = codes - _expand_groups(self.zero, sizes)
+            codes = codes - expand_groups(self.zero, sizes)
         return (codes * scale).reshape(self.codes.shape).to(self.dtype)
 
     def nbytes(self) -> int:
@@ -96,8 +96,9 @@ class QuantizedTensor:
         return code_bytes + param_bytes
 
 
-def _reduce_groups(x: torch.Tensor, sizes: list[int], reduce: str) -> torch.Tensor:
-    """Reduce the last dim of `x` group by group with amin/amax: [..., n] -> [..., n_groups]."""
+def group_reduce(x: torch.Tensor, sizes: list[int], reduce: str) -> torch.Tensor:
+    """Reduce the last dim of `x` group by group (`reduce` is a tensor method such as "amax"):
+    [..., n] -> [..., n_groups]."""
     size = sizes[0]
     full = sum(1 for s in sizes if s == size)
     lead = x.shape[:-1]
@@ -108,42 +109,85 @@ def _reduce_groups(x: torch.Tensor, sizes: list[int], reduce: str) -> torch.Tens
     return torch.cat(parts, dim=-1)
 
 
-def _expand_groups(params: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+def expand_groups(params: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Broadcast per-group parameters back over the elements of each group."""
     repeats = torch.tensor(sizes, device=params.device)
     return params.repeat_interleave(repeats, dim=-1)
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-    """Quantize `x` to integer codes, with parameters computed from `x` itself (dynamic / RTN)."""
-    source_dtype = x.dtype
-    work = x.float()
-    if spec.granularity == "tensor":
-        work = work.reshape(1, -1)
+def as_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Tensor granularity is one group over everything: view it as a single row."""
+    return x.reshape(1, -1) if spec.granularity == "tensor" else x
+
+
+def find_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point (None if symmetric) per group of `x`, from its range: [..., n_groups]."""
+    work = as_rows(x.float(), spec)
     sizes = spec.group_sizes(work.shape[-1])
-    xmin = _reduce_groups(work, sizes, "amin")
-    xmax = _reduce_groups(work, sizes, "amax")
+    xmin = group_reduce(work, sizes, "amin")
+    xmax = group_reduce(work, sizes, "amax")
+    return params_from_range(xmin, xmax, spec)
+
+
+def params_from_range(
+    xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point covering [xmin, xmax] (extended to contain 0 when asymmetric)."""
     if spec.symmetric:
-        absmax = torch.maximum(xmin.abs(), xmax)
-        scale = absmax / spec.qmax
-        zero = None
+        scale = torch.maximum(xmin.abs(), xmax.abs()) / spec.qmax
     else:
         xmin = xmin.clamp(max=0)
-        xmax = xmax.clamp(min=0)
-        scale = (xmax - xmin) / spec.qmax
+        scale = (xmax.clamp(min=0) - xmin) / spec.qmax
     # An all-zero group gets scale 1: any scale represents it exactly.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if not spec.symmetric:
-        zero = torch.round(-xmin / scale)
-    codes = torch.round(work / _expand_groups(scale, sizes))
-    if zero is not None:
-        codes = codes + _expand_groups(zero, sizes)
-    codes = codes.clamp(spec.qmin, spec.qmax).to(torch.int8 if spec.symmetric else torch.uint8)
-    if spec.granularity == "tensor":
-        codes = codes.reshape(x.shape)
-    return QuantizedTensor(codes=codes, scale=scale, zero=zero, spec=spec, dtype=source_dtype)
+    zero = None if spec.symmetric else torch.round(-xmin / scale)
+    return scale, zero
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    shifted = x / scale if zero is None else x / scale + zero
+    return torch.round(shifted).clamp(spec.qmin, spec.qmax)
+
+
+def fake_quantize_with(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+) -> torch.Tensor:
+    """`x` rounded onto the grid of `scale`/`zero` (already broadcastable to `x`) and dequantized.
+    Zero points may be fractional (HQQ optimizes them as floats)."""
+    codes = _codes(x, scale, zero, spec)
+    return (codes if zero is None else codes - zero) * scale
+
+
+def quantize_with(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec
+) -> QuantizedTensor:
+    """Integer codes of `x` under given per-group parameters ([..., n_groups])."""
+    work = as_rows(x.float(), spec)
+    sizes = spec.group_sizes(work.shape[-1])
+    zero_full = None if zero is None else expand_groups(zero, sizes)
+    codes = _codes(work, expand_groups(scale, sizes), zero_full, spec)
+    codes = codes.to(torch.int8 if spec.symmetric else torch.uint8).reshape(x.shape)
+    return QuantizedTensor(codes=codes, scale=scale, zero=zero, spec=spec, dtype=x.dtype)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
+    """Quantize `x` to integer codes, with parameters computed from `x` itself (dynamic / RTN)."""
+    return quantize_with(x, *find_params(x, spec), spec)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize and dequantize: the tensor as a kernel would see it, in `x`'s dtype."""
     return quantize(x, spec).dequantize()
+
+
+def codebook_fake_quantize(x: torch.Tensor, levels: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Non-uniform quantization: each group is scaled by its absmax and every element rounded to
+    the nearest of `levels` (sorted, symmetric, within [-1, 1]), e.g. power-of-two grids."""
+    work = as_rows(x.float(), spec)
+    sizes = spec.group_sizes(work.shape[-1])
+    alpha = expand_groups(group_reduce(work.abs(), sizes, "amax"), sizes)
+    alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    levels = levels.to(work.device, work.dtype)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    nearest = levels[torch.bucketize(work / alpha, midpoints)]
+    return (nearest * alpha).reshape(x.shape).to(x.dtype)

@@ -10,6 +10,11 @@ from torch import nn
 from ptq.quant import QuantSpec, fake_quantize
 
 
+def group_notes(linears: dict[str, nn.Linear], spec: QuantSpec) -> list[str]:
+    """The uneven-group notes of `spec` over these layers, once each, for records."""
+    return sorted({note for linear in linears.values() if (note := spec.describe(linear.in_features))})
+
+
 def replace_weights(linears: dict[str, nn.Linear], transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Overwrite each linear's weight with `transform(weight)` in place (no model-size copy)."""
     with torch.no_grad():

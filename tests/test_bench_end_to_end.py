@@ -72,8 +72,8 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
     first = run_bench(workspace, "-n", "2", "--update-baselines", "--run-id", "first")
     assert first.returncode == 1, first.stdout[-3000:]  # the missing model's cells fail
     rows = leaderboard(workspace)
-    tiny = {f"tiny-llama-{m}-{t}" for m in ("fp16", "rtn") for t in "ABC"}
-    missing = {f"tiny-missing-{m}-{t}" for m in ("fp16", "rtn") for t in "ABC"}
+    tiny = {f"tiny-llama-{m}-{t}-tiny" for m in ("fp16", "rtn") for t in "ABC"}
+    missing = {f"tiny-missing-{m}-{t}-tiny" for m in ("fp16", "rtn") for t in "ABC"}
     assert set(rows) == tiny | missing
     assert all(rows[c]["status"] == "passed" for c in tiny)
     assert all(rows[c]["status"] == "failed" and "does not exist" in rows[c]["reason"] for c in missing)
@@ -85,7 +85,7 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
                ["environment"]["xdist_worker"] for c in tiny}
     assert workers <= {"gw0", "gw1"} and len(workers) == 1  # grouped by model: one worker
     # the FP cells of all tracks share one baseline measurement
-    assert len({rows[f"tiny-llama-fp16-{t}"]["ppl_wikitext2"] for t in "ABC"}) == 1
+    assert len({rows[f"tiny-llama-fp16-{t}-tiny"]["ppl_wikitext2"] for t in "ABC"}) == 1
     stored = json.loads((workspace / "bench" / "baselines.json").read_text())
     assert set(stored) == tiny
 
@@ -94,10 +94,10 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
     assert {c: r["ppl_wikitext2"] for c, r in leaderboard(workspace).items()} == {
         c: rows[c]["ppl_wikitext2"] for c in tiny}
 
-    for entry in stored["tiny-llama-rtn-A"].values():
+    for entry in stored["tiny-llama-rtn-A-tiny"].values():
         entry["ppl"]["wikitext2"] *= 1.5
     (workspace / "bench" / "baselines.json").write_text(json.dumps(stored))
     third = run_bench(workspace, "--models", "tiny-llama", "--methods", "rtn", "--tracks", "A", "--run-id", "third")
     assert third.returncode == 1
-    reason = leaderboard(workspace)["tiny-llama-rtn-A"]["reason"]
+    reason = leaderboard(workspace)["tiny-llama-rtn-A-tiny"]["reason"]
     assert "baseline" in reason and "beyond tolerance" in reason

@@ -57,7 +57,7 @@ def replace_text(path: Path, old: str, new: str) -> None:
 
 def rtn_a(catalog: Catalog, experiment: Path | None, overrides: tuple[Layer, ...] = (), device: str = "cpu"):
     cells = catalog.cells(Selection(models=("smollm2-135m",), methods=("rtn",), tracks=("A",),
-                                    experiment=experiment, overrides=overrides), device)
+                                    experiments=(experiment,) if experiment else (), overrides=overrides), device)
     assert [cell.id for cell in cells] == ["smollm2-135m-rtn-A"]
     return cells[0].config
 
@@ -420,7 +420,7 @@ def test_file_without_its_header_section(bench: Path) -> None:
 @pytest.fixture
 def track_a_only_method(monkeypatch: pytest.MonkeyPatch) -> str:
     """A registered method that supports track A only (removed from the registry afterwards)."""
-    info = MethodInfo("wonly", frozenset({"A"}), frozenset({"weight"}), lambda *a: None, False)
+    info = MethodInfo("wonly", frozenset({"A"}), frozenset({"weight"}), lambda *a: None, False, False)
     monkeypatch.setitem(ptq.registry._REGISTRY, "wonly", info)
     return "wonly"
 
@@ -474,12 +474,12 @@ def test_registered_method_needs_a_yaml(bench: Path) -> None:
 
 
 def test_yaml_for_an_unregistered_method(bench: Path) -> None:
-    write(bench / "methods" / "gptq.yaml", "method: {name: gptq}\n")
-    with pytest.raises(ConfigError, match=r"no method 'gptq' is registered.*fp16, rtn"):
+    write(bench / "methods" / "nosuch.yaml", "method: {name: nosuch}\n")
+    with pytest.raises(ConfigError, match=r"no method .nosuch. is registered.*fp16"):
         Catalog(bench)
 
 
 def test_invalid_device_profile(bench: Path) -> None:
     replace_text(bench / "defaults.yaml", "max_windows: 32}", "max_windows: many}")
-    with pytest.raises(ConfigError, match=r"defaults\.yaml:17: eval\.max_windows must be int"):
+    with pytest.raises(ConfigError, match=r"defaults\.yaml:18: eval\.max_windows must be int"):
         Catalog(bench)

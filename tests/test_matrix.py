@@ -38,7 +38,7 @@ def catalog() -> Catalog:
 
 @pytest.fixture(scope="module")
 def default_cells(catalog: Catalog) -> dict[str, Cell]:
-    cells = catalog.cells(Selection(experiment=DEFAULT), "cpu")
+    cells = catalog.cells(Selection(experiments=(DEFAULT,)), "cpu")
     return {cell.id: cell for cell in cells}
 
 
@@ -81,28 +81,29 @@ def test_cell_ids_are_model_method_track(default_cells: dict[str, Cell]) -> None
         assert cell_id == f"{cell.model}-{cell.method}-{cell.track}"
         assert (cell.config.model.name, cell.config.method.name, cell.config.track.name) == (
             cell.model, cell.method, cell.track)
-        assert cell.keywords == {cell.model, cell.method, cell.track, cell_id, "small"}
+        assert cell.keywords == {cell.model, cell.method, cell.track, cell_id, "small", "default"}
 
 
 def test_cells_are_ordered_by_model_track_method(catalog: Catalog) -> None:
-    cells = catalog.cells(Selection(experiment=DEFAULT), "cpu")
+    cells = catalog.cells(Selection(experiments=(DEFAULT,)), "cpu")
     assert [cell.id for cell in cells] == [
         f"smollm2-135m-{m}-{t}" for t in "ABC" for m in ("fp16", "rtn")]
     everything = catalog.cells(Selection(), "cpu")
-    assert len(everything) == len(catalog.models) * 2 * 3
+    pairs = sum(len(info.tracks) for info in catalog.registry.values())
+    assert len(everything) == len(catalog.models) * pairs
     keys = [(c.model, c.track, c.method) for c in everything]
     assert keys == sorted(keys)
 
 
 def test_command_line_choices_replace_the_experiments(catalog: Catalog) -> None:
     cells = catalog.cells(Selection(models=("opt-125m",), methods=("rtn", "rtn"), tracks=("C", "A"),
-                                    experiment=DEFAULT), "cpu")
+                                    experiments=(DEFAULT,)), "cpu")
     assert [cell.id for cell in cells] == ["opt-125m-rtn-C", "opt-125m-rtn-A"]  # in the order asked, deduplicated
 
 
 @pytest.mark.parametrize(("field", "name", "known"), [
     ("models", "gpt-5", "smollm2-135m"),
-    ("methods", "gptq", "fp16, rtn"),
+    ("methods", "omniquant", "apot, awq, fp16, gptq, hqq, pot, rtn"),
     ("tracks", "D", "A, B, C"),
 ])
 def test_unknown_names_raise_config_error_listing_known_names(catalog: Catalog, field: str, name: str,
@@ -118,7 +119,7 @@ def test_unknown_name_in_an_experiment_is_an_error(catalog: Catalog, tmp_path: P
     path = tmp_path / "exp.yaml"
     path.write_text("experiment:\n  name: exp\n  models: [smollm2-135m, nosuch]\n")
     with pytest.raises(ConfigError, match=r"unknown models \['nosuch'\]"):
-        catalog.cells(Selection(experiment=path), "cpu")
+        catalog.cells(Selection(experiments=(path,)), "cpu")
 
 
 def test_fp16_cells_drop_the_specs_they_do_not_use(default_cells: dict[str, Cell]) -> None:
@@ -157,14 +158,14 @@ def test_fp16_cells_of_one_model_differ_only_by_track(default_cells: dict[str, C
 
 
 def test_overrides_reach_every_cell(catalog: Catalog) -> None:
-    cells = catalog.cells(Selection(experiment=DEFAULT, overrides=(parse_override("eval.max_windows=2"),)), "cpu")
+    cells = catalog.cells(Selection(experiments=(DEFAULT,), overrides=(parse_override("eval.max_windows=2"),)), "cpu")
     assert len(cells) == 6 and all(cell.config.eval.max_windows == 2 for cell in cells)
 
 
 @pytest.fixture
 def track_a_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A bench/ copy with an extra method that supports track A only."""
-    info = MethodInfo("wonly", frozenset({"A"}), frozenset({"weight"}), lambda *a: None, False)
+    info = MethodInfo("wonly", frozenset({"A"}), frozenset({"weight"}), lambda *a: None, False, False)
     monkeypatch.setitem(ptq.registry._REGISTRY, "wonly", info)
     bench = Path(shutil.copytree(BENCH, tmp_path / "bench"))
     (bench / "methods" / "wonly.yaml").write_text("method: {name: wonly}\ntracks:\n  A: {}\n")
@@ -174,11 +175,11 @@ def track_a_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def test_method_without_any_requested_track_is_an_error(track_a_only: Path) -> None:
     catalog = Catalog(track_a_only)
     with pytest.raises(ConfigError, match=r"method wonly supports tracks \['A'\], none of the requested \['B', 'C'\]"):
-        catalog.cells(Selection(methods=("wonly", "rtn"), tracks=("B", "C"), experiment=DEFAULT), "cpu")
+        catalog.cells(Selection(methods=("wonly", "rtn"), tracks=("B", "C"), experiments=(DEFAULT,)), "cpu")
     # without explicit tracks, the method simply has fewer cells
-    ids = [cell.id for cell in catalog.cells(Selection(methods=("wonly", "rtn"), experiment=DEFAULT), "cpu")]
+    ids = [cell.id for cell in catalog.cells(Selection(methods=("wonly", "rtn"), experiments=(DEFAULT,)), "cpu")]
     assert ids == ["smollm2-135m-wonly-A", "smollm2-135m-rtn-A", "smollm2-135m-rtn-B", "smollm2-135m-rtn-C"]
-    cell = catalog.cells(Selection(methods=("wonly",), tracks=("A",), experiment=DEFAULT), "cpu")[0]
+    cell = catalog.cells(Selection(methods=("wonly",), tracks=("A",), experiments=(DEFAULT,)), "cpu")[0]
     assert cell.config.weight is not None and cell.config.act is None and cell.config.kv is None
 
 
@@ -186,10 +187,10 @@ def test_track_without_yaml_is_an_error(tmp_path: Path) -> None:
     bench = Path(shutil.copytree(BENCH, tmp_path / "bench"))
     (bench / "tracks" / "C.yaml").unlink()
     catalog = Catalog(bench)
-    assert len(catalog.cells(Selection(tracks=("A", "B"), experiment=bench / "experiments" / "default.yaml"),
+    assert len(catalog.cells(Selection(tracks=("A", "B"), experiments=(bench / "experiments" / "default.yaml",)),
                              "cpu")) == 4
     with pytest.raises(ConfigError, match="track C has no YAML"):
-        catalog.cells(Selection(experiment=bench / "experiments" / "default.yaml"), "cpu")
+        catalog.cells(Selection(experiments=(bench / "experiments" / "default.yaml",)), "cpu")
 
 
 def test_committed_baselines_match_the_default_cells(default_cells: dict[str, Cell]) -> None:
@@ -238,7 +239,7 @@ def test_unknown_method_on_the_command_line_is_a_usage_error(pytester: pytest.Py
     assert result.ret == pytest.ExitCode.USAGE_ERROR == 4
     output = result.stdout.str() + result.stderr.str()
     assert "unknown methods ['foo']" in output
-    assert "methods: fp16 rtn" in output  # the known names
+    assert "methods: apot awq fp16 gptq hqq pot rtn" in output  # the known names
     assert "Traceback" not in output
     assert collected_ids(result) == []
 

@@ -125,8 +125,8 @@ def test_the_three_statuses_are_accepted(status: str) -> None:
 def test_new_record_of_the_recording_fixture_is_valid() -> None:
     catalog = Catalog(ROOT / "bench")
     experiment = ROOT / "bench" / "experiments" / "default.yaml"
-    cell = next(c for c in catalog.cells(Selection(experiment=experiment), "cpu") if c.id == "smollm2-135m-rtn-A")
-    config = SimpleNamespace(ptq_selection=Selection(experiment=experiment), ptq_run={"run_id": "r1"},
+    cell = next(c for c in catalog.cells(Selection(experiments=(experiment,)), "cpu") if c.id == "smollm2-135m-rtn-A")
+    config = SimpleNamespace(ptq_selection=Selection(experiments=(experiment,)), ptq_run={"run_id": "r1"},
                              ptq_device=torch.device("cpu"))
     record = new_record(cell, config)
     validate_record(record)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ptq.config import CellConfig
-from ptq.models.adapters import ArchAdapter
-from ptq.registry import QuantizedModel, register_method
+from ptq.registry import QuantContext, QuantizedModel, register_method
 
 
 @register_method("fp16", tracks=("A", "B", "C"), uses=(), baseline=True)
-def fp16(model: nn.Module, adapter: ArchAdapter, config: CellConfig) -> QuantizedModel:
+def fp16(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
     return QuantizedModel(model, notes=[f"unquantized baseline in {config.model.dtype}"])

@@ -12,23 +12,21 @@ from torch import nn
 
 from ptq.config import CellConfig
 from ptq.kv import QuantizedKVCache
-from ptq.models.adapters import ArchAdapter
 from ptq.quant import fake_quantize
-from ptq.registry import QuantizedModel, register_method
-from ptq.transforms import quantize_inputs, replace_weights
+from ptq.registry import QuantContext, QuantizedModel, register_method
+from ptq.transforms import group_notes, quantize_inputs, replace_weights
 
 
 @register_method("rtn", tracks=("A", "B", "C"), uses=("weight", "act", "kv"))
-def rtn(model: nn.Module, adapter: ArchAdapter, config: CellConfig) -> QuantizedModel:
+def rtn(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
     result = QuantizedModel(model)
-    linears = adapter.quantizable_linears(model)
+    linears = ctx.adapter.quantizable_linears(model)
     if config.weight is not None:
         replace_weights(linears, partial(fake_quantize, spec=config.weight))
-        result.notes += sorted({note for linear in linears.values()
-                                if (note := config.weight.describe(linear.in_features))})
+        result.notes += group_notes(linears, config.weight)
     if config.act is not None:
         quantize_inputs(model, list(linears), config.act)
     if config.kv is not None:
-        layers = len(adapter.decoder_blocks(model))
+        layers = len(ctx.adapter.decoder_blocks(model))
         result.make_cache = partial(QuantizedKVCache, config.kv, layers)
     return result

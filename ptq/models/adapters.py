@@ -14,6 +14,17 @@ from ptq.errors import UnsupportedModel
 
 
 @dataclass(frozen=True)
+class ScalingGroup:
+    """Linears that read the same input, and the operation producing that input (AWQ folds
+    per-channel scales into `prev`). Names are relative to a decoder block."""
+
+    prev: str  # a norm or a linear whose output channels feed `linears`
+    linears: tuple[str, ...]
+    inspect: str  # the module whose output the scale search compares (attention, MLP or the linear)
+    inspect_takes_block_kwargs: bool = False  # attention needs the mask and rotary embeddings
+
+
+@dataclass(frozen=True)
 class ArchAdapter:
     family: str
     architectures: tuple[str, ...]  # transformers class names this adapter covers
@@ -22,6 +33,14 @@ class ArchAdapter:
     final_norm: str
     lm_head: str
     rotary: str | None  # module computing rotary position embeddings, shared by all blocks
+    # GPTQ's true-sequential order: each group is quantized before the next one's inputs are
+    # collected. The linears of a group read the same input tensor; the groups cover the block.
+    sequential: tuple[tuple[str, ...], ...]
+    scaling_groups: tuple[ScalingGroup, ...]  # AWQ's groupings, as in the reference implementation
+
+    def pre_block_modules(self) -> tuple[str, ...]:
+        """Modules that run before the first block (they go to the compute device for calibration)."""
+        return self.embeddings + ((self.rotary,) if self.rotary else ())
 
     def decoder_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -49,6 +68,19 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
         final_norm="model.norm",
         lm_head="lm_head",
         rotary="model.rotary_emb",
+        sequential=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.o_proj",),
+            ("mlp.gate_proj", "mlp.up_proj"),
+            ("mlp.down_proj",),
+        ),
+        scaling_groups=(
+            ScalingGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                         "self_attn", inspect_takes_block_kwargs=True),
+            ScalingGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+            ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+            ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
+        ),
     ),
     ArchAdapter(
         family="opt",
@@ -58,6 +90,19 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
         final_norm="model.decoder.final_layer_norm",
         lm_head="lm_head",
         rotary=None,
+        sequential=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+        scaling_groups=(
+            ScalingGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                         "self_attn", inspect_takes_block_kwargs=True),
+            ScalingGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+            ScalingGroup("final_layer_norm", ("fc1",), "fc1"),
+            ScalingGroup("fc1", ("fc2",), "fc2"),
+        ),
     ),
 )
 

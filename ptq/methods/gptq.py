@@ -1,0 +1,166 @@
+"""GPTQ (Frantar et al., 2023): one-shot weight quantization with approximate second-order
+error compensation, following the authors' reference (IST-DASLab/gptq).
+
+`GPTQ` is the algorithm over one weight and its statistics: `add_batch` accumulates the
+Hessian H = 2 X Xᵀ of the layer inputs, `quantize` quantizes column by column and spreads
+each column's error over the columns not yet quantized (blocked lazy updates, dampening,
+optional act-order and static groups). The registered method walks the model with the
+calibration engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ptq.calib import BlockRunner, walk_blocks
+from ptq.config import CellConfig
+from ptq.quant import QuantSpec, fake_quantize_with, find_params
+from ptq.registry import QuantContext, QuantizedModel, parse_params, register_method
+from ptq.transforms import group_notes, quantize_inputs
+
+MAX_DAMP_RETRIES = 4  # dampening x10 each time, as far as 10^4 x percdamp
+
+
+@dataclass(frozen=True)
+class GptqParams:
+    blocksize: int = 128  # columns per lazy batch update
+    percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
+    act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
+    static_groups: bool = False  # with act_order: group parameters from the original column order
+    true_sequential: bool = True  # inside a block, quantize layer groups in execution order
+
+
+
+@dataclass(frozen=True)
+class GptqResult:
+    weight: torch.Tensor  # fake-quantized, in the input's dtype
+    loss: float  # sum of the per-column losses (w - q)^2 / d^2 / 2, as the reference reports
+    damp_used: float  # the dampening that made H positive definite (> percdamp means a fallback)
+
+
+class GPTQ:
+    """Hessian statistics of one linear layer's inputs, and the GPTQ solve over its weight."""
+
+    def __init__(self, columns: int, device: torch.device | None = None) -> None:
+        self.H = torch.zeros(columns, columns, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        """Accumulate H as the running mean of 2 x xᵀ over sequences ([batch, seq, columns] inputs)."""
+        count = inputs.shape[0] if inputs.dim() > 2 else 1
+        x = inputs.reshape(-1, inputs.shape[-1]).t().float()
+        self.H *= self.nsamples / (self.nsamples + count)
+        self.nsamples += count
+        x = (2 / self.nsamples) ** 0.5 * x
+        self.H += x @ x.t()
+
+    def quantize(self, weight: torch.Tensor, spec: QuantSpec, params: GptqParams) -> GptqResult:
+        if spec.granularity not in ("group", "channel"):
+            raise ValueError(f"GPTQ quantizes weights per channel or per group, not per {spec.granularity}")
+        W = weight.detach().clone().float()
+        columns = W.shape[1]
+        H = self.H.clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        groupsize = spec.group_size if spec.granularity == "group" else columns
+        channel = dataclasses.replace(spec, granularity="channel")
+
+        def group_params(columns_slice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return find_params(columns_slice, channel)  # [rows, 1] each
+
+        static = [group_params(W[:, g:g + groupsize]) for g in range(0, columns, groupsize)] \
+            if params.static_groups else None
+        perm = None
+        if params.act_order:
+            perm = torch.argsort(torch.diag(H), descending=True)
+            W, H = W[:, perm], H[perm][:, perm]
+        Hinv, damp_used = _inverse_cholesky(H, params.percdamp)
+
+        Q = torch.zeros_like(W)
+        losses = torch.zeros(W.shape[0], device=W.device)
+        scale, zero = group_params(W)  # per channel when there are no groups
+        for i1 in range(0, columns, params.blocksize):
+            i2 = min(i1 + params.blocksize, columns)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                column = i1 + i
+                if spec.granularity == "group":
+                    if static is not None:
+                        original = perm[column].item() if perm is not None else column
+                        scale, zero = static[original // groupsize]
+                    elif column % groupsize == 0:
+                        scale, zero = group_params(W[:, column:column + groupsize])
+                w = W1[:, i]
+                d = Hinv1[i, i]
+                q = fake_quantize_with(w.unsqueeze(1), scale, zero, spec).flatten()
+                Q[:, column] = q
+                losses += (w - q) ** 2 / d**2 / 2
+                err = (w - q) / d
+                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        if perm is not None:
+            Q = Q[:, torch.argsort(perm)]
+        return GptqResult(Q.to(weight.dtype), losses.sum().item(), damp_used)
+
+
+def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H⁻¹ after dampening; on failure retry with 10x the dampening."""
+    diagonal = torch.arange(H.shape[0], device=H.device)
+    mean_diag = torch.mean(torch.diag(H))
+    damp = percdamp
+    for _ in range(MAX_DAMP_RETRIES + 1):
+        dampened = H.clone()
+        dampened[diagonal, diagonal] += damp * mean_diag
+        try:
+            L = torch.linalg.cholesky(dampened)
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True), damp
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp / 10}")
+
+
+@register_method("gptq", tracks=("A", "B"), uses=("weight", "act"), calibrated=True)
+def gptq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
+    params = parse_params(GptqParams, config)
+    spec = config.weight
+    result = QuantizedModel(model)
+    adapter = ctx.adapter
+    result.notes += group_notes(adapter.quantizable_linears(model), spec)
+    if params.act_order and not params.static_groups and spec.granularity == "group":
+        result.notes.append("act_order without static_groups: groups follow the permuted column order "
+                            "(the reference's g_idx layout)")
+
+    def quantize_block(index: int, block: nn.Module, runner: BlockRunner) -> None:
+        linears = adapter.block_linears(block)
+        # The linears of one sequential group read the same input: one Hessian serves the group.
+        # Without true-sequential, every group's Hessian comes from the float block in one pass.
+        rounds = [[g] for g in adapter.sequential] if params.true_sequential else [list(adapter.sequential)]
+        for groups in rounds:
+            firsts = {names[0]: linears[names[0]] for names in groups}
+            stats = {first: GPTQ(linear.in_features, linear.weight.device) for first, linear in firsts.items()}
+            runner.feed_inputs(firsts, lambda name, _i, x: stats[name].add_batch(x))
+            for names in groups:
+                for name in names:
+                    quantize_linear(index, name, linears[name], stats[names[0]])
+
+    def quantize_linear(index: int, name: str, linear: nn.Linear, stats: GPTQ) -> None:
+        solved = stats.quantize(linear.weight, spec, params)
+        if solved.damp_used != params.percdamp:
+            result.fallbacks.append(f"block {index} {name}: Hessian not positive definite at percdamp "
+                                    f"{params.percdamp}, quantized with {solved.damp_used}")
+        with torch.no_grad():
+            linear.weight.copy_(solved.weight)
+
+    walk_blocks(model, adapter, ctx.calibration.tokens, batch_size=config.calib.batch_size, device=ctx.device,
+                propagate=config.calib.propagate, quantize_block=quantize_block)
+    if config.act is not None:
+        quantize_inputs(model, list(adapter.quantizable_linears(model)), config.act)
+    return result

@@ -1,0 +1,107 @@
+"""HQQ, Half-Quadratic Quantization (Badri & Shaji, 2023): calibration-free weight quantization.
+
+Round-to-nearest from the min/max range spends its error budget evenly; weights have heavy
+tails, and an lp "norm" with p < 1 on the error lets a few outliers stay badly quantized
+while the bulk lands closer to the grid. HQQ minimizes that, per group, over the zero point
+only (kept as a float), by half-quadratic splitting: alternate a closed-form shrinkage of
+the error and a closed-form zero update. It needs no data, only the weight itself.
+
+Follows `optimize_weights_proximal_legacy` of the authors' code (mobiusml/hqq), except that
+with early stopping the zero point kept is the best one measured (the legacy code returns the
+one after the failed step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from ptq.config import CellConfig
+from ptq.quant import QuantSpec, as_rows, expand_groups, fake_quantize_with, group_reduce
+from ptq.registry import QuantContext, QuantizedModel, parse_params, register_method
+from ptq.transforms import group_notes, replace_weights
+
+@dataclass(frozen=True)
+class HqqParams:
+    """The reference's optimizer defaults (opt_params of optimize_weights_proximal_legacy)."""
+
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    iters: int = 20
+
+
+def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Generalized soft-thresholding: the proximal step of |x|^p with weight 1/beta. Small errors
+    are set to zero (absorbed by the zero point), large ones are kept as outliers."""
+    magnitude = x.abs()
+    return torch.sign(x) * torch.relu(magnitude - magnitude.pow(p - 1) / beta)
+
+
+def hqq_params(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    early_stop: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale (from min/max, zero not forced into the range) and optimized float zero
+    point, [..., n_groups] as `ptq.quant.quantize_with` takes them. With `early_stop`, the loop
+    ends when the mean absolute error over the whole tensor stops decreasing and the best zero
+    measured is kept; without, the zero after the last update is returned (as the reference)."""
+    if spec.symmetric:
+        raise ValueError("HQQ optimizes a zero point, so it needs an asymmetric weight spec (symmetric: false)")
+    work = as_rows(weight.float(), spec)
+    sizes = spec.group_sizes(work.shape[-1])
+    xmin = group_reduce(work, sizes, "amin")
+    scale = (group_reduce(work, sizes, "amax") - xmin) / spec.qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is exact at any scale
+    zero = -xmin / scale
+    scale_full = expand_groups(scale, sizes)
+    best_zero, best_error = zero, math.inf
+    for _ in range(iters):
+        error = work - fake_quantize_with(work, scale_full, expand_groups(zero, sizes), spec)
+        mean_error = error.abs().mean().item()
+        if early_stop and mean_error >= best_error:
+            break
+        best_zero, best_error = zero, mean_error
+        # The reference's zero update, mean(W_q - (W - W_e) / scale), written with W_q = W_r / scale + zero.
+        residual = error - shrink_lp(error, beta, lp_norm)
+        zero = zero - group_reduce(residual, sizes, "mean") / scale
+        beta *= kappa
+    return scale, best_zero if early_stop else zero
+
+
+def hqq_quantize(
+    weight: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
+    iters: int = 20,
+    early_stop: bool = True,
+) -> torch.Tensor:
+    """`weight` on the shared grid with HQQ's scale and zero points, dequantized (same shape and dtype)."""
+    scale, zero = hqq_params(weight, spec, lp_norm=lp_norm, beta=beta, kappa=kappa, iters=iters,
+                             early_stop=early_stop)
+    work = as_rows(weight.float(), spec)
+    sizes = spec.group_sizes(work.shape[-1])
+    dequantized = fake_quantize_with(work, expand_groups(scale, sizes), expand_groups(zero, sizes), spec)
+    return dequantized.reshape(weight.shape).to(weight.dtype)
+
+
+@register_method("hqq", tracks=("A",), uses=("weight",))
+def hqq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
+    params = parse_params(HqqParams, config)
+    linears = ctx.adapter.quantizable_linears(model)
+    replace_weights(linears, partial(hqq_quantize, spec=config.weight, **dataclasses.asdict(params)))
+    return QuantizedModel(model, notes=group_notes(linears, config.weight))
