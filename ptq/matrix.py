@@ -124,7 +124,10 @@ class Catalog:
                 f"{layer.source}: no method {stem!r} is registered in ptq/methods "
                 f"(registered: {', '.join(sorted(self.registry))})"
             )
-        check_partial(layer.without("tracks").data, CellConfig, layer)
+        check_partial(layer.without("tracks", "device_profiles").data, CellConfig, layer)
+        for device in layer.data.get("device_profiles") or {}:
+            profile = layer.sub("device_profiles").sub(device)
+            check_partial(profile.data, CellConfig, profile)
         per_track = layer.data.get("tracks") or {}
         supported = self.registry[stem].tracks
         for track in per_track:
@@ -134,16 +137,25 @@ class Catalog:
             sub = layer.sub("tracks").sub(track)
             check_partial(sub.data, CellConfig, sub)
 
-    def experiment(self, path: Path) -> tuple[ExperimentHeader, Layer]:
+    def experiment(self, path: Path) -> tuple[ExperimentHeader, Layer, dict[str, Layer]]:
+        """An experiment's header, its settings, and its per-method settings (e.g. quality budgets
+        that differ by method at 3 bits), which sit just above its settings."""
         layer = read_yaml_layer(path)
         if "experiment" not in layer.data:
             raise ConfigError(f"{path}: an experiment file needs an 'experiment:' section (name, models, ...)")
         header_layer = layer.sub("experiment")
         check_partial(header_layer.data, ExperimentHeader, header_layer)
         header = build(ExperimentHeader, header_layer.data, header_layer.provenance)
-        settings = layer.without("experiment")
+        settings = layer.without("experiment", "per_method")
         check_partial(settings.data, CellConfig, settings)
-        return header, settings
+        per_method = {}
+        for method in layer.data.get("per_method") or {}:
+            if method not in self.methods:
+                where = layer.provenance.get(("per_method", method), str(path))
+                raise ConfigError(f"{where}: per_method names unknown method {method!r}")
+            per_method[method] = layer.sub("per_method").sub(method)
+            check_partial(per_method[method].data, CellConfig, per_method[method])
+        return header, settings, per_method
 
     def cell_config(self, model: str, method: str, track: str, top: tuple[Layer, ...], device_type: str) -> CellConfig:
         """Resolve one cell; `top` are the layers above the track (experiment, then CLI overrides)."""
@@ -153,7 +165,8 @@ class Catalog:
             layers.append(self.device_profiles[device_type])
         layers += [
             self.models[model],
-            method_layer.without("tracks"),
+            method_layer.without("tracks", "device_profiles"),
+            method_layer.sub("device_profiles").sub(device_type),
             method_layer.sub("tracks").sub(track),
             self.tracks[track],
         ]
@@ -167,15 +180,18 @@ class Catalog:
     def cells(self, selection: Selection, device_type: str) -> list[Cell]:
         """The cells of a selection, experiment by experiment, in a stable order (model, track, method)."""
         if not selection.experiments:
-            return self._experiment_cells(selection, None, None, device_type)
+            return self._experiment_cells(selection, None, None, {}, device_type)
         cells = []
         for path in selection.experiments:
-            header, settings = self.experiment(path)
-            cells += self._experiment_cells(selection, header, settings, device_type)
+            cells += self._experiment_cells(selection, *self.experiment(path), device_type)
+        ids = [cell.id for cell in cells]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise ConfigError(f"cell ids are not unique: {duplicated}")
         return cells
 
     def _experiment_cells(self, selection: Selection, header: ExperimentHeader | None, settings: Layer | None,
-                          device_type: str) -> list[Cell]:
+                          per_method: dict[str, Layer], device_type: str) -> list[Cell]:
         def pick(given: tuple[str, ...] | None, from_experiment: tuple[str, ...] | None,
                  known: typing.Iterable[str], what: str) -> tuple[tuple[str, ...], bool]:
             chosen = given if given is not None else from_experiment
@@ -212,12 +228,10 @@ class Catalog:
                     info = self.registry[method]
                     if track not in info.tracks:
                         continue
+                    experiment_layers = ((settings,) if settings else ()) + (
+                        (per_method[method],) if method in per_method else ())
                     for calib in calib_layers if info.calibrated else [()]:
-                        layers = ((settings,) if settings else ()) + calib + selection.overrides
+                        layers = experiment_layers + calib + selection.overrides
                         config = self.cell_config(model, method, track, layers, device_type)
                         cells.append(Cell(model, method, track, config, experiment_name, info.calibrated))
-        ids = [cell.id for cell in cells]
-        duplicated = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicated:
-            raise ConfigError(f"cell ids are not unique: {duplicated}")
         return cells

@@ -40,8 +40,8 @@ class QuantSpec:
             raise ValueError(f"bits must be between {MIN_BITS} and {MAX_BITS}, got {self.bits}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.granularity == "group" and self.group_size <= 0:
-            raise ValueError(f"group_size must be positive for group granularity, got {self.group_size}")
+        if self.granularity == "group" and not (self.group_size > 0 or self.group_size == -1):
+            raise ValueError(f"group_size must be positive, or -1 for one group per row, got {self.group_size}")
 
     @property
     def qmin(self) -> int:
@@ -53,7 +53,7 @@ class QuantSpec:
 
     def group_sizes(self, row_length: int) -> list[int]:
         """Lengths of the groups along one row; the last one is smaller when the size does not divide it."""
-        if self.granularity != "group":
+        if self.granularity != "group" or self.group_size == -1:
             return [row_length]
         full, tail = divmod(row_length, self.group_size)
         return [self.group_size] * full + ([tail] if tail else [])

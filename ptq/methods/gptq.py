@@ -33,6 +33,10 @@ class GptqParams:
     static_groups: bool = False  # with act_order: group parameters from the original column order
     true_sequential: bool = True  # inside a block, quantize layer groups in execution order
 
+    def __post_init__(self) -> None:
+        if self.percdamp <= 0 or self.blocksize <= 0:
+            raise ValueError(f"gptq needs percdamp > 0 and blocksize > 0, got {self.percdamp}, {self.blocksize}")
+
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class GPTQ:
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
-        groupsize = spec.group_size if spec.granularity == "group" else columns
+        groupsize = spec.group_sizes(columns)[0]  # the whole row when per channel
         channel = dataclasses.replace(spec, granularity="channel")
 
         def group_params(columns_slice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,7 +95,7 @@ class GPTQ:
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 column = i1 + i
-                if spec.granularity == "group":
+                if groupsize < columns:
                     if static is not None:
                         original = perm[column].item() if perm is not None else column
                         scale, zero = static[original // groupsize]
