@@ -4,7 +4,8 @@ Every YAML file is a *layer*: a partial `CellConfig` (plus a few file-specific k
 A cell's configuration is the deep merge, low to high precedence, of
 
     defaults < device profile < model < method < method's device profile
-             < method's per-track block < track < experiment < --override (CLI)
+             < method's per-track block < track < experiment < experiment's per-method block
+             < --override (CLI)
 
 Each layer is checked against the schema when its file is read, so an unknown key or a
 wrong type is reported with the file, the key path and the line. Values set by each

@@ -98,8 +98,10 @@ def run_method(method: MethodInfo, loaded: LoadedModel, config: CellConfig) -> C
             torch.cuda.synchronize(loaded.device)
         quant_seconds = time.perf_counter() - start
         evaluation = evaluate(quantized, loaded, config.eval)
+    added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "peak_memory_bytes": memory.peak_bytes,
-               "peak_memory_kind": memory.kind, "model_float_bytes": loaded.float_bytes}
+               "peak_memory_kind": memory.kind, "peak_memory_added_bytes": added,
+               "model_float_bytes": loaded.float_bytes, "peak_added_over_float": added / loaded.float_bytes}
     data = {"eval": evaluation.data, "calibration": calibration.record if calibration else None}
     return CellOutcome(metrics, data, quantized.notes,
                        quantized.fallbacks + evaluation.fallbacks)

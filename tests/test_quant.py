@@ -352,7 +352,7 @@ def test_spec_rejects_unknown_granularity() -> None:
         QuantSpec(4, granularity="row")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("group_size", [0, -1, -128])
+@pytest.mark.parametrize("group_size", [0, -2, -128])
 def test_spec_rejects_non_positive_group_size_for_groups(group_size: int) -> None:
     with pytest.raises(ValueError, match="group_size"):
         QuantSpec(4, granularity="group", group_size=group_size)
@@ -384,3 +384,10 @@ def test_nbytes_uses_spec_bits_not_storage_dtype() -> None:
     assert q8.codes.element_size() == q4.codes.element_size() == 1
     assert q8.nbytes() - q4.nbytes() == 8 * 128 * 4 // 8
     assert isinstance(q4, QuantizedTensor)
+
+
+def test_group_size_minus_one_is_one_group_per_row() -> None:
+    w = torch.randn(6, 576)
+    per_row = QuantSpec(4, granularity="group", group_size=-1)
+    assert per_row.group_sizes(576) == [576]
+    assert torch.equal(fake_quantize(w, per_row), fake_quantize(w, QuantSpec(4, granularity="channel")))

@@ -10,7 +10,8 @@ import torch
 
 
 class PeakMemory:
-    """Context manager; `.peak_bytes` and `.kind` are set on exit.
+    """Context manager; `.peak_bytes`, `.start_bytes` and `.kind` are set on exit. The peak over
+    the start is what the work itself added (the cell's model copy, activations, statistics).
 
     On CPU the resident set size is sampled every `interval` seconds in a thread (the
     kernel's own peak, ru_maxrss, covers the whole process life and not one cell).
@@ -21,6 +22,7 @@ class PeakMemory:
         self.interval = interval
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss"
         self.peak_bytes = 0
+        self.start_bytes = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -34,7 +36,9 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
+            self.start_bytes = psutil.Process().memory_info().rss
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self

@@ -13,7 +13,6 @@ one after the failed step).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from ptq.config import CellConfig
-from ptq.quant import QuantSpec, as_rows, expand_groups, fake_quantize_with, group_reduce
+from ptq.quant import QuantSpec, as_rows, expand_groups, fake_quantize_with, group_reduce, quantize_with
 from ptq.registry import QuantContext, QuantizedModel, parse_params, register_method
 from ptq.transforms import group_notes, replace_weights
 
@@ -44,14 +43,7 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 
 def hqq_params(
-    weight: torch.Tensor,
-    spec: QuantSpec,
-    *,
-    lp_norm: float = 0.7,
-    beta: float = 10.0,
-    kappa: float = 1.01,
-    iters: int = 20,
-    early_stop: bool = True,
+    weight: torch.Tensor, spec: QuantSpec, params: HqqParams = HqqParams(), early_stop: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale (from min/max, zero not forced into the range) and optimized float zero
     point, [..., n_groups] as `ptq.quant.quantize_with` takes them. With `early_stop`, the loop
@@ -66,42 +58,28 @@ def hqq_params(
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is exact at any scale
     zero = -xmin / scale
     scale_full = expand_groups(scale, sizes)
-    best_zero, best_error = zero, math.inf
-    for _ in range(iters):
+    best_zero, best_error, beta = zero, math.inf, params.beta
+    for _ in range(params.iters):
         error = work - fake_quantize_with(work, scale_full, expand_groups(zero, sizes), spec)
         mean_error = error.abs().mean().item()
         if early_stop and mean_error >= best_error:
             break
         best_zero, best_error = zero, mean_error
         # The reference's zero update, mean(W_q - (W - W_e) / scale), written with W_q = W_r / scale + zero.
-        residual = error - shrink_lp(error, beta, lp_norm)
+        residual = error - shrink_lp(error, beta, params.lp_norm)
         zero = zero - group_reduce(residual, sizes, "mean") / scale
-        beta *= kappa
+        beta *= params.kappa
     return scale, best_zero if early_stop else zero
 
 
-def hqq_quantize(
-    weight: torch.Tensor,
-    spec: QuantSpec,
-    *,
-    lp_norm: float = 0.7,
-    beta: float = 10.0,
-    kappa: float = 1.01,
-    iters: int = 20,
-    early_stop: bool = True,
-) -> torch.Tensor:
+def hqq_quantize(weight: torch.Tensor, spec: QuantSpec, params: HqqParams = HqqParams()) -> torch.Tensor:
     """`weight` on the shared grid with HQQ's scale and zero points, dequantized (same shape and dtype)."""
-    scale, zero = hqq_params(weight, spec, lp_norm=lp_norm, beta=beta, kappa=kappa, iters=iters,
-                             early_stop=early_stop)
-    work = as_rows(weight.float(), spec)
-    sizes = spec.group_sizes(work.shape[-1])
-    dequantized = fake_quantize_with(work, expand_groups(scale, sizes), expand_groups(zero, sizes), spec)
-    return dequantized.reshape(weight.shape).to(weight.dtype)
+    return quantize_with(weight, *hqq_params(weight, spec, params), spec).dequantize()
 
 
 @register_method("hqq", tracks=("A",), uses=("weight",))
 def hqq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
     params = parse_params(HqqParams, config)
     linears = ctx.adapter.quantizable_linears(model)
-    replace_weights(linears, partial(hqq_quantize, spec=config.weight, **dataclasses.asdict(params)))
+    replace_weights(linears, partial(hqq_quantize, spec=config.weight, params=params))
     return QuantizedModel(model, notes=group_notes(linears, config.weight))

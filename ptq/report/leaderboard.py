@@ -37,6 +37,7 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "eval_tokens_per_s": metrics.get("eval_tokens_per_s"),
             "peak_memory_mb": (metrics["peak_memory_bytes"] / 2**20
                                if metrics.get("peak_memory_bytes") is not None else None),
+            "peak_added_over_float": metrics.get("peak_added_over_float"),
             "reason": record["reason"],
         })
     rows.sort(key=lambda r: (r["model"], TRACK_ORDER.get(r["track"], 9), r["status"] != "passed",
@@ -49,11 +50,12 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         [
             row["cell"], row["status"], _fmt(row["ppl_wikitext2"], 2), _fmt(row["ppl_ratio"], 3),
             _fmt(row["quant_seconds"], 1), _fmt(row["eval_tokens_per_s"], 0), _fmt(row["peak_memory_mb"], 0),
+            _fmt(row["peak_added_over_float"], 2),
             (row["reason"] or "").replace("\n", " ")[:120],
         ]
         for row in rows
     ]
-    headers = ["cell", "status", "PPL wikitext2", "× FP", "quant s", "eval tok/s", "peak MB", "reason"]
+    headers = ["cell", "status", "PPL wikitext2", "× FP", "quant s", "eval tok/s", "peak MB", "added/float", "reason"]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
