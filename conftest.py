@@ -99,7 +99,6 @@ def pytest_configure(config: pytest.Config) -> None:
     except PtqError as exc:
         raise _usage_error(f"ptq-bench: {exc}", catalog) from None
     config.ptq_catalog = catalog
-    config.ptq_selection = selection
 
 
 def pytest_configure_node(node) -> None:  # xdist controller: hand the run id to each worker

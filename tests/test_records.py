@@ -126,7 +126,7 @@ def test_new_record_of_the_recording_fixture_is_valid() -> None:
     catalog = Catalog(ROOT / "bench")
     experiment = ROOT / "bench" / "experiments" / "default.yaml"
     cell = next(c for c in catalog.cells(Selection(experiments=(experiment,)), "cpu") if c.id == "smollm2-135m-rtn-A")
-    config = SimpleNamespace(ptq_selection=Selection(experiments=(experiment,)), ptq_run={"run_id": "r1"},
+    config = SimpleNamespace(ptq_run={"run_id": "r1"},
                              ptq_device=torch.device("cpu"))
     record = new_record(cell, config)
     validate_record(record)

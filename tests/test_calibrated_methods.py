@@ -1,0 +1,479 @@
+"""Calibrated weight quantizers (ptq.methods.gptq, ptq.methods.awq) and the calibration engine
+(ptq.calib): GPTQ's solve against round-to-nearest on single layers (identity Hessian, layer
+output error, grid, determinism, dampening), AWQ's scale and clipping searches, the engine's
+block walk on a tiny random Llama, and both registered methods end to end on that model.
+No real model is loaded; everything is seeded and runs in a few seconds on one thread."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ptq.calib import BlockRunner, CalibrationSet, capture_block_inputs, walk_blocks
+from ptq.config import CellConfig
+from ptq.matrix import Catalog, Selection
+from ptq.methods.awq import _applies, _fold_scales, activation_scales, search_clip, search_scales
+from ptq.methods.gptq import GPTQ, GptqParams, GptqResult
+from ptq.models.adapters import ADAPTERS
+from ptq.quant import QuantSpec, fake_quantize
+from ptq.registry import QuantContext, discover, parse_params
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+ROWS, COLS, GROUP = 64, 576, 128  # 576 = 4 x 128 + 64: every row ends with a smaller group
+TOKENS = 1024  # calibration inputs per layer: more than COLS, so X has full column rank
+LLAMA = ADAPTERS[0]
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def gaussian_weight(seed: int = 0, shape: tuple[int, int] = (ROWS, COLS)) -> torch.Tensor:
+    return torch.randn(shape, generator=gen(seed))
+
+
+def rotation(n: int, seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen(seed), dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def inputs(kind: str, seed: int = 1, tokens: int = TOKENS, columns: int = COLS) -> torch.Tensor:
+    """Calibration inputs [tokens, columns]: i.i.d. Gaussian, or ill-conditioned (singular values
+    over four decades, in a random basis, plus a large common offset, so X Xᵀ is far from diagonal)."""
+    z = torch.randn(tokens, columns, generator=gen(seed))
+    if kind == "gaussian":
+        return z
+    spread = torch.logspace(-3, 1, columns)
+    mean = 5 * torch.randn(columns, generator=gen(seed + 1))
+    return z * spread @ rotation(columns, seed + 2) + mean
+
+
+def gptq_solve(weight: torch.Tensor, x: torch.Tensor, spec: QuantSpec, **params: object) -> GptqResult:
+    stats = GPTQ(weight.shape[1])
+    stats.add_batch(x.unsqueeze(0))  # one sequence of `tokens` inputs
+    return stats.quantize(weight, spec, GptqParams(**params))
+
+
+def output_error(x: torch.Tensor, weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    """‖X W_qᵀ − X Wᵀ‖², in float64."""
+    x, weight, quantized = x.double(), weight.double(), quantized.double()
+    return float((x @ quantized.t() - x @ weight.t()).pow(2).sum())
+
+
+SPECS = [
+    pytest.param(QuantSpec(bits, symmetric, granularity, GROUP),
+                 id=f"{granularity}-{'sym' if symmetric else 'asym'}-{bits}b")
+    for granularity in ("group", "channel") for symmetric in (False, True) for bits in (3, 4)
+]
+
+
+# ------------------------------------------------------------------ GPTQ on one layer
+
+
+@pytest.mark.parametrize("static", (False, True), ids=("plain", "act_order+static_groups"))
+@pytest.mark.parametrize("spec", SPECS)
+def test_gptq_with_identity_hessian_is_round_to_nearest(spec: QuantSpec, static: bool) -> None:
+    # H = I: no column says anything about another, Hinv is diagonal, no error is propagated,
+    # and every column is rounded with the parameters of its (unchanged) group: plain RTN.
+    # With act_order and static groups the groups are still those of the original column order.
+    weight = gaussian_weight()
+    stats = GPTQ(COLS)
+    stats.H = torch.eye(COLS)
+    stats.nsamples = 1
+    solved = stats.quantize(weight, spec, GptqParams(act_order=static, static_groups=static))
+    assert torch.equal(solved.weight, fake_quantize(weight, spec))
+    assert solved.damp_used == 0.01
+
+
+GPTQ_VARIANTS = [
+    pytest.param({}, id="in-order"),
+    pytest.param({"act_order": True}, id="act_order"),
+    pytest.param({"act_order": True, "static_groups": True}, id="act_order+static_groups"),
+    pytest.param({"static_groups": True}, id="static_groups"),
+]
+
+
+@pytest.mark.parametrize("params", GPTQ_VARIANTS)
+@pytest.mark.parametrize("kind", ("gaussian", "ill_conditioned"))
+def test_gptq_layer_output_error_is_below_rtn(kind: str, params: dict) -> None:
+    weight, x = gaussian_weight(), inputs(kind)
+    spec = QuantSpec(3, False, "group", GROUP)
+    solved = gptq_solve(weight, x, spec, **params)
+    gptq_error = output_error(x, weight, solved.weight)
+    rtn_error = output_error(x, weight, fake_quantize(weight, spec))
+    assert solved.damp_used == 0.01
+    # measured: ~0.72x RTN on Gaussian inputs, ~0.025x on ill-conditioned ones
+    assert gptq_error < (0.9 if kind == "gaussian" else 0.1) * rtn_error, (gptq_error, rtn_error)
+
+
+@pytest.mark.parametrize("params", [p for p in GPTQ_VARIANTS if p.id != "act_order"])
+@pytest.mark.parametrize("spec", [p for p in SPECS if p.values[0].granularity == "group"])
+def test_gptq_values_lie_on_one_grid_per_group(spec: QuantSpec, params: dict) -> None:
+    # GPTQ's scales come from the weights as updated so far, so they cannot be checked against
+    # find_params(W); but each group of each row has one (scale, zero): at most 2^bits values,
+    # all integer multiples of one step apart, spanning at most qmax - qmin steps.
+    # (act_order without static groups is left out: its groups follow the permuted order.)
+    weight, x = gaussian_weight(), inputs("ill_conditioned")
+    q = gptq_solve(weight, x, spec, **params).weight
+    start = 0
+    for size in spec.group_sizes(COLS):
+        for row in q[:, start:start + size]:
+            values = torch.unique(row).double()
+            assert len(values) <= 2**spec.bits
+            if len(values) == 1:
+                continue
+            steps = (values - values[0]) / torch.diff(values).min()
+            assert torch.allclose(steps, steps.round(), rtol=1e-3, atol=1e-3), steps
+            assert steps[-1].round() <= spec.qmax - spec.qmin
+        start += size
+
+
+@pytest.mark.parametrize("params", GPTQ_VARIANTS[:2])
+def test_gptq_is_deterministic(params: dict) -> None:
+    spec = QuantSpec(4, False, "group", GROUP)
+    first = gptq_solve(gaussian_weight(3), inputs("ill_conditioned", seed=4), spec, **params)
+    second = gptq_solve(gaussian_weight(3), inputs("ill_conditioned", seed=4), spec, **params)
+    assert torch.equal(first.weight, second.weight)
+    assert first.loss == second.loss and first.damp_used == second.damp_used
+
+
+def hessian_with_spectrum(eigenvalues: list[float], seed: int = 5) -> torch.Tensor:
+    rot = rotation(len(eigenvalues), seed).double()
+    h = rot @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ rot.t()
+    return ((h + h.t()) / 2).float()
+
+
+def solve_with_hessian(h: torch.Tensor, percdamp: float = 0.01) -> GptqResult:
+    stats = GPTQ(h.shape[0])
+    stats.H = h
+    stats.nsamples = 1
+    return stats.quantize(gaussian_weight(6, (8, h.shape[0])), QuantSpec(4, granularity="channel"),
+                          GptqParams(percdamp=percdamp))
+
+
+def test_gptq_dampening_falls_back_tenfold_until_positive_definite() -> None:
+    # mean diagonal = mean eigenvalue = (15 - 0.05) / 16 ≈ 0.93: 0.01 x 0.93 does not lift the
+    # eigenvalue -0.05 above zero, 0.1 x 0.93 does.
+    h = hessian_with_spectrum([1.0] * 15 + [-0.05])
+    solved = solve_with_hessian(h)
+    assert solved.damp_used == pytest.approx(0.1)
+    assert torch.isfinite(solved.weight).all()
+    assert solve_with_hessian(h, percdamp=0.1).damp_used == pytest.approx(0.1)  # no fallback needed
+
+
+@pytest.mark.parametrize("eigenvalues", [
+    [1e6, 1e6, 1e6, -2.9e6],  # mean diagonal 2.5e4: even 0.01 x 10^4 x 2.5e4 = 2.5e6 < 2.9e6
+    [-1.0] * 4,  # negative mean diagonal: dampening only makes it worse
+], ids=("too_negative", "negative_definite"))
+def test_gptq_hessian_no_dampening_fixes_raises(eigenvalues: list[float]) -> None:
+    with pytest.raises(torch.linalg.LinAlgError):
+        solve_with_hessian(hessian_with_spectrum(eigenvalues))
+
+
+@pytest.mark.parametrize("bad", ({"percdamp": 0}, {"percdamp": -0.01}, {"blocksize": 0}))
+def test_gptq_params_reject_non_positive_values(bad: dict) -> None:
+    with pytest.raises(ValueError, match="percdamp > 0 and blocksize > 0"):
+        GptqParams(**bad)
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog(BENCH)
+
+
+def cell_config(catalog: Catalog, method: str) -> CellConfig:
+    """Track A's resolved configuration of `method` on smollm2-135m (the model is not loaded)."""
+    cells = catalog.cells(Selection(models=("smollm2-135m",), methods=(method,), tracks=("A",)), "cpu")
+    assert len(cells) == 1
+    return cells[0].config
+
+
+def with_params(config: CellConfig, **params: object) -> CellConfig:
+    return dataclasses.replace(config, method=dataclasses.replace(config.method, params=params))
+
+
+def test_gptq_params_parse_from_yaml_and_reject_unknown_or_mistyped(catalog: Catalog) -> None:
+    config = cell_config(catalog, "gptq")
+    assert parse_params(GptqParams, config) == GptqParams()  # the YAML spells out the defaults
+    with pytest.raises(ValueError, match=r"unknown params \['perc_damp'\]"):
+        parse_params(GptqParams, with_params(config, **config.method.params, perc_damp=0.1))
+    with pytest.raises(ValueError, match="act_order must be bool"):
+        parse_params(GptqParams, with_params(config, act_order="yes"))
+
+
+# ------------------------------------------------------------------------- AWQ pieces
+
+
+def test_awq_alpha_zero_is_round_to_nearest() -> None:
+    x_mean = torch.rand(COLS, generator=gen(7)) * 3
+    x_mean[0] = 0  # 0^0 = 1 too
+    assert torch.equal(activation_scales(x_mean, 0.0), torch.ones(COLS))
+    weight = gaussian_weight(8)
+    spec = QuantSpec(4, False, "group", GROUP)
+    seen: list[list[torch.Tensor]] = []
+    scales, alpha, loss = search_scales([weight], x_mean, spec, 1, lambda q: seen.append(q) or 1.5)
+    assert alpha == 0.0 and loss == 1.5 and len(seen) == 1
+    assert torch.equal(scales, torch.ones(COLS))
+    assert torch.equal(seen[0][0], fake_quantize(weight, spec))
+
+
+def test_awq_scales_are_normalized() -> None:
+    x_mean = torch.rand(COLS, generator=gen(9)) + 0.01
+    for alpha in (0.25, 0.5, 0.95):
+        scales = activation_scales(x_mean, alpha)
+        assert (scales.max() * scales.min()).item() == pytest.approx(1.0, rel=1e-5)
+        assert torch.allclose(scales / scales[0], (x_mean / x_mean[0]).pow(alpha), rtol=1e-4)
+
+
+def test_awq_scale_search_protects_outlier_channels() -> None:
+    weight = gaussian_weight(10, (ROWS, 256))
+    x = torch.randn(512, 256, generator=gen(11))
+    x[:, [3, 50, 100, 200]] *= 50  # a few large-magnitude input channels, as in LLM activations
+    spec = QuantSpec(3, False, "group", 32)
+    reference = x @ weight.t()
+
+    def error(quantized: list[torch.Tensor]) -> float:
+        return float((x @ quantized[0].t() - reference).pow(2).mean())
+
+    scales, alpha, loss = search_scales([weight], x.abs().mean(0), spec, 20, error)
+    rtn_loss = error([fake_quantize(weight, spec)])
+    assert loss <= rtn_loss
+    assert alpha > 0
+    assert loss < 0.5 * rtn_loss  # measured: ~0.13x
+    assert loss == error([fake_quantize(weight * scales, spec) / scales])  # the returned scales give the loss
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, False, "group", GROUP), QuantSpec(3, True, "group", GROUP),
+                                  QuantSpec(3, False, "channel")], ids=("group-asym-4b", "group-sym-3b", "channel"))
+def test_awq_clip_search_bounds_and_error(spec: QuantSpec) -> None:
+    weight = gaussian_weight(12)
+    x = inputs("gaussian", seed=13, tokens=256)
+    n_grid, max_shrink = 20, 0.5
+    best_max = search_clip(weight, x, spec, n_grid, max_shrink)
+    sizes = spec.group_sizes(COLS)
+    assert best_max.shape == (ROWS, len(sizes))
+    start = 0
+    for index, size in enumerate(sizes):
+        w, xg = weight[:, start:start + size], x[:, start:start + size]
+        absmax = w.abs().amax(dim=1)
+        assert (best_max[:, index] <= absmax).all()
+        assert (best_max[:, index] >= (1 - max_shrink) * absmax * (1 - 1e-6)).all()
+        # each group's contribution to the output, per row: the search picks the clip that
+        # minimizes it, and no clip (shrink 0) is a candidate, so clipping never makes it worse.
+        bound = best_max[:, index:index + 1]
+        group_spec = dataclasses.replace(spec, granularity="channel")
+        clipped = fake_quantize(torch.clamp(w, -bound, bound), group_spec)
+        plain = fake_quantize(w, group_spec)
+        err_clipped = (xg @ clipped.t() - xg @ w.t()).pow(2).sum(0)
+        err_plain = (xg @ plain.t() - xg @ w.t()).pow(2).sum(0)
+        assert (err_clipped <= err_plain * (1 + 1e-5)).all()
+        start += size
+    assert (best_max < weight.abs().reshape(ROWS, -1).amax(1, keepdim=True)).any()  # some clipping happened
+    if spec.granularity == "channel":  # one group per row: the whole layer's error, row by row
+        bound = best_max
+        clipped = fake_quantize(torch.clamp(weight, -bound, bound), spec)
+        err = (x @ clipped.t() - x @ weight.t()).pow(2).sum(0)
+        assert (err <= (x @ fake_quantize(weight, spec).t() - x @ weight.t()).pow(2).sum(0) * (1 + 1e-5)).all()
+
+
+# ------------------------------------------------------------- engine on a tiny Llama
+
+
+def tiny_llama(kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=400, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=kv_heads, max_position_embeddings=256))
+    return model.eval()
+
+
+def random_tokens(shape: tuple[int, int], seed: int) -> torch.Tensor:
+    return torch.randint(0, 400, shape, generator=gen(seed))
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+def test_capture_block_inputs_are_the_embeddings(model: LlamaForCausalLM) -> None:
+    tokens = random_tokens((8, 32), 20)
+    batches = capture_block_inputs(model, LLAMA, tokens, 3, CPU)
+    assert [b.hidden.shape for b in batches] == [(3, 32, 64), (3, 32, 64), (2, 32, 64)]
+    with torch.no_grad():
+        for batch, ids in zip(batches, tokens.split(3)):
+            assert torch.equal(batch.hidden, model.model.embed_tokens(ids))
+            cos, sin = batch.kwargs["position_embeddings"]  # what the blocks need besides the hidden states
+            assert cos.shape[-2] == 32 and sin.shape[-2] == 32
+    assert not model.model.layers[0]._forward_pre_hooks  # the capture hook is removed
+
+
+@pytest.mark.parametrize("propagate", ("quantized", "float"))
+def test_walk_blocks_without_quantization_reproduces_the_model(model: LlamaForCausalLM, propagate: str) -> None:
+    tokens = random_tokens((8, 32), 21)
+    with torch.no_grad():
+        states = model(tokens, output_hidden_states=True).hidden_states
+    # transformers 5.x: hidden_states has num_layers + 1 entries; entry i < num_layers is the input of
+    # block i (the embeddings, then each block's output), but the last entry is overwritten with
+    # last_hidden_state, i.e. final_norm(output of the last block). So block i's input is compared
+    # with states[i], and the last block's output with states[-1] after applying the final norm.
+    layers = len(model.model.layers)
+    assert len(states) == layers + 1
+    seen: dict[int, torch.Tensor] = {}
+    last: list[torch.Tensor] = []
+
+    def noop(index: int, block: nn.Module, runner: BlockRunner) -> None:
+        assert block is model.model.layers[index]
+        seen[index] = torch.cat([b.hidden for b in runner.batches])
+        if index == layers - 1:
+            last.append(torch.cat(runner.outputs()))
+
+    walk_blocks(model, LLAMA, tokens, batch_size=3, device=CPU, propagate=propagate, quantize_block=noop)
+    assert sorted(seen) == list(range(layers))
+    for index in range(layers):
+        assert torch.allclose(seen[index], states[index], rtol=1e-5, atol=1e-7), index
+    with torch.no_grad():
+        assert torch.allclose(model.get_submodule(LLAMA.final_norm)(last[0]), states[-1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("propagate", ("quantized", "float"))
+def test_walk_blocks_propagates_quantized_or_float_outputs(propagate: str) -> None:
+    model = tiny_llama()
+    tokens = random_tokens((4, 16), 22)
+    with torch.no_grad():
+        float_states = model(tokens, output_hidden_states=True).hidden_states
+    block1_inputs: list[torch.Tensor] = []
+
+    def damage_first_block(index: int, block: nn.Module, runner: BlockRunner) -> None:
+        if index == 0:
+            with torch.no_grad():
+                block.mlp.down_proj.weight.mul_(10)
+        else:
+            block1_inputs.append(torch.cat([b.hidden for b in runner.batches]))
+
+    walk_blocks(model, LLAMA, tokens, batch_size=2, device=CPU, propagate=propagate,
+                quantize_block=damage_first_block)
+    with torch.no_grad():
+        changed_states = model(tokens, output_hidden_states=True).hidden_states
+    expected = float_states[1] if propagate == "float" else changed_states[1]
+    assert not torch.allclose(float_states[1], changed_states[1])
+    assert torch.allclose(block1_inputs[0], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kv_heads", (2, 4), ids=("gqa", "mha"))
+def test_fold_scales_preserves_the_block_function(kv_heads: int) -> None:
+    model = tiny_llama(kv_heads)
+    batches = capture_block_inputs(model, LLAMA, random_tokens((4, 16), 23), 4, CPU)
+    block = model.model.layers[0]
+    with torch.no_grad():
+        before = BlockRunner(block, batches).outputs()[0]
+    applied = []
+    for number, group in enumerate(LLAMA.scaling_groups):
+        if not _applies(block, group):
+            # v_proj's 32 outputs (2 KV heads) are not o_proj's 64 inputs under grouped-query attention
+            assert kv_heads == 2 and group.prev == "self_attn.v_proj"
+            continue
+        applied.append(group.prev)
+        folded = copy.deepcopy(block)
+        channels = folded.get_submodule(group.linears[0]).in_features
+        scales = 0.5 + 1.5 * torch.rand(channels, generator=gen(30 + number))
+        prev_weight = folded.get_submodule(group.prev).weight.clone()
+        _fold_scales(folded, group, scales)
+        assert not torch.allclose(folded.get_submodule(group.prev).weight, prev_weight)
+        with torch.no_grad():
+            after = BlockRunner(folded, batches).outputs()[0]
+        assert torch.allclose(after, before, rtol=1e-4, atol=1e-6), group.prev
+    assert len(applied) == (4 if kv_heads == 4 else 3)
+
+
+def block_outputs(model: LlamaForCausalLM, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Every decoder block's output (the last one before the final norm), via forward hooks."""
+    outputs: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: tuple, out: object) -> None:
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [block.register_forward_hook(keep) for block in LLAMA.decoder_blocks(model)]
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean())
+
+
+@pytest.fixture(scope="module")
+def quantized_models(catalog: Catalog, model: LlamaForCausalLM) -> dict[str, tuple]:
+    """The tiny model quantized by rtn, gptq and awq (W3 asym, group 32) with track A's resolved
+    configuration; "calibration" holds the calibration tokens."""
+    calibration = CalibrationSet(tokens=random_tokens((8, 32), 40), record={})
+    ctx = QuantContext(adapter=LLAMA, device=CPU, calibration=calibration)
+    registry = discover()
+    out = {}
+    for method in ("rtn", "gptq", "awq"):
+        config = cell_config(catalog, method)
+        config = dataclasses.replace(config, weight=QuantSpec(3, False, "group", 32),
+                                     calib=dataclasses.replace(config.calib, batch_size=4))
+        if method == "awq":  # the CPU profile searches on 8 samples; here: all of them
+            config = with_params(config, **{**config.method.params, "search_samples": None})
+        result = registry[method].apply(copy.deepcopy(model), config, ctx)
+        out[method] = (result.model, result)
+    out["calibration"] = (calibration.tokens, None)
+    return out
+
+
+@pytest.mark.parametrize("method", ("gptq", "awq"))
+def test_calibrated_methods_beat_rtn_on_a_tiny_llama(model: LlamaForCausalLM, quantized_models: dict,
+                                                     method: str) -> None:
+    def errors(tokens: torch.Tensor) -> dict[str, list[float]]:
+        reference = block_outputs(model, tokens)
+        return {name: [mse(out, ref) for out, ref in zip(block_outputs(quantized_models[name][0], tokens), reference)]
+                for name in ("rtn", method)}
+
+    # On the calibration tokens themselves (what both methods minimize): every block's output is
+    # closer to the float model than RTN's (measured: GPTQ ~0.5x, AWQ ~0.6-0.8x RTN's MSE).
+    calib = errors(quantized_models["calibration"][0])
+    assert all(ours < rtn for ours, rtn in zip(calib[method], calib["rtn"])), calib
+    # On held-out random tokens: the last block's output (before the final norm) and the sum over
+    # blocks. Measured over 6 model/data seeds of this GQA model: 0.68-0.86x RTN's MSE, both methods.
+    # With only 256 calibration tokens GPTQ does overfit somewhat (on an MHA variant one seed in
+    # three was not better held-out; with 2048 calibration tokens all were), hence the check above.
+    held = errors(random_tokens((16, 32), 41))
+    assert held[method][-1] < held["rtn"][-1], held
+    assert sum(held[method]) < sum(held["rtn"]), held
+    result = quantized_models[method][1]
+    assert result.fallbacks == []
+    if method == "awq":
+        assert any("grouped-query attention" in note and "self_attn.v_proj -> self_attn.o_proj" in note
+                   for note in result.notes)
+
+
+@pytest.mark.parametrize("method", ("gptq", "awq"))
+def test_calibrated_methods_leave_weights_on_the_3_bit_grid(model: LlamaForCausalLM, quantized_models: dict,
+                                                            method: str) -> None:
+    quantized = quantized_models[method][0]
+    spec = QuantSpec(3, False, "group", 32)
+    for name, linear in LLAMA.quantizable_linears(quantized).items():
+        before = model.get_submodule(name).weight
+        assert not torch.equal(linear.weight, before), name
+        groups = linear.weight.reshape(linear.out_features, -1, 32)
+        distinct = max(len(torch.unique(g)) for row in groups for g in row)
+        assert distinct <= 2**spec.bits, name
+    assert torch.equal(quantized.lm_head.weight, model.lm_head.weight)
+    assert torch.equal(quantized.model.embed_tokens.weight, model.model.embed_tokens.weight)
