@@ -19,7 +19,7 @@ from ptq.config import parse_override
 from ptq.data import load_text
 from ptq.errors import ConfigError, PtqError
 from ptq.gates import BaselineStore
-from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, Selection
+from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, Selection, shard
 from ptq.pipeline import EVAL_SPLIT
 from ptq.report.leaderboard import leaderboard_rows, render_table, write_leaderboard
 from ptq.report.records import REPORT_PROPERTY
@@ -45,6 +45,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-dir", default=str(ROOT / "bench"), help="folder of the benchmark YAMLs")
     group.addoption("--reports-dir", default=str(ROOT / "reports"), help="where records and the leaderboard go")
     group.addoption("--run-id", help="name of this run's records folder (default: time and a random suffix)")
+    group.addoption("--shard", metavar="I/N", help="run only the I-th of N deterministic slices of the cells "
+                    "(merge the shards' records with `python -m ptq.report merge`)")
 
 
 def _wants_matrix(config: pytest.Config) -> bool:
@@ -92,7 +94,8 @@ def pytest_configure(config: pytest.Config) -> None:
             experiments=tuple(_experiment_path(value, catalog) for value in config.getoption("experiment")),
             overrides=overrides,
         )
-        config.stash[CELLS] = catalog.cells(selection, config.ptq_device.type)
+        cells = catalog.cells(selection, config.ptq_device.type)
+        config.stash[CELLS] = shard(cells, config.getoption("shard")) if config.getoption("shard") else cells
         if not config.option.collectonly:  # missing data is a usage error, before any model loads
             for dataset in sorted({d for cell in config.stash[CELLS] for d in cell.config.eval.datasets}):
                 load_text(dataset, EVAL_SPLIT)

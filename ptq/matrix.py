@@ -235,3 +235,15 @@ class Catalog:
                         config = self.cell_config(model, method, track, layers, device_type)
                         cells.append(Cell(model, method, track, config, experiment_name, info.calibrated))
         return cells
+
+
+def shard(cells: list[Cell], spec: str) -> list[Cell]:
+    """The I-th of N slices ("I/N", 1-based) of the cells: cell k goes to slice k mod N, so the
+    slices are disjoint, cover the matrix, and do not depend on where they run."""
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {spec!r}: expected I/N with whole numbers, e.g. 1/4") from None
+    if not 1 <= index <= count:
+        raise ConfigError(f"--shard {spec!r}: I must be between 1 and N")
+    return [cell for k, cell in enumerate(cells) if k % count == index - 1]

@@ -265,7 +265,6 @@ def test_write_leaderboard(tmp_path: Path) -> None:
     assert render_table(leaderboard_rows(records)) in md
     assert "- m: dequantized Q4_1" in md  # the baselines section
     assert md.count(f"- {note}") == 1  # notes are deduplicated
-    assert "reports/runs/run-7/" in md
 
 
 # ---------------------------------------------------------------------------------- gates

@@ -70,7 +70,6 @@ def write_leaderboard(records: list[dict[str, Any]], reports_dir: Path, run_id: 
         md += ["## Baselines", ""] + [f"- {line}" for line in baselines] + [""]
     if notes:
         md += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
-    md += [f"Records: `reports/runs/{run_id}/`.", ""]
     md_path = reports_dir / "leaderboard.md"
     json_path = reports_dir / "leaderboard.json"
     atomic_write(md_path, "\n".join(md))

@@ -1,0 +1,48 @@
+"""`python -m ptq.report merge DIR... [--reports-dir DIR] [--run-id ID]`: one leaderboard from
+the records of several runs or shards (each DIR holds `<cell id>.json` records)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ptq.report.leaderboard import write_leaderboard
+from ptq.report.records import validate_record
+
+
+def read_records(folders: list[Path]) -> list[dict]:
+    """Every record under the folders; a cell present twice (two shards ran it) is an error."""
+    records: dict[str, tuple[Path, dict]] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            raise SystemExit(f"merge: {folder} is not a folder of records")
+        for path in sorted(folder.glob("*.json")):
+            record = json.loads(path.read_text())
+            try:
+                validate_record(record)
+            except ValueError as exc:
+                raise SystemExit(f"merge: {path} is not a cell record: {exc}") from None
+            if record["cell_id"] in records:
+                raise SystemExit(f"merge: {record['cell_id']} is in both {records[record['cell_id']][0]} and {path}")
+            records[record["cell_id"]] = (path, record)
+    return [record for _path, record in records.values()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ptq.report")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="build one leaderboard from the records of several runs or shards")
+    merge.add_argument("folders", nargs="+", type=Path)
+    merge.add_argument("--reports-dir", type=Path, default=Path("reports"))
+    merge.add_argument("--run-id", default="merged")
+    args = parser.parse_args(argv)
+    records = read_records(args.folders)
+    md, js = write_leaderboard(records, args.reports_dir, args.run_id)
+    print(f"merged {len(records)} records into {md} and {js}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
