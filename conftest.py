@@ -21,7 +21,8 @@ from ptq.errors import ConfigError, PtqError
 from ptq.gates import BaselineStore
 from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, Selection, shard
 from ptq.pipeline import EVAL_SPLIT
-from ptq.report.leaderboard import leaderboard_rows, render_table, write_leaderboard
+from ptq.report.compare import Comparison, compare_rows, load_rows
+from ptq.report.leaderboard import leaderboard_rows, render_comparison, render_table, write_leaderboard
 from ptq.report.records import REPORT_PROPERTY
 
 pytest_plugins = ["fixtures.devices", "fixtures.models", "fixtures.recording"]
@@ -45,6 +46,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-dir", default=str(ROOT / "bench"), help="folder of the benchmark YAMLs")
     group.addoption("--reports-dir", default=str(ROOT / "reports"), help="where records and the leaderboard go")
     group.addoption("--run-id", help="name of this run's records folder (default: time and a random suffix)")
+    group.addoption("--compare", metavar="OLD_LEADERBOARD.json",
+                    help="mark every cell better/worse than a previous leaderboard; a PPL worse by more than "
+                         "--compare-tol fails the session")
+    group.addoption("--compare-tol", type=float, default=0.01, help="relative PPL tolerance of --compare")
     group.addoption("--shard", metavar="I/N", help="run only the I-th of N deterministic slices of the cells "
                     "(merge the shards' records with `python -m ptq.report merge`)")
 
@@ -185,6 +190,7 @@ class LeaderboardCollector:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.records: list[dict] = []
+        self.regressions: list[Comparison] = []
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for name, value in report.user_properties:
@@ -194,7 +200,17 @@ class LeaderboardCollector:
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if not self.records:
             return
-        write_leaderboard(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"])
+        comparison = None
+        if self.config.getoption("compare"):
+            source = self.config.getoption("compare")
+            comparisons = compare_rows(leaderboard_rows(self.records), load_rows(Path(source)),
+                                       self.config.getoption("compare_tol"))
+            comparison = (source, comparisons)
+            self.regressions = [c for c in comparisons if c.verdict == "worse"]
+            if self.regressions:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        write_leaderboard(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"],
+                          comparison)
         if self.config.getoption("update_baselines"):
             store = BaselineStore(Path(self.config.getoption("bench_dir")) / "baselines.json")
             for rec in self.records:
@@ -212,3 +228,6 @@ class LeaderboardCollector:
         reports = Path(self.config.getoption("reports_dir"))
         terminalreporter.write_line(f"written: {reports / 'leaderboard.md'}, records in "
                                     f"{reports / 'runs' / self.config.ptq_run['run_id']}")
+        if self.regressions:
+            terminalreporter.write_sep("=", f"regressions against {self.config.getoption('compare')}", red=True)
+            terminalreporter.write_line(render_comparison(self.regressions, self.config.getoption("compare")))

@@ -94,6 +94,17 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
     assert {c: r["ppl_wikitext2"] for c, r in leaderboard(workspace).items()} == {
         c: rows[c]["ppl_wikitext2"] for c in tiny}
 
+    # --compare: a previous leaderboard where rtn-A was much better makes this run a regression
+    previous = json.loads((workspace / "reports" / "leaderboard.json").read_text())
+    for row in previous["rows"]:
+        if row["cell"] == "tiny-llama-rtn-A-tiny":
+            row["ppl_wikitext2"] /= 2
+    (workspace / "previous.json").write_text(json.dumps(previous))
+    compared = run_bench(workspace, "--models", "tiny-llama", "--methods", "rtn", "--tracks", "A",
+                         "--compare", str(workspace / "previous.json"), "--run-id", "compared")
+    assert compared.returncode == 1, compared.stdout[-3000:]
+    assert "regressions against" in compared.stdout and "tiny-llama-rtn-A-tiny | worse" in compared.stdout
+
     for entry in stored["tiny-llama-rtn-A-tiny"].values():
         entry["ppl"]["wikitext2"] *= 1.5
     (workspace / "bench" / "baselines.json").write_text(json.dumps(stored))

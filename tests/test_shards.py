@@ -56,3 +56,16 @@ def test_merge_refuses_a_cell_recorded_by_two_shards(tmp_path: Path) -> None:
     write_record(make_record("tiny-rtn-A"), tmp_path / "b")
     with pytest.raises(SystemExit, match="tiny-rtn-A is in both"):
         report_main(["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--reports-dir", str(tmp_path / "out")])
+
+
+def test_compare_marks_each_cell_and_flags_regressions_beyond_tolerance() -> None:
+    from ptq.report.compare import compare_rows
+
+    previous = [{"cell": "a", "ppl_wikitext2": 10.0}, {"cell": "b", "ppl_wikitext2": 10.0},
+                {"cell": "c", "ppl_wikitext2": 10.0}, {"cell": "d", "ppl_wikitext2": 10.0},
+                {"cell": "gone", "ppl_wikitext2": 10.0}]
+    current = [{"cell": "a", "ppl_wikitext2": 10.05}, {"cell": "b", "ppl_wikitext2": 10.5},
+               {"cell": "c", "ppl_wikitext2": 9.0}, {"cell": "d", "ppl_wikitext2": None},
+               {"cell": "new", "ppl_wikitext2": 12.0}]
+    verdicts = {c.cell: c.verdict for c in compare_rows(current, previous, rel_tol=0.01)}
+    assert verdicts == {"a": "same", "b": "worse", "c": "better", "d": "worse", "new": "new", "gone": "gone"}

@@ -8,6 +8,7 @@ from typing import Any
 
 from tabulate import tabulate
 
+from ptq.report.compare import Comparison
 from ptq.report.records import atomic_write
 
 TRACK_ORDER = {"A": 0, "B": 1, "C": 2}
@@ -59,8 +60,17 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
-def write_leaderboard(records: list[dict[str, Any]], reports_dir: Path, run_id: str) -> tuple[Path, Path]:
-    """Write reports/leaderboard.md and reports/leaderboard.json for one run."""
+def render_comparison(comparisons: list[Comparison], source: str) -> str:
+    table = [[c.cell, c.verdict, _fmt(c.previous, 3), _fmt(c.current, 3),
+              "" if c.change is None else f"{c.change:+.2%}"] for c in comparisons]
+    return f"Compared with {source}:\n" + tabulate(
+        table, headers=["cell", "verdict", "previous PPL", "PPL", "change"], tablefmt="github", disable_numparse=True)
+
+
+def write_leaderboard(records: list[dict[str, Any]], reports_dir: Path, run_id: str,
+                      comparison: tuple[str, list[Comparison]] | None = None) -> tuple[Path, Path]:
+    """Write reports/leaderboard.md and reports/leaderboard.json for one run (with, if given, the
+    comparison against a previous leaderboard: its source and the per-cell verdicts)."""
     rows = leaderboard_rows(records)
     notes = sorted({note for record in records for note in record["notes"]})
     baselines = sorted({f"{r['model']}: {r['config']['model']['baseline_note']}" for r in records
@@ -70,8 +80,13 @@ def write_leaderboard(records: list[dict[str, Any]], reports_dir: Path, run_id: 
         md += ["## Baselines", ""] + [f"- {line}" for line in baselines] + [""]
     if notes:
         md += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    payload: dict[str, Any] = {"run_id": run_id, "rows": rows}
+    if comparison is not None:
+        source, comparisons = comparison
+        md += ["## Comparison", "", render_comparison(comparisons, source), ""]
+        payload["comparison"] = {"source": source, "cells": [c.to_dict() for c in comparisons]}
     md_path = reports_dir / "leaderboard.md"
     json_path = reports_dir / "leaderboard.json"
     atomic_write(md_path, "\n".join(md))
-    atomic_write(json_path, json.dumps({"run_id": run_id, "rows": rows}, indent=2, default=str) + "\n")
+    atomic_write(json_path, json.dumps(payload, indent=2, default=str) + "\n")
     return md_path, json_path
