@@ -28,10 +28,6 @@ class PerplexityResult:
     tokens_scored: int
     seconds: float
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.windows * self.seqlen / self.seconds if self.seconds > 0 else float("inf")
-
 
 def windows_of(input_ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
     """[1, N] token ids -> [W, seqlen] non-overlapping windows from the start."""

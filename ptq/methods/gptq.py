@@ -137,6 +137,7 @@ def gptq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedMo
     spec = config.weight
     result = QuantizedModel(model)
     adapter = ctx.adapter
+    losses: dict[str, float] = {}  # the reference's per-layer error, summed over blocks by layer name
     result.notes += group_notes(adapter.quantizable_linears(model), spec)
     if params.act_order and not params.static_groups and spec.granularity == "group":
         result.notes.append("act_order without static_groups: groups follow the permuted column order "
@@ -157,6 +158,8 @@ def gptq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedMo
 
     def quantize_linear(index: int, name: str, linear: nn.Linear, stats: GPTQ) -> None:
         solved = stats.quantize(linear.weight, spec, params)
+        short = name.rsplit(".", 1)[-1]
+        losses[short] = losses.get(short, 0.0) + solved.loss
         if solved.damp_used != params.percdamp:
             result.fallbacks.append(f"block {index} {name}: Hessian not positive definite at percdamp "
                                     f"{params.percdamp}, quantized with {solved.damp_used}")
@@ -165,6 +168,7 @@ def gptq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedMo
 
     walk_blocks(model, adapter, ctx.calibration.tokens, batch_size=config.calib.batch_size, device=ctx.device,
                 propagate=config.calib.propagate, quantize_block=quantize_block)
+    result.notes.append("GPTQ loss summed over blocks: " + ", ".join(f"{k} {v:.4g}" for k, v in losses.items()))
     if config.act is not None:
         quantize_inputs(model, list(adapter.quantizable_linears(model)), config.act)
     return result

@@ -72,7 +72,11 @@ def write_leaderboard(records: list[dict[str, Any]], reports_dir: Path, run_id: 
     """Write reports/leaderboard.md and reports/leaderboard.json for one run (with, if given, the
     comparison against a previous leaderboard: its source and the per-cell verdicts)."""
     rows = leaderboard_rows(records)
-    notes = sorted({note for record in records for note in record["notes"]})
+    cells_of: dict[str, list[str]] = {}
+    for record in records:
+        for note in record["notes"]:
+            cells_of.setdefault(note, []).append(record["cell_id"])
+    notes = [f"{note} ({', '.join(sorted(cells))})" for note, cells in sorted(cells_of.items())]
     baselines = sorted({f"{r['model']}: {r['config']['model']['baseline_note']}" for r in records
                         if r["config"].get("model", {}).get("baseline_note")})
     md = [f"# Leaderboard (run {run_id})", "", render_table(rows), ""]
