@@ -83,7 +83,8 @@ class BaselineStore:
         return results
 
     def update(self, cell_id: str, fingerprint: str, entry: dict[str, Any]) -> None:
-        self.entries.setdefault(cell_id, {})[fingerprint] = entry
+        """The cell's expected metrics become these, for this configuration only (older ones go)."""
+        self.entries[cell_id] = {fingerprint: entry}
 
     def save(self) -> None:
         atomic_write(self.path, json.dumps(self.entries, indent=2, sort_keys=True) + "\n")

@@ -322,14 +322,15 @@ def test_baseline_missing(store: BaselineStore) -> None:
 def test_baseline_update_save_reload(store: BaselineStore, tmp_path: Path) -> None:
     assert not store.path.exists()  # nothing written until saved
     store.update("m-rtn-A", "fp2", {"ppl": {"wikitext2": 17.5}, "device": "cpu", "commit": "abc"})
-    store.update("m-rtn-A", "fp1", {"ppl": {"wikitext2": 15.0}, "device": "cpu", "commit": "def"})  # replaces
+    store.update("m-rtn-A", "fp1", {"ppl": {"wikitext2": 15.0}, "device": "cpu", "commit": "def"})
     store.save()
     assert [p.name for p in tmp_path.iterdir()] == ["baselines.json"]
 
     reloaded = BaselineStore(store.path)
     assert reloaded.entries == store.entries
     assert reloaded.expected("m-rtn-A", "fp1") == {"ppl": {"wikitext2": 15.0}, "device": "cpu", "commit": "def"}
-    assert reloaded.expected("m-rtn-A", "fp2")["ppl"]["wikitext2"] == 17.5
+    # an update is the cell's new expectation: the other configuration's entry is gone
+    assert reloaded.expected("m-rtn-A", "fp2") is None
     assert reloaded.expected("m-rtn-A", "fp3") is None and reloaded.expected("x", "fp1") is None
     assert reloaded.check("m-rtn-A", "fp1", {"wikitext2": 15.0}, 0.0, required=True)[0].passed is True
 
