@@ -83,7 +83,8 @@ class BlockBatch:
     kwargs: dict[str, Any]  # what the model passes its blocks: mask, rotary embeddings, ...
 
 
-def _first(output: Any) -> torch.Tensor:
+def first_tensor(output: Any) -> torch.Tensor:
+    """The hidden states of a module output that may be a tuple (attention, older decoder blocks)."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -127,7 +128,7 @@ class BlockRunner:
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
-        return [_first(self.block(batch.hidden, **batch.kwargs)) for batch in self.batches]
+        return [first_tensor(self.block(batch.hidden, **batch.kwargs)) for batch in self.batches]
 
     @torch.no_grad()
     def feed_inputs(self, modules: dict[str, nn.Module], consume: Callable[[str, int, torch.Tensor], None]) -> None:

@@ -132,6 +132,7 @@ def tokenize_once(tokenizer: PreTrainedTokenizerBase, text: Text) -> torch.Tenso
     return _TOKEN_CACHE[key]
 
 
+@lru_cache(maxsize=8)  # tokenizers hash by identity: the vocabulary is hashed once per tokenizer
 def _tokenizer_key(tokenizer: PreTrainedTokenizerBase) -> str:
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     return f"{tokenizer.name_or_path}:{hashlib.sha256(vocab.encode()).hexdigest()[:16]}"

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ptq.calib import BlockRunner, walk_blocks
+from ptq.calib import BlockRunner, first_tensor, walk_blocks
 from ptq.config import CellConfig
 from ptq.models.adapters import ScalingGroup
-from ptq.quant import QuantSpec, fake_quantize
+from ptq.quant import QuantSpec, expand_groups, fake_quantize
 from ptq.registry import QuantContext, QuantizedModel, parse_params, register_method
 from ptq.transforms import group_notes, replace_weights
 
@@ -133,7 +133,7 @@ def awq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedMod
             xs = inputs[group.linears[0]]
             kwargs = [b.kwargs if group.inspect_takes_block_kwargs else {} for b in search.batches]
             with torch.no_grad():
-                reference = [_call(module, x, kw) for x, kw in zip(xs, kwargs)]
+                reference = [first_tensor(module(x, **kw)) for x, kw in zip(xs, kwargs)]
             x_mean = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).abs().float().mean(dim=0)
             layer_list = [linears[name] for name in group.linears]
             originals = [linear.weight.detach().clone() for linear in layer_list]
@@ -142,7 +142,7 @@ def awq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedMod
                 with torch.no_grad():
                     for linear, w in zip(layer_list, quantized):
                         linear.weight.copy_(w)
-                    total = sum(float((_call(module, x, kw) - ref).float().pow(2).sum())
+                    total = sum(float((first_tensor(module(x, **kw)) - ref).float().pow(2).sum())
                                 for x, kw, ref in zip(xs, kwargs, reference))
                     for linear, w in zip(layer_list, originals):
                         linear.weight.copy_(w)
@@ -160,8 +160,7 @@ def awq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedMod
                 x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[name]])
                 x = x[:: max(1, x.shape[0] // params.clip_tokens)]
                 max_val = search_clip(linear.weight, x, spec, params.n_grid, params.max_shrink)
-                bound = torch.repeat_interleave(max_val, torch.tensor(spec.group_sizes(linear.in_features),
-                                                                      device=max_val.device), dim=1)
+                bound = expand_groups(max_val, spec.group_sizes(linear.in_features))
                 with torch.no_grad():
                     linear.weight.copy_(torch.clamp(linear.weight, -bound, bound))
         replace_weights(linears, lambda w: fake_quantize(w, spec))
@@ -182,7 +181,3 @@ def _batches_for(runner: BlockRunner, samples: int) -> int:
         count += 1
     return count
 
-
-def _call(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = module(x, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
