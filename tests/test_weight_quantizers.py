@@ -16,16 +16,13 @@ from torch import nn
 
 from ptq.config import CellConfig
 from ptq.matrix import Catalog
-import dataclasses
-
 from ptq.methods.hqq import HqqParams, hqq_params, hqq_quantize
-
-DEFAULTS = dataclasses.asdict(HqqParams())
 from ptq.methods.pot import apot_levels, pot_levels
 from ptq.models.adapters import ADAPTERS
 from ptq.quant import QuantSpec, codebook_fake_quantize, fake_quantize
 from ptq.registry import QuantContext, discover
 
+DEFAULTS = dataclasses.asdict(HqqParams())
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 ROWS, COLS, GROUP = 64, 576, 128  # 576 = 4 x 128 + 64: every row ends with a smaller group
 
@@ -74,7 +71,7 @@ def frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_hqq_beats_minmax_rtn_it_starts_from(kind: str, bits: int) -> None:
     w = weights(kind)
     spec = QuantSpec(bits=bits, group_size=GROUP)
-    hqq, rtn = hqq_quantize(w, spec), minmax_rtn(w, bits, round_zero=False)
+    hqq, rtn = hqq_quantize(w, spec), minmax_rtn(w, bits, round_zero=HqqParams().rounds_zero(bits))
     assert mean_abs(w, hqq) < mean_abs(w, rtn)
     assert frobenius(w, hqq) < frobenius(w, rtn)
 
@@ -107,44 +104,19 @@ def test_hqq_output_is_on_its_grid(bits: int) -> None:
     assert not torch.equal(zero, zero.round())  # zero points stay floats
 
 
-def reference_loop(w: torch.Tensor, bits: int, group: int, lp_norm: float, beta: float, kappa: float,
-                   iters: int) -> torch.Tensor:
-    """The authors' proximal loop written group by group in their own form (inverse scale,
-    W_q from W * s + z, the zero update mean(W_q - (W - W_e) * s)), in float64, keeping the
-    best zero on early stop; returns the dequantized weight."""
-    w = w.double()
-    qmax = 2**bits - 1
-    parts = groups(w, group)
-    inv = [qmax / (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) for g in parts]
-    zero = [-g.amin(-1, keepdim=True) * s for g, s in zip(parts, inv)]
-    best, best_zero = math.inf, zero
-
-    def dequant(zs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [((g * s + z).round().clamp(0, qmax) - z) / s for g, s, z in zip(parts, inv, zs)]
-
-    for _ in range(iters):
-        w_r = dequant(zero)
-        error = (w - torch.cat(w_r, -1)).abs().mean().item()
-        if error >= best:
-            break
-        best, best_zero = error, zero
-        new = []
-        for g, s, z, r in zip(parts, inv, zero, w_r):
-            e = g - r
-            w_e = e.sign() * torch.relu(e.abs() - e.abs().pow(lp_norm - 1) / beta)
-            w_q = (g * s + z).round().clamp(0, qmax)
-            new.append((w_q - (g - w_e) * s).mean(-1, keepdim=True))
-        zero = new
-        beta *= kappa
-    return torch.cat(dequant(best_zero), -1)
-
-
-@pytest.mark.parametrize("bits", (2, 4))
-def test_hqq_matches_an_independent_transcription_of_the_reference(bits: int) -> None:
-    w = weights("student_t", seed=3, shape=(6, 40))  # groups of 16, 16 and 8
-    spec = QuantSpec(bits=bits, group_size=16)
-    expected = reference_loop(w, bits, 16, **DEFAULTS).float()
-    assert torch.allclose(hqq_quantize(w, spec), expected, atol=1e-5)
+@pytest.mark.parametrize("bits", (2, 3, 4))
+@pytest.mark.parametrize("kind", ("gaussian", "student_t"))
+def test_hqq_matches_the_authors_library(kind: str, bits: int) -> None:
+    """Same dequantized weight as mobiusml/hqq's Quantizer with hqq_base_quant_config's weight
+    settings (optimize, round_zero at 4 bits, groups along the input dimension). hqq 0.2.8's
+    legacy loop never applies kappa (beta stays fixed); with kappa = 1 the loops are the same."""
+    quantize = pytest.importorskip("hqq.core.quantize", reason="the `reference` extra").Quantizer
+    w = weights(kind, seed=3, shape=(48, 256))
+    codes, meta = quantize.quantize(w, nbits=bits, channel_wise=True, group_size=GROUP, optimize=True,
+                                    round_zero=bits == 4, axis=1, bitpack=False, device="cpu")
+    expected = quantize.dequantize(codes, meta).float().reshape(w.shape)
+    fixed_beta = HqqParams(kappa=1.0)
+    assert torch.allclose(hqq_quantize(w, QuantSpec(bits=bits, group_size=GROUP), fixed_beta), expected, atol=1e-5)
 
 
 def test_hqq_is_deterministic_and_keeps_shape_and_dtype() -> None:
@@ -173,7 +145,8 @@ def test_hqq_rejects_symmetric_specs() -> None:
 
 
 def test_hqq_defaults_are_the_references() -> None:
-    assert DEFAULTS == {"lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20}
+    assert DEFAULTS == {"lp_norm": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20, "round_zero": None}
+    assert [HqqParams().rounds_zero(bits) for bits in (2, 3, 4, 8)] == [False, False, True, False]
 
 
 # --------------------------------------------------------------------------- POT / APoT
@@ -331,7 +304,7 @@ def test_apot_k_param_is_used(catalog: Catalog) -> None:
 
 
 @pytest.mark.parametrize(("method", "params", "message"), [
-    ("hqq", {"lpnorm": 0.5}, r"unknown params \['lpnorm'\] \(known: beta, iters, kappa, lp_norm\)"),
+    ("hqq", {"lpnorm": 0.5}, r"unknown params \['lpnorm'\] \(known: beta, iters, kappa, lp_norm, round_zero\)"),
     ("hqq", {"iters": 2.5}, "iters must be int"),
     ("pot", {"k": 2}, r"unknown params \['k'\] \(known: none\)"),
     ("apot", {"k": 2, "n": 1}, r"unknown params \['n'\] \(known: k\)"),

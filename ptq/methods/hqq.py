@@ -6,9 +6,12 @@ while the bulk lands closer to the grid. HQQ minimizes that, per group, over the
 only (kept as a float), by half-quadratic splitting: alternate a closed-form shrinkage of
 the error and a closed-form zero update. It needs no data, only the weight itself.
 
-Follows `optimize_weights_proximal_legacy` of the authors' code (mobiusml/hqq), except that
-with early stopping the zero point kept is the best one measured (the legacy code returns the
-one after the failed step).
+Follows `Quantizer.quantize` with `optimize_weights_proximal_legacy` of the authors' code
+(mobiusml/hqq 0.2.8, `hqq_base_quant_config`: groups along the input dimension, the initial
+zero rounded at 4 bits only). The legacy loop returns the zero after the step that failed to
+improve. One departure: hqq 0.2.8's legacy loop no longer grows beta by kappa; the paper and
+the authors' earlier code do, and so does this module. `tests/test_weight_quantizers.py`
+checks it against the library (with kappa = 1, where the two agree).
 """
 
 from __future__ import annotations
@@ -33,6 +36,12 @@ class HqqParams:
     beta: float = 10.0
     kappa: float = 1.01
     iters: int = 20
+    # Round the min/max zero point before optimizing; None is hqq_base_quant_config's rule
+    # (round at 4 bits only). It decides whether 0.0 starts on the grid, which matters at 3 bits.
+    round_zero: bool | None = None
+
+    def rounds_zero(self, bits: int) -> bool:
+        return bits == 4 if self.round_zero is None else self.round_zero
 
 
 def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
@@ -42,13 +51,11 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(magnitude - magnitude.pow(p - 1) / beta)
 
 
-def hqq_params(
-    weight: torch.Tensor, spec: QuantSpec, params: HqqParams = HqqParams(), early_stop: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
+def hqq_params(weight: torch.Tensor, spec: QuantSpec, params: HqqParams = HqqParams()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale (from min/max, zero not forced into the range) and optimized float zero
-    point, [..., n_groups] as `ptq.quant.quantize_with` takes them. With `early_stop`, the loop
-    ends when the mean absolute error over the whole tensor stops decreasing and the best zero
-    measured is kept; without, the zero after the last update is returned (as the reference)."""
+    point, [..., n_groups] as `ptq.quant.quantize_with` takes them. The loop stops at the first
+    step that does not lower the mean absolute error over the whole tensor, keeping that
+    step's zero update, as the reference does."""
     if spec.symmetric:
         raise ValueError("HQQ optimizes a zero point, so it needs an asymmetric weight spec (symmetric: false)")
     work = as_rows(weight.float(), spec)
@@ -57,19 +64,21 @@ def hqq_params(
     scale = (group_reduce(work, sizes, "amax") - xmin) / spec.qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group is exact at any scale
     zero = -xmin / scale
+    if params.rounds_zero(spec.bits):
+        zero = zero.round()
     scale_full = expand_groups(scale, sizes)
-    best_zero, best_error, beta = zero, math.inf, params.beta
+    best_error, beta = math.inf, params.beta
     for _ in range(params.iters):
         error = work - fake_quantize_with(work, scale_full, expand_groups(zero, sizes), spec)
-        mean_error = error.abs().mean().item()
-        if early_stop and mean_error >= best_error:
-            break
-        best_zero, best_error = zero, mean_error
         # The reference's zero update, mean(W_q - (W - W_e) / scale), written with W_q = W_r / scale + zero.
         residual = error - shrink_lp(error, beta, params.lp_norm)
         zero = zero - group_reduce(residual, sizes, "mean") / scale
         beta *= params.kappa
-    return scale, best_zero if early_stop else zero
+        mean_error = error.abs().mean().item()
+        if mean_error >= best_error:
+            break
+        best_error = mean_error
+    return scale, zero
 
 
 def hqq_quantize(weight: torch.Tensor, spec: QuantSpec, params: HqqParams = HqqParams()) -> torch.Tensor:
