@@ -63,6 +63,9 @@ class ModelConfig:
     size: Literal["small", "medium", "large"] = "small"  # becomes a pytest marker
     needs_gpu: bool = False
     baseline_note: str | None = None  # what "full precision" means for this model
+    # Attention head size, stated so KV group sizes are checked at collection, before any
+    # load; the loaded model's config is checked against it.
+    head_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,10 +81,60 @@ class TrackConfig:
     description: str = ""
 
 
+KVAxis = Literal["token", "channel"]
+
+
 @dataclass(frozen=True)
 class KVConfig:
+    """How the cache stores keys and values. Per stream, `token` quantizes each token's head
+    vector (granularity token, or groups of `group_size` channels); `channel` quantizes each
+    channel over groups of `group_size` consecutive tokens (KIVI's keys). The `residual` most
+    recent tokens stay in full precision and are quantized, oldest first, as the window
+    overflows (in whole token groups for `channel` streams)."""
+
     key: QuantSpec
     value: QuantSpec
+    key_axis: KVAxis = "token"
+    value_axis: KVAxis = "token"
+    residual: int = 0
+
+    def __post_init__(self) -> None:
+        for name, spec, axis in (("key", self.key, self.key_axis), ("value", self.value, self.value_axis)):
+            if axis == "token" and spec.granularity not in ("token", "group"):
+                raise ValueError(f"{name}: a token-axis stream is quantized per token or in groups of channels, "
+                                 f"not per {spec.granularity}")
+            if axis == "channel" and not (spec.granularity == "group" and spec.group_size > 0):
+                raise ValueError(f"{name}: a channel-axis stream needs granularity group with a positive "
+                                 f"group_size (tokens per group), got {spec.granularity} / {spec.group_size}")
+        if self.residual < 0:
+            raise ValueError(f"residual must be >= 0 tokens, got {self.residual}")
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Groups of channels must tile the head vector exactly: a ragged last group would
+        give one layout per head size and bytes per token that no kernel stores."""
+        for name, spec, axis in (("key", self.key, self.key_axis), ("value", self.value, self.value_axis)):
+            if axis == "token" and spec.granularity == "group" and spec.group_size != -1 \
+                    and head_dim % spec.group_size:
+                raise ValueError(f"kv.{name}.group_size {spec.group_size} does not divide the head dimension "
+                                 f"{head_dim}")
+
+
+@dataclass(frozen=True)
+class KVEvalConfig:
+    """Where a KV cache acts: chunked-prefill perplexity, passkey retrieval, decoding."""
+
+    prefill_chunk: int = 128  # tokens per forward; each chunk reads earlier ones through the cache
+    passkey_lengths: tuple[int, ...] = (1024, 2048)  # prompt lengths in tokens
+    passkey_trials: int = 5  # seeded key/depth pairs per length
+    passkey_seed: int = 0
+    decode_prompt: int = 512  # tokens of WikiText-2 test before greedy decoding
+    decode_tokens: int = 64  # decoded tokens timed (and counted in bytes per token)
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk <= 0 or self.passkey_trials < 0 or self.decode_tokens <= 0 or self.decode_prompt <= 0:
+            raise ValueError("prefill_chunk, decode_prompt and decode_tokens must be > 0, passkey_trials >= 0")
+        if any(length < 128 for length in self.passkey_lengths):
+            raise ValueError(f"passkey lengths must be at least 128 tokens, got {list(self.passkey_lengths)}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +173,7 @@ class CellConfig:
     weight: QuantSpec | None = None  # weight quantization (tracks A, B)
     act: QuantSpec | None = None  # dynamic activation quantization of linear inputs (track B)
     kv: KVConfig | None = None  # KV-cache quantization (track C)
+    kv_eval: KVEvalConfig | None = None  # KV-cache probes (track C), for every method of the track
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gates: GateConfig = field(default_factory=GateConfig)
@@ -133,8 +187,10 @@ class CellConfig:
         payload.pop("gates")
         for section in ("method", "track"):  # prose does not change a metric
             payload[section].pop("description")
-        for key in ("size", "needs_gpu", "baseline_note"):
+        for key in ("size", "needs_gpu", "baseline_note", "head_dim"):
             payload["model"].pop(key)
+        if payload["kv_eval"] is None:  # sections added later: absent means what it meant before
+            payload.pop("kv_eval")
         payload["device_type"] = device_type
         blob = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,44 +1,92 @@
 """Quantized KV cache on transformers' Cache API.
 
-Keys and values are quantized as they are stored (token by token, so appending never
-re-quantizes what is already there) and dequantized when attention reads them. The same
-cache object serves a prefill (perplexity) and generation.
+Each attention layer keeps two streams, keys and values, each stored as quantized chunks
+followed by a full-precision tail of recent tokens. Chunks are quantized once, when tokens
+leave the tail, and never re-quantized; attention reads the dequantized chunks and the tail.
+The same cache object serves chunked prefill (perplexity) and generation.
+
+Storage is what a kernel would keep: codes packed at their bit width when it divides 8
+(2, 4, 8 bits; other widths take a byte per code), scales and zero points in float16, the
+tail in the model's dtype. `nbytes` sums those stored tensors.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ptq.config import KVConfig
-from ptq.quant import QuantizedTensor, QuantSpec, quantize
+from ptq.config import CellConfig, KVAxis, KVConfig
+from ptq.quant import QuantSpec, QuantizedTensor, pack_codes, quantize, unpack_codes
+
+META_DTYPE = torch.float16  # scales and zero points as stored
 
 
-class _QuantizedStream:
-    """Quantized chunks of one stream (keys or values) of one layer, [batch, heads, tokens, head_dim]."""
+@dataclass(frozen=True)
+class StoredChunk:
+    """Quantized tokens of one stream: [batch, heads, tokens, head_dim] once dequantized."""
 
-    def __init__(self, spec: QuantSpec) -> None:
-        if spec.granularity not in ("token", "group"):
-            raise ValueError(f"KV quantization here is per token (token or group granularity), got {spec.granularity}")
-        self.spec = spec
-        self.chunks: list[QuantizedTensor] = []
+    packed: torch.Tensor  # codes - qmin, packed along the last dim of the row layout
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: QuantSpec
+    axis: KVAxis
+    row_shape: torch.Size  # token axis: as stored; channel axis: tokens and channels swapped
+    dtype: torch.dtype
 
-    def append(self, states: torch.Tensor) -> torch.Tensor:
-        self.chunks.append(quantize(states, self.spec))
-        return torch.cat([chunk.dequantize() for chunk in self.chunks], dim=-2)
+    @classmethod
+    def quantize(cls, states: torch.Tensor, spec: QuantSpec, axis: KVAxis) -> StoredChunk:
+        rows = states if axis == "token" else states.transpose(-1, -2)
+        q = quantize(rows, spec)
+        codes = (q.codes.to(torch.int16) - spec.qmin).to(torch.uint8)
+        zero = None if q.zero is None else q.zero.to(META_DTYPE)
+        return cls(pack_codes(codes, spec.bits), q.scale.to(META_DTYPE), zero, spec, axis, rows.shape, states.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        codes = unpack_codes(self.packed, self.spec.bits, self.row_shape[-1]).to(torch.int16) + self.spec.qmin
+        zero = None if self.zero is None else self.zero.float()
+        rows = QuantizedTensor(codes, self.scale.float(), zero, self.spec, self.dtype).dequantize()
+        return rows if self.axis == "token" else rows.transpose(-1, -2)
 
     def nbytes(self) -> int:
-        return sum(chunk.nbytes() for chunk in self.chunks)
+        tensors = [self.packed, self.scale] + ([] if self.zero is None else [self.zero])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class KVStream:
+    """Keys or values of one layer: quantized chunks, then the full-precision tail."""
+
+    def __init__(self, spec: QuantSpec, axis: KVAxis, residual: int) -> None:
+        self.spec, self.axis, self.residual = spec, axis, residual
+        self.chunks: list[StoredChunk] = []
+        self.tail: torch.Tensor | None = None
+
+    def append(self, states: torch.Tensor) -> torch.Tensor:
+        """Store new tokens; return every token so far as attention reads it."""
+        self.tail = states if self.tail is None else torch.cat([self.tail, states], dim=-2)
+        overflow = self.tail.shape[-2] - self.residual
+        if self.axis == "channel":  # a channel group spans group_size tokens: only whole groups leave
+            overflow -= overflow % self.spec.group_size
+        if overflow > 0:
+            self.chunks.append(StoredChunk.quantize(self.tail[..., :overflow, :], self.spec, self.axis))
+            self.tail = self.tail[..., overflow:, :]
+        return torch.cat([chunk.dequantize() for chunk in self.chunks] + [self.tail], dim=-2)
+
+    def nbytes(self) -> int:
+        tail = 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
+        return sum(chunk.nbytes() for chunk in self.chunks) + tail
 
 
 class QuantizedKVLayer(DynamicLayer):
-    """One attention layer's cache, holding only quantized keys and values."""
+    """One attention layer's cache; `keys`/`values` of the parent stay empty."""
 
     def __init__(self, config: KVConfig) -> None:
         super().__init__()
-        self.config = config
-        self._keys = _QuantizedStream(config.key)
-        self._values = _QuantizedStream(config.value)
+        self._keys = KVStream(config.key, config.key_axis, config.residual)
+        self._values = KVStream(config.value, config.value_axis, config.residual)
         self._length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -61,5 +109,49 @@ class QuantizedKVCache(Cache):
         super().__init__(layers=[QuantizedKVLayer(config) for _ in range(num_layers)])
 
     def nbytes(self) -> int:
-        """Bytes held by the cache: codes at their bit width, plus scales and zero points."""
         return sum(layer.nbytes() for layer in self.layers)
+
+
+def stored_bytes(obj: object) -> int:
+    """Bytes of every distinct tensor reachable from `obj` (attributes, dicts, lists, tuples):
+    the storage of any cache, including third-party ones whose layout we do not know."""
+    seen: set[int] = set()
+    total = 0
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            if type(item) in (torch.Tensor, torch.nn.Parameter):
+                total += item.numel() * item.element_size()
+            else:  # a wrapper subclass (quanto's packed tensors) owns no storage: its parts do
+                stack.extend(vars(item).values())
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "__dict__") and not isinstance(item, (type, torch.dtype, torch.device)):
+            stack.extend(vars(item).values())
+    return total
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes a cache holds: `nbytes()` where it states them, else every tensor it stores."""
+    return cache.nbytes() if hasattr(cache, "nbytes") else stored_bytes(cache.layers)
+
+
+def head_dim_of(model_config) -> int:
+    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+
+
+def quantized_cache_factory(model: torch.nn.Module, config: CellConfig) -> Callable[[], QuantizedKVCache]:
+    """Fresh `QuantizedKVCache`s for `model` under the cell's `kv` settings, checked against the
+    loaded model (the YAML's head_dim, if stated, was checked at collection)."""
+    head_dim = head_dim_of(model.config)
+    if config.model.head_dim is not None and config.model.head_dim != head_dim:
+        raise ValueError(f"model {config.model.name}: its YAML states head_dim {config.model.head_dim}, "
+                         f"the loaded model has {head_dim}")
+    config.kv.check_head_dim(head_dim)
+    return partial(QuantizedKVCache, config.kv, model.config.num_hidden_layers)

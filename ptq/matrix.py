@@ -33,10 +33,13 @@ class Cell:
     config: CellConfig
     experiment: str | None = None
     calibrated: bool = False  # the method reads calibration data: its dataset is part of the id
+    variant: str | None = None  # one of the method YAML's `variants` (e.g. int4), part of the id
 
     @property
     def id(self) -> str:
         parts = [self.model, self.method]
+        if self.variant:
+            parts.append(self.variant)
         if self.calibrated:
             parts.append(self.config.calib.dataset)
         parts.append(self.track)
@@ -48,6 +51,8 @@ class Cell:
     def keywords(self) -> frozenset[str]:
         """Names that `-k` matches exactly (case-insensitively), see conftest."""
         names = {self.model, self.method, self.track, self.id, self.config.model.size}
+        if self.variant:
+            names |= {self.variant, f"{self.method}-{self.variant}"}
         if self.calibrated:
             names.add(self.config.calib.dataset)
         if self.experiment:
@@ -124,7 +129,10 @@ class Catalog:
                 f"{layer.source}: no method {stem!r} is registered in ptq/methods "
                 f"(registered: {', '.join(sorted(self.registry))})"
             )
-        check_partial(layer.without("tracks", "device_profiles").data, CellConfig, layer)
+        check_partial(layer.without("tracks", "device_profiles", "variants").data, CellConfig, layer)
+        for variant in layer.data.get("variants") or {}:
+            sub = layer.sub("variants").sub(variant)
+            check_partial(sub.data, CellConfig, sub)
         for device in layer.data.get("device_profiles") or {}:
             profile = layer.sub("device_profiles").sub(device)
             check_partial(profile.data, CellConfig, profile)
@@ -157,25 +165,35 @@ class Catalog:
             check_partial(per_method[method].data, CellConfig, per_method[method])
         return header, settings, per_method
 
-    def cell_config(self, model: str, method: str, track: str, top: tuple[Layer, ...], device_type: str) -> CellConfig:
-        """Resolve one cell; `top` are the layers above the track (experiment, then CLI overrides)."""
+    def variants(self, method: str) -> list[str | None]:
+        """The method's variants (cells that differ only in its own settings), or [None]."""
+        return list(self.methods[method].data.get("variants") or {}) or [None]
+
+    def cell_config(self, model: str, method: str, track: str, top: tuple[Layer, ...], device_type: str,
+                    variant: str | None = None) -> CellConfig:
+        """Resolve one cell; `top` are the layers above the track (experiment, then CLI overrides).
+        A variant sits just above the track: it is what makes the cell differ from its siblings."""
         method_layer = self.methods[method]
         layers = [self.defaults]
         if device_type in self.device_profiles:
             layers.append(self.device_profiles[device_type])
         layers += [
             self.models[model],
-            method_layer.without("tracks", "device_profiles"),
+            method_layer.without("tracks", "device_profiles", "variants"),
             method_layer.sub("device_profiles").sub(device_type),
             method_layer.sub("tracks").sub(track),
             self.tracks[track],
         ]
+        if variant is not None:
+            layers.append(method_layer.sub("variants").sub(variant))
         layers += list(top)
         config = resolve(layers)
         # Specs the method does not read are dropped, so its record never claims them.
         uses = self.registry[method].uses
         unused = {spec: None for spec in ("weight", "act", "kv") if spec not in uses}
-        return dataclasses.replace(config, **unused)
+        config = dataclasses.replace(config, **unused)
+        _check_kv_fits(config, f"{model} x {method}{'-' + variant if variant else ''} x track {track}")
+        return config
 
     def cells(self, selection: Selection, device_type: str) -> list[Cell]:
         """The cells of a selection, experiment by experiment, in a stable order (model, track, method)."""
@@ -230,11 +248,31 @@ class Catalog:
                         continue
                     experiment_layers = ((settings,) if settings else ()) + (
                         (per_method[method],) if method in per_method else ())
-                    for calib in calib_layers if info.calibrated else [()]:
-                        layers = experiment_layers + calib + selection.overrides
-                        config = self.cell_config(model, method, track, layers, device_type)
-                        cells.append(Cell(model, method, track, config, experiment_name, info.calibrated))
+                    for variant in self.variants(method):
+                        for calib in calib_layers if info.calibrated else [()]:
+                            layers = experiment_layers + calib + selection.overrides
+                            config = self.cell_config(model, method, track, layers, device_type, variant)
+                            cells.append(Cell(model, method, track, config, experiment_name, info.calibrated,
+                                              variant))
         return cells
+
+
+def _check_kv_fits(config: CellConfig, cell: str) -> None:
+    """KV settings that cannot work with the model or the evaluation context, found before any load."""
+    if config.kv is None:
+        return
+    if config.model.head_dim is not None:
+        try:
+            config.kv.check_head_dim(config.model.head_dim)
+        except ValueError as exc:
+            raise ConfigError(f"{cell}: {exc} (model {config.model.name})") from None
+    contexts = {"the evaluation window (eval.seqlen)": config.eval.seqlen}
+    if config.kv_eval is not None:
+        contexts["the shortest passkey prompt"] = min(config.kv_eval.passkey_lengths, default=config.eval.seqlen)
+    for what, length in contexts.items():
+        if config.kv.residual >= length:
+            raise ConfigError(f"{cell}: kv.residual {config.kv.residual} is not smaller than {what}, "
+                              f"{length} tokens: nothing would ever be quantized")
 
 
 def shard(cells: list[Cell], spec: str) -> list[Cell]:

@@ -10,9 +10,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ptq.config import CellConfig, EvalConfig
+from ptq.config import CellConfig, EvalConfig, KVEvalConfig
 from ptq.data import load_text, tokenize_once
+from ptq.eval.decode import decode_speed, float_cache
 from ptq.eval.memory import PeakMemory
+from ptq.eval.passkey import passkey_accuracy, trials
 from ptq.eval.perplexity import PerplexityResult, perplexity
 from ptq.models.adapters import ArchAdapter
 from ptq.models.loading import ResolvedSource
@@ -42,6 +44,7 @@ class Evaluation:
     results: dict[str, PerplexityResult]
     data: dict[str, Any]  # per dataset: origin, sha256, token count
     fallbacks: list[str] = field(default_factory=list)
+    kv_probes: dict[str, Any] = field(default_factory=dict)  # passkey, decode speed, cache bytes
 
     def metrics(self) -> dict[str, Any]:
         seconds = sum(r.seconds for r in self.results.values())
@@ -49,16 +52,36 @@ class Evaluation:
         return {
             "ppl": {name: r.ppl for name, r in self.results.items()},
             "eval": {name: {"windows": r.windows, "seqlen": r.seqlen, "tokens_scored": r.tokens_scored,
-                            "seconds": r.seconds} for name, r in self.results.items()},
+                            "seconds": r.seconds, "prefill_chunk": r.prefill_chunk} for name, r in self.results.items()},
             "eval_tokens_per_s": tokens / seconds if seconds > 0 else None,
+            **self.kv_probes,
         }
 
 
-def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig) -> Evaluation:
-    """Perplexity on every configured dataset. On CUDA OOM the batch is halved and that is recorded."""
+def kv_probes(quantized: QuantizedModel, loaded: LoadedModel, config: KVEvalConfig) -> dict[str, Any]:
+    """Where a KV cache acts beyond perplexity: passkey retrieval and greedy decoding, both
+    through the cell's cache (a float one for methods that leave the cache alone)."""
+    make_cache = quantized.make_cache or float_cache
+    cases = trials(config.passkey_lengths, config.passkey_trials, config.passkey_seed)
+    passkey = passkey_accuracy(quantized.model, loaded.tokenizer, make_cache, config.prefill_chunk, cases)
+    prompt = tokenize_once(loaded.tokenizer, load_text("wikitext2", EVAL_SPLIT))[:, : config.decode_prompt]
+    decode = decode_speed(quantized.model, prompt.to(loaded.device), make_cache, config.prefill_chunk,
+                          config.decode_tokens)
+    return {
+        "passkey": passkey,
+        "decode_tokens_per_s": decode.pop("decode_tokens_per_s"),
+        "kv": decode,
+    }
+
+
+def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig,
+             kv_eval: KVEvalConfig | None = None) -> Evaluation:
+    """Perplexity on every configured dataset (chunked prefill when `kv_eval` is set), then the
+    KV probes. On CUDA OOM the batch is halved and that is recorded."""
     results: dict[str, PerplexityResult] = {}
     data: dict[str, Any] = {}
     fallbacks: list[str] = []
+    chunk = kv_eval.prefill_chunk if kv_eval else None
     for dataset in config.datasets:
         text = load_text(dataset, EVAL_SPLIT)
         ids = tokenize_once(loaded.tokenizer, text)
@@ -67,7 +90,7 @@ def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig)
         while True:
             try:
                 results[dataset] = perplexity(quantized.model, ids, config.seqlen, config.max_windows, batch_size,
-                                              quantized.make_cache)
+                                              quantized.make_cache, chunk)
                 break
             except torch.OutOfMemoryError:
                 if batch_size == 1:
@@ -75,7 +98,8 @@ def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig)
                 torch.cuda.empty_cache()
                 fallbacks.append(f"{dataset}: out of memory at eval batch {batch_size}, retried at {batch_size // 2}")
                 batch_size //= 2
-    return Evaluation(results, data, fallbacks)
+    probes = kv_probes(quantized, loaded, kv_eval) if kv_eval else {}
+    return Evaluation(results, data, fallbacks, probes)
 
 
 @dataclass
@@ -97,7 +121,7 @@ def run_method(method: MethodInfo, loaded: LoadedModel, config: CellConfig) -> C
         if loaded.device.type == "cuda":
             torch.cuda.synchronize(loaded.device)
         quant_seconds = time.perf_counter() - start
-        evaluation = evaluate(quantized, loaded, config.eval)
+        evaluation = evaluate(quantized, loaded, config.eval, config.kv_eval)
     added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "peak_memory_bytes": memory.peak_bytes,
                "peak_memory_kind": memory.kind, "peak_memory_added_bytes": added,

@@ -191,3 +191,27 @@ def codebook_fake_quantize(x: torch.Tensor, levels: torch.Tensor, spec: QuantSpe
     midpoints = (levels[1:] + levels[:-1]) / 2
     nearest = levels[torch.bucketize(work / alpha, midpoints)]
     return (nearest * alpha).reshape(x.shape).to(x.dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes (uint8, each < 2**bits) packed along the last dim, 8 // bits per byte,
+    when `bits` divides 8; otherwise returned as they are (a byte per code). A ragged end is
+    padded with zeros; `unpack_codes` needs the original length."""
+    if 8 % bits:
+        return codes
+    per_byte = 8 // bits
+    pad = -codes.shape[-1] % per_byte
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    lanes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
+    return (lanes << shifts).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
+    """Inverse of `pack_codes`: uint8 codes, last dim `length`."""
+    if 8 % bits:
+        return packed
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+    lanes = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    return lanes.reshape(*packed.shape[:-1], -1)[..., :length]

@@ -40,6 +40,7 @@ def make_record(cell_id: str = "tiny-rtn-A", status: str = "passed", ppl: float 
         "cell_id": cell_id,
         "model": model,
         "method": method,
+        "variant": None,
         "track": track,
         "experiment": "default",
         "status": status,

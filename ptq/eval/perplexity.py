@@ -4,6 +4,11 @@ The split's rows are joined with "\n\n" and tokenized once (see ptq.data); the t
 stream is cut into non-overlapping windows of `seqlen` tokens (a last partial window is
 dropped) and every window is scored independently; PPL = exp(mean NLL over all predicted
 tokens). `max_windows` keeps the first windows only, for CPU budgets.
+
+With `prefill_chunk`, each window is fed in chunks of that many tokens through a fresh cache
+(the cell's, or a float one), so every chunk attends to the earlier ones only through what the
+cache stored: the protocol for KV-cache quantization. With a float cache it scores exactly
+what the one-shot forward scores.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from ptq.errors import NonFiniteMetric
+from ptq.eval.decode import float_cache, prefill
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class PerplexityResult:
     seqlen: int
     tokens_scored: int
     seconds: float
+    prefill_chunk: int | None = None  # None: each window in one forward
 
 
 def windows_of(input_ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
@@ -47,8 +54,10 @@ def perplexity(
     max_windows: int | None,
     batch_size: int,
     make_cache: Callable[[], Cache] | None = None,
+    prefill_chunk: int | None = None,
 ) -> PerplexityResult:
-    """Score windows in batches; with `make_cache`, attention reads keys/values through that cache."""
+    """Score windows in batches; with `make_cache`, attention reads keys/values through that
+    cache; with `prefill_chunk`, windows are fed chunk by chunk (see the module docstring)."""
     device = next(model.parameters()).device
     windows = windows_of(input_ids, seqlen, max_windows)
     total_nll = 0.0
@@ -56,8 +65,12 @@ def perplexity(
     start = time.perf_counter()
     for batch in windows.split(batch_size):
         batch = batch.to(device)
-        extra = {"past_key_values": make_cache(), "use_cache": True} if make_cache else {"use_cache": False}
-        logits = model(batch, **extra).logits
+        if prefill_chunk is not None:
+            logits = prefill(model, batch, (make_cache or float_cache)(), prefill_chunk, all_logits=True)
+        elif make_cache is not None:
+            logits = model(batch, past_key_values=make_cache(), use_cache=True).logits
+        else:
+            logits = model(batch, use_cache=False).logits
         nll = F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
         )
@@ -72,4 +85,4 @@ def perplexity(
             f"perplexity is {ppl} (mean NLL {mean_nll}): the quantized model produced NaN/inf "
             "logits or overflowed; check the method's scales and the model dtype"
         )
-    return PerplexityResult(ppl, len(windows), seqlen, scored, seconds)
+    return PerplexityResult(ppl, len(windows), seqlen, scored, seconds, prefill_chunk)

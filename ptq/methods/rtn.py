@@ -1,7 +1,7 @@
 """Round-to-nearest: every spec of the cell applied with the shared quantizer, no calibration.
 
 Track A quantizes weights; track B also quantizes every block linear's input per token,
-dynamically; track C quantizes keys and values as the cache stores them.
+dynamically. (Round-to-nearest of the KV cache is `kv-rtn`, track C.)
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from functools import partial
 from torch import nn
 
 from ptq.config import CellConfig
-from ptq.kv import QuantizedKVCache
 from ptq.quant import fake_quantize
 from ptq.registry import QuantContext, QuantizedModel, register_method
 from ptq.transforms import group_notes, quantize_inputs, replace_weights
 
 
-@register_method("rtn", tracks=("A", "B", "C"), uses=("weight", "act", "kv"))
+@register_method("rtn", tracks=("A", "B"), uses=("weight", "act"))
 def rtn(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
     result = QuantizedModel(model)
     linears = ctx.adapter.quantizable_linears(model)
@@ -26,7 +25,4 @@ def rtn(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedMod
         result.notes += group_notes(linears, config.weight)
     if config.act is not None:
         quantize_inputs(model, list(linears), config.act)
-    if config.kv is not None:
-        layers = len(ctx.adapter.decoder_blocks(model))
-        result.make_cache = partial(QuantizedKVCache, config.kv, layers)
     return result

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: cells carry their method variant
 PACKAGES = ("ptq-bench", "torch", "transformers", "accelerate", "datasets", "lm_eval", "gguf", "numpy")
 STATUSES = ("passed", "failed", "skipped")
 REPORT_PROPERTY = "ptq_record"  # name under which a record travels in a test report's user_properties
@@ -31,6 +31,7 @@ RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "cell_id": str,
     "model": str,
     "method": str,
+    "variant": (str, type(None)),
     "track": str,
     "experiment": (str, type(None)),
     "status": str,
