@@ -191,6 +191,10 @@ class Catalog:
         # Specs the method does not read are dropped, so its record never claims them.
         uses = self.registry[method].uses
         unused = {spec: None for spec in ("weight", "act", "kv") if spec not in uses}
+        # KV probes belong to the tracks that ask for them: an experiment may tune them for
+        # every cell it covers, but only those cells' tracks run them.
+        if "kv_eval" not in self.tracks[track].data:
+            unused["kv_eval"] = None
         config = dataclasses.replace(config, **unused)
         _check_kv_fits(config, f"{model} x {method}{'-' + variant if variant else ''} x track {track}")
         return config
@@ -221,12 +225,14 @@ class Catalog:
             return tuple(dict.fromkeys(chosen)), True
 
         models, _ = pick(selection.models, header and header.models, self.models, "models")
-        methods, methods_explicit = pick(selection.methods, header and header.methods, self.methods, "methods")
+        methods, _ = pick(selection.methods, header and header.methods, self.methods, "methods")
         tracks, tracks_explicit = pick(selection.tracks, header and header.tracks, TRACKS, "tracks")
         for track in tracks:
             if track not in self.tracks:
                 raise ConfigError(f"track {track} has no YAML in {self.bench_dir / 'tracks'}")
-        if methods_explicit and tracks_explicit:
+        # Asking for a method on tracks it does not have is an error; an experiment's method list
+        # narrowed by --tracks simply loses the methods of other tracks.
+        if selection.methods is not None and tracks_explicit:
             for method in methods:
                 if not self.registry[method].tracks & set(tracks):
                     raise ConfigError(

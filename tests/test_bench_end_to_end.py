@@ -35,8 +35,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>"]))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64,
-                                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, max_position_embeddings=256))
+                                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=1, max_position_embeddings=256))  # head_dim 32
     model_dir = base / "tiny-llama"
     model.save_pretrained(model_dir)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>").save_pretrained(model_dir)
@@ -48,8 +48,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (bench / "models" / f"{name}.yaml").write_text(
             f"model:\n  name: {name}\n  family: llama\n  source: {{kind: local, path: '{path}'}}\n")
     (bench / "experiments" / "tiny.yaml").write_text(
-        "experiment:\n  name: tiny\n  models: [tiny-llama, tiny-missing]\n  methods: [fp16, rtn]\n"
+        "experiment:\n  name: tiny\n  models: [tiny-llama, tiny-missing]\n  methods: [fp16, rtn, kv-rtn]\n"
         "eval: {seqlen: 64, max_windows: 4, batch_size: 2}\n"
+        "kv_eval: {prefill_chunk: 16, passkey_lengths: [160], passkey_trials: 2, decode_prompt: 48, decode_tokens: 4}\n"
         # a random model's budgets are meaningless: only the baseline gate is exercised here
         "gates: {max_ppl_ratio: null}\n")
     return base
@@ -72,8 +73,9 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
     first = run_bench(workspace, "-n", "2", "--update-baselines", "--run-id", "first")
     assert first.returncode == 1, first.stdout[-3000:]  # the missing model's cells fail
     rows = leaderboard(workspace)
-    tiny = {f"tiny-llama-{m}-{t}-tiny" for m in ("fp16", "rtn") for t in "ABC"}
-    missing = {f"tiny-missing-{m}-{t}-tiny" for m in ("fp16", "rtn") for t in "ABC"}
+    methods = {"fp16": "ABC", "rtn": "AB", "kv-rtn-int8": "C", "kv-rtn-int4": "C", "kv-rtn-int2": "C"}
+    tiny = {f"tiny-llama-{m}-{t}-tiny" for m, tracks in methods.items() for t in tracks}
+    missing = {f"tiny-missing-{m}-{t}-tiny" for m, tracks in methods.items() for t in tracks}
     assert set(rows) == tiny | missing
     assert all(rows[c]["status"] == "passed" for c in tiny)
     assert all(rows[c]["status"] == "failed" and "does not exist" in rows[c]["reason"] for c in missing)
@@ -84,8 +86,14 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
     workers = {json.loads((workspace / "reports" / "runs" / "first" / f"{c}.json").read_text())
                ["environment"]["xdist_worker"] for c in tiny}
     assert workers <= {"gw0", "gw1"} and len(workers) == 1  # grouped by model: one worker
-    # the FP cells of all tracks share one baseline measurement
-    assert len({rows[f"tiny-llama-fp16-{t}-tiny"]["ppl_wikitext2"] for t in "ABC"}) == 1
+    # the FP cells of tracks A and B share one baseline measurement; track C's scores the same
+    # windows by chunked prefill through a float cache, which changes nothing but rounding
+    fp = {t: rows[f"tiny-llama-fp16-{t}-tiny"]["ppl_wikitext2"] for t in "ABC"}
+    assert fp["A"] == fp["B"] and fp["C"] == pytest.approx(fp["A"], rel=1e-5)
+    kv = json.loads((workspace / "reports" / "runs" / "first" / "tiny-llama-kv-rtn-int4-C-tiny.json").read_text())
+    assert kv["metrics"]["eval"]["wikitext2"]["prefill_chunk"] == 16
+    assert kv["metrics"]["passkey"]["trials"] == 2 and kv["metrics"]["decode_tokens_per_s"] > 0
+    assert kv["metrics"]["kv"]["bits_per_element"] == pytest.approx(4 + 32 / 32)  # fp16 scale + zero per 32
     stored = json.loads((workspace / "bench" / "baselines.json").read_text())
     assert set(stored) == tiny
 

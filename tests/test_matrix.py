@@ -28,7 +28,11 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 DEFAULT = BENCH / "experiments" / "default.yaml"
-DEFAULT_IDS = {f"smollm2-135m-{m}-{t}" for m in ("fp16", "rtn") for t in "ABC"}
+KV_CELLS = ["kv-rtn-int8", "kv-rtn-int4", "kv-rtn-int2", "kivi-int4", "kivi-int2", "kv-hf-quanto-int4",
+            "kv-hf-quanto-int2", "kv-hf-hqq-int4"]
+DEFAULT_ORDER = ([f"smollm2-135m-{m}-{t}" for t in "AB" for m in ("fp16", "rtn")]
+                 + [f"smollm2-135m-{m}-C" for m in ["fp16", *KV_CELLS]])
+DEFAULT_IDS = set(DEFAULT_ORDER)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +53,12 @@ def test_discover_finds_the_methods_with_their_tracks() -> None:
     registry = discover()
     assert {"fp16", "rtn"} <= set(registry)
     fp16, rtn = registry["fp16"], registry["rtn"]
-    assert fp16.tracks == rtn.tracks == frozenset(TRACKS)
+    assert fp16.tracks == frozenset(TRACKS) and rtn.tracks == frozenset({"A", "B"})
     assert fp16.baseline and not rtn.baseline
     assert fp16.uses == frozenset()
-    assert rtn.uses == frozenset({"weight", "act", "kv"})
+    assert rtn.uses == frozenset({"weight", "act"})
+    for name in ("kv-rtn", "kivi", "kv-hf"):
+        assert (registry[name].tracks, registry[name].uses) == (frozenset({"C"}), frozenset({"kv"}))
     assert all(info.name == name for name, info in registry.items())
     assert discover() == registry  # idempotent: modules are imported once
 
@@ -71,39 +77,40 @@ def test_registering_a_name_twice_is_refused(monkeypatch: pytest.MonkeyPatch) ->
 # -------------------------------------------------------------------------------- cells
 
 
-def test_default_experiment_gives_the_six_default_cells(default_cells: dict[str, Cell]) -> None:
+def test_default_experiment_gives_the_default_cells(default_cells: dict[str, Cell]) -> None:
     assert set(default_cells) == DEFAULT_IDS
-    assert len(default_cells) == 6
+    assert len(default_cells) == 13
 
 
-def test_cell_ids_are_model_method_track(default_cells: dict[str, Cell]) -> None:
+def test_cell_ids_are_model_method_variant_track(default_cells: dict[str, Cell]) -> None:
     for cell_id, cell in default_cells.items():
-        assert cell_id == f"{cell.model}-{cell.method}-{cell.track}"
+        variant = f"-{cell.variant}" if cell.variant else ""
+        assert cell_id == f"{cell.model}-{cell.method}{variant}-{cell.track}"
         assert (cell.config.model.name, cell.config.method.name, cell.config.track.name) == (
             cell.model, cell.method, cell.track)
-        assert cell.keywords == {cell.model, cell.method, cell.track, cell_id, "small", "default"}
+        extra = {cell.variant, f"{cell.method}-{cell.variant}"} if cell.variant else set()
+        assert cell.keywords == {cell.model, cell.method, cell.track, cell_id, "small", "default"} | extra
 
 
 def test_cells_are_ordered_by_model_track_method(catalog: Catalog) -> None:
     cells = catalog.cells(Selection(experiments=(DEFAULT,)), "cpu")
-    assert [cell.id for cell in cells] == [
-        f"smollm2-135m-{m}-{t}" for t in "ABC" for m in ("fp16", "rtn")]
+    assert [cell.id for cell in cells] == DEFAULT_ORDER
     everything = catalog.cells(Selection(), "cpu")
-    pairs = sum(len(info.tracks) for info in catalog.registry.values())
+    pairs = sum(len(info.tracks) * len(catalog.variants(name)) for name, info in catalog.registry.items())
     assert len(everything) == len(catalog.models) * pairs
     keys = [(c.model, c.track, c.method) for c in everything]
     assert keys == sorted(keys)
 
 
 def test_command_line_choices_replace_the_experiments(catalog: Catalog) -> None:
-    cells = catalog.cells(Selection(models=("opt-125m",), methods=("rtn", "rtn"), tracks=("C", "A"),
+    cells = catalog.cells(Selection(models=("opt-125m",), methods=("rtn", "rtn"), tracks=("B", "A"),
                                     experiments=(DEFAULT,)), "cpu")
-    assert [cell.id for cell in cells] == ["opt-125m-rtn-C", "opt-125m-rtn-A"]  # in the order asked, deduplicated
+    assert [cell.id for cell in cells] == ["opt-125m-rtn-B", "opt-125m-rtn-A"]  # in the order asked, deduplicated
 
 
 @pytest.mark.parametrize(("field", "name", "known"), [
     ("models", "gpt-5", "smollm2-135m"),
-    ("methods", "omniquant", "apot, awq, fp16, gptq, hqq, pot, rtn"),
+    ("methods", "omniquant", "apot, awq, fp16, gptq, hqq, kivi, kv-hf, kv-rtn, pot, rtn"),
     ("tracks", "D", "A, B, C"),
 ])
 def test_unknown_names_raise_config_error_listing_known_names(catalog: Catalog, field: str, name: str,
@@ -143,23 +150,46 @@ def test_rtn_track_b_is_w8a8_per_channel_per_token(default_cells: dict[str, Cell
     assert config.kv is None
 
 
-def test_rtn_track_c_is_int8_kv(default_cells: dict[str, Cell]) -> None:
-    config = default_cells["smollm2-135m-rtn-C"].config
-    assert config.weight is None and config.act is None
-    for spec in (config.kv.key, config.kv.value):
+def test_kv_variants_set_their_own_layout(default_cells: dict[str, Cell]) -> None:
+    int8 = default_cells["smollm2-135m-kv-rtn-int8-C"].config
+    assert int8.weight is None and int8.act is None
+    for spec in (int8.kv.key, int8.kv.value):
         assert (spec.bits, spec.symmetric, spec.granularity) == (8, False, "token")
+    assert (int8.kv.key_axis, int8.kv.value_axis, int8.kv.residual) == ("token", "token", 0)
+    kivi = default_cells["smollm2-135m-kivi-int2-C"].config.kv
+    assert (kivi.key_axis, kivi.value_axis, kivi.residual) == ("channel", "token", 128)
+    assert kivi.key == kivi.value == QuantSpec(bits=2, symmetric=False, granularity="group", group_size=32)
+    hqq = default_cells["smollm2-135m-kv-hf-hqq-int4-C"].config
+    assert hqq.method.params == {"backend": "hqq", "axis_key": 1, "axis_value": 1}
+    # every track C cell, the float one included, runs the same probes
+    probes = {cell.config.kv_eval for cell in default_cells.values() if cell.track == "C"}
+    assert len(probes) == 1 and None not in probes
+    assert all(cell.config.kv_eval is None for cell in default_cells.values() if cell.track != "C")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("kv.value.group_size=48", "kv.value.group_size 48 does not divide the head dimension 64"),
+    ("kv.residual=512", "kv.residual 512 is not smaller than the evaluation window (eval.seqlen), 512 tokens"),
+    ("kv.key.bits=9", "bits must be"),
+])
+def test_kv_settings_that_cannot_work_fail_at_collection(catalog: Catalog, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        catalog.cells(Selection(models=("smollm2-135m",), methods=("kivi",), tracks=("C",),
+                                overrides=(parse_override(override),)), "cpu")
 
 
 def test_fp16_cells_of_one_model_differ_only_by_track(default_cells: dict[str, Cell]) -> None:
     configs = [default_cells[f"smollm2-135m-fp16-{t}"].config.to_dict() for t in "ABC"]
     for config in configs:
         config.pop("track")
+    assert configs[2].pop("kv_eval") is not None  # track C probes its cache, a float one here
+    assert configs[0].pop("kv_eval") is configs[1].pop("kv_eval") is None
     assert configs[0] == configs[1] == configs[2]
 
 
 def test_overrides_reach_every_cell(catalog: Catalog) -> None:
     cells = catalog.cells(Selection(experiments=(DEFAULT,), overrides=(parse_override("eval.max_windows=2"),)), "cpu")
-    assert len(cells) == 6 and all(cell.config.eval.max_windows == 2 for cell in cells)
+    assert len(cells) == 13 and all(cell.config.eval.max_windows == 2 for cell in cells)
 
 
 @pytest.fixture
@@ -174,11 +204,11 @@ def track_a_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 def test_method_without_any_requested_track_is_an_error(track_a_only: Path) -> None:
     catalog = Catalog(track_a_only)
-    with pytest.raises(ConfigError, match=r"method wonly supports tracks \['A'\], none of the requested \['B', 'C'\]"):
-        catalog.cells(Selection(methods=("wonly", "rtn"), tracks=("B", "C"), experiments=(DEFAULT,)), "cpu")
+    with pytest.raises(ConfigError, match=r"method wonly supports tracks \['A'\], none of the requested \['B'\]"):
+        catalog.cells(Selection(methods=("wonly", "rtn"), tracks=("B",), experiments=(DEFAULT,)), "cpu")
     # without explicit tracks, the method simply has fewer cells
     ids = [cell.id for cell in catalog.cells(Selection(methods=("wonly", "rtn"), experiments=(DEFAULT,)), "cpu")]
-    assert ids == ["smollm2-135m-wonly-A", "smollm2-135m-rtn-A", "smollm2-135m-rtn-B", "smollm2-135m-rtn-C"]
+    assert ids == ["smollm2-135m-wonly-A", "smollm2-135m-rtn-A", "smollm2-135m-rtn-B"]
     cell = catalog.cells(Selection(methods=("wonly",), tracks=("A",), experiments=(DEFAULT,)), "cpu")[0]
     assert cell.config.weight is not None and cell.config.act is None and cell.config.kv is None
 
@@ -221,10 +251,12 @@ def collected_ids(result: pytest.RunResult) -> list[str]:
     (("-k", "rtn and A"), ["smollm2-135m-rtn-A"]),
     (("-k", "A"), ["smollm2-135m-fp16-A", "smollm2-135m-rtn-A"]),
     (("-k", "a"), ["smollm2-135m-fp16-A", "smollm2-135m-rtn-A"]),  # whole names, any case
-    (("-k", "not rtn"), ["smollm2-135m-fp16-A", "smollm2-135m-fp16-B", "smollm2-135m-fp16-C"]),
+    (("-k", "not C"), [f"smollm2-135m-{m}-{t}" for t in "AB" for m in ("fp16", "rtn")]),
     (("-k", "rtn-B or fp16-C"), ["smollm2-135m-rtn-B", "smollm2-135m-fp16-C"]),  # substrings of the id
-    (("--tracks", "C", "--methods", "fp16", "rtn"), ["smollm2-135m-fp16-C", "smollm2-135m-rtn-C"]),
-    ((), [f"smollm2-135m-{m}-{t}" for t in "ABC" for m in ("fp16", "rtn")]),
+    (("-k", "int2"), ["smollm2-135m-kv-rtn-int2-C", "smollm2-135m-kivi-int2-C", "smollm2-135m-kv-hf-quanto-int2-C"]),
+    (("-k", "kivi-int4"), ["smollm2-135m-kivi-int4-C"]),
+    (("--tracks", "C", "--methods", "fp16", "kv-rtn"), [f"smollm2-135m-{m}-C" for m in ["fp16", *KV_CELLS[:3]]]),
+    ((), DEFAULT_ORDER),
 ])
 def test_pytest_selects_cells(pytester: pytest.Pytester, tmp_path: Path, args: tuple[str, ...],
                               expected: list[str]) -> None:
@@ -239,7 +271,7 @@ def test_unknown_method_on_the_command_line_is_a_usage_error(pytester: pytest.Py
     assert result.ret == pytest.ExitCode.USAGE_ERROR == 4
     output = result.stdout.str() + result.stderr.str()
     assert "unknown methods ['foo']" in output
-    assert "methods: apot awq fp16 gptq hqq pot rtn" in output  # the known names
+    assert "methods: apot awq fp16 gptq hqq kivi kv-hf kv-rtn pot rtn" in output  # the known names
     assert "Traceback" not in output
     assert collected_ids(result) == []
 
@@ -260,4 +292,4 @@ def test_collect_only_from_the_command_line(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     ids = re.findall(r"^bench/test_cells\.py::test_cell\[(.+)\]$", result.stdout, flags=re.M)
     assert ids == ["smollm2-135m-rtn-A"]
-    assert "1/6 tests collected (5 deselected)" in result.stdout
+    assert "1/13 tests collected (12 deselected)" in result.stdout

@@ -344,3 +344,17 @@ def test_gate_results_serialise_into_records(tmp_path: Path) -> None:
     assert stored["passed"] is False and stored["limit"] == 1.1
     assert set(stored) == {"name", "metric", "measured", "limit", "baseline", "passed", "detail"}
     assert os.path.exists(tmp_path / "tiny-rtn-A.md")
+
+
+def test_kv_columns_appear_only_when_some_cell_has_them() -> None:
+    plain = make_record("alpha-rtn-A")
+    kv = make_record("alpha-kivi-C")
+    kv["metrics"].update(passkey={"accuracy": 0.75}, kv={"bytes_per_token": 1234.0, "bits_per_element": 3.25},
+                         decode_tokens_per_s=42.0)
+    assert "passkey" not in render_table(leaderboard_rows([plain]))
+    header, _, *lines = render_table(leaderboard_rows([plain, kv])).splitlines()
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines}
+    names = [c.strip() for c in header.split("|")[1:-1]]
+    assert names[-5:] == ["passkey", "KV bits/elem", "KV B/token", "decode tok/s", "reason"]
+    assert cells["alpha-kivi-C"][-5:-1] == ["0.75", "3.25", "1234", "42.0"]
+    assert cells["alpha-rtn-A"][-5:-1] == ["", "", "", ""]

@@ -39,6 +39,11 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_memory_mb": (metrics["peak_memory_bytes"] / 2**20
                                if metrics.get("peak_memory_bytes") is not None else None),
             "peak_added_over_float": metrics.get("peak_added_over_float"),
+            # KV-cache probes (track C cells only)
+            "passkey_accuracy": metrics.get("passkey", {}).get("accuracy"),
+            "kv_bytes_per_token": metrics.get("kv", {}).get("bytes_per_token"),
+            "kv_bits_per_element": metrics.get("kv", {}).get("bits_per_element"),
+            "decode_tokens_per_s": metrics.get("decode_tokens_per_s"),
             "reason": record["reason"],
         })
     rows.sort(key=lambda r: (r["model"], TRACK_ORDER.get(r["track"], 9), r["status"] != "passed",
@@ -46,17 +51,25 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+# Columns shown only when some row has a value: (row key, header, digits).
+KV_COLUMNS = (("passkey_accuracy", "passkey", 2), ("kv_bits_per_element", "KV bits/elem", 2),
+              ("kv_bytes_per_token", "KV B/token", 0), ("decode_tokens_per_s", "decode tok/s", 1))
+
+
 def render_table(rows: list[dict[str, Any]]) -> str:
+    extra = [column for column in KV_COLUMNS if any(row.get(column[0]) is not None for row in rows)]
     table = [
         [
             row["cell"], row["status"], _fmt(row["ppl_wikitext2"], 2), _fmt(row["ppl_ratio"], 3),
             _fmt(row["quant_seconds"], 1), _fmt(row["eval_tokens_per_s"], 0), _fmt(row["peak_memory_mb"], 0),
             _fmt(row["peak_added_over_float"], 2),
+            *(_fmt(row.get(key), digits) for key, _, digits in extra),
             (row["reason"] or "").replace("\n", " ")[:120],
         ]
         for row in rows
     ]
-    headers = ["cell", "status", "PPL wikitext2", "× FP", "quant s", "eval tok/s", "peak MB", "added/float", "reason"]
+    headers = ["cell", "status", "PPL wikitext2", "× FP", "quant s", "eval tok/s", "peak MB", "added/float",
+               *(header for _, header, _ in extra), "reason"]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
