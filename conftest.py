@@ -22,8 +22,9 @@ from ptq.gates import BaselineStore
 from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, Selection, shard
 from ptq.pipeline import EVAL_SPLIT
 from ptq.report.compare import Comparison, compare_rows, load_rows
-from ptq.report.leaderboard import leaderboard_rows, render_comparison, render_table, write_leaderboard
+from ptq.report.leaderboard import leaderboard_rows, render_comparison, render_tracks
 from ptq.report.records import REPORT_PROPERTY
+from ptq.report.write import write_reports
 
 pytest_plugins = ["fixtures.devices", "fixtures.models", "fixtures.recording"]
 
@@ -209,8 +210,8 @@ class LeaderboardCollector:
             self.regressions = [c for c in comparisons if c.verdict == "worse"]
             if self.regressions:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        write_leaderboard(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"],
-                          comparison)
+        write_reports(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"],
+                      comparison)
         if self.config.getoption("update_baselines"):
             store = BaselineStore(Path(self.config.getoption("bench_dir")) / "baselines.json")
             for rec in self.records:
@@ -224,9 +225,9 @@ class LeaderboardCollector:
         if not self.records:
             return
         terminalreporter.write_sep("=", "ptq-bench leaderboard")
-        terminalreporter.write_line(render_table(leaderboard_rows(self.records)))
+        terminalreporter.write_line(render_tracks(leaderboard_rows(self.records)))
         reports = Path(self.config.getoption("reports_dir"))
-        terminalreporter.write_line(f"written: {reports / 'leaderboard.md'}, records in "
+        terminalreporter.write_line(f"written: {reports / 'leaderboard.md'} (and .json, .html, plots/), records in "
                                     f"{reports / 'runs' / self.config.ptq_run['run_id']}")
         if self.regressions:
             terminalreporter.write_sep("=", f"regressions against {self.config.getoption('compare')}", red=True)

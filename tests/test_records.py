@@ -17,7 +17,7 @@ from fixtures.recording import new_record
 from ptq.config import GateConfig
 from ptq.gates import BaselineStore, GateResult, quality_gates
 from ptq.matrix import Catalog, Selection
-from ptq.report.leaderboard import leaderboard_rows, render_table, write_leaderboard
+from ptq.report.leaderboard import leaderboard_rows, render_table
 from ptq.report.records import (
     RECORD_FIELDS,
     SCHEMA_VERSION,
@@ -241,30 +241,6 @@ def test_render_table_shows_every_row() -> None:
     assert "| m-rtn-A " in table[2] and "12.50" in table[2] and "1.250" in table[2]
     assert "| m-gptq-A " in table[3] and "failed" in table[3]
     assert "line one line two" in table[3]  # reasons stay on one line
-
-
-def test_write_leaderboard(tmp_path: Path) -> None:
-    note = "group size 128 does not divide row length 576"
-    records = [
-        make_record("m-rtn-A", ppl=12.0, notes=[note]),
-        make_record("m-fp16-A", ppl=10.0, notes=[note],
-                    config={"model": {"name": "m", "baseline_note": "dequantized Q4_1"}}),
-        make_record("m-gptq-A", status="skipped", reason="needs a GPU", ppl=None),
-    ]
-    md_path, json_path = write_leaderboard(records, tmp_path / "reports", "run-7")
-    assert (md_path, json_path) == (tmp_path / "reports" / "leaderboard.md", tmp_path / "reports" / "leaderboard.json")
-    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["leaderboard.json", "leaderboard.md"]
-
-    data = json.loads(json_path.read_text())
-    assert data["run_id"] == "run-7"
-    assert data["rows"] == leaderboard_rows(records)
-    assert [row["cell"] for row in data["rows"]] == ["m-fp16-A", "m-rtn-A", "m-gptq-A"]
-
-    md = md_path.read_text()
-    assert md.startswith("# Leaderboard (run run-7)\n")
-    assert render_table(leaderboard_rows(records)) in md
-    assert "- m: dequantized Q4_1" in md  # the baselines section
-    assert md.count(f"- {note}") == 1  # notes are deduplicated
 
 
 # ---------------------------------------------------------------------------------- gates

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from ptq.report.leaderboard import write_leaderboard
 from ptq.report.records import validate_record
+from ptq.report.write import write_reports
 
 
 def read_records(folders: list[Path]) -> list[dict]:
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--run-id", default="merged")
     args = parser.parse_args(argv)
     records = read_records(args.folders)
-    md, js = write_leaderboard(records, args.reports_dir, args.run_id)
-    print(f"merged {len(records)} records into {md} and {js}")
+    written = write_reports(records, args.reports_dir, args.run_id)
+    print(f"merged {len(records)} records into {', '.join(str(path) for path in written)}")
     return 0
 
 
