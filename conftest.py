@@ -6,6 +6,7 @@ The fixtures themselves live in fixtures/ (devices, models, recording).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from _pytest.mark.expression import Expression
 
+from ptq import progress
 from ptq.config import parse_override
 from ptq.data import load_text
 from ptq.errors import ConfigError, PtqError
@@ -51,6 +53,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="mark every cell better/worse than a previous leaderboard; a PPL worse by more than "
                          "--compare-tol fails the session")
     group.addoption("--compare-tol", type=float, default=0.01, help="relative PPL tolerance of --compare")
+    group.addoption("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="a line per cell stage on the terminal (loading, calibrating block i/N, evaluating "
+                         "window j/M), at most one per stage every few seconds, prefixed by worker and cell")
     group.addoption("--shard", metavar="I/N", help="run only the I-th of N deterministic slices of the cells "
                     "(merge the shards' records with `python -m ptq.report merge`)")
 
@@ -148,6 +153,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             marks.append(pytest.mark.slow)
         params.append(pytest.param(cell, id=cell.id, marks=marks))
     metafunc.parametrize("cell", params)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Track the progress of a benchmark cell while its test runs (see ptq.progress)."""
+    cell = item.callspec.params.get("cell") if hasattr(item, "callspec") else None
+    if not isinstance(cell, Cell) or not item.config.getoption("progress"):
+        return (yield)
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+
+    def write(line: str) -> None:  # around pytest's output capture, which holds fd 2 during a test
+        with capture.global_and_fixture_disabled():
+            progress.terminal_write(line)
+
+    with progress.tracking(cell.id, write):
+        return (yield)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
+from ptq import progress
 from ptq.errors import NonFiniteMetric
 
 
@@ -54,7 +55,8 @@ def perplexity(
     total_nll = 0.0
     scored = 0
     start = time.perf_counter()
-    for batch in windows.split(batch_size):
+    for index, batch in enumerate(windows.split(batch_size)):
+        progress.report("evaluating window", index * batch_size + len(batch), len(windows))
         batch = batch.to(device)
         extra = {"past_key_values": make_cache(), "use_cache": True} if make_cache else {"use_cache": False}
         logits = model(batch, **extra).logits
