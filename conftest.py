@@ -60,11 +60,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     "(merge the shards' records with `python -m ptq.report merge`)")
 
 
+PERF = (ROOT / "bench" / "perf").resolve()  # micro benchmarks: run only when named, never with the matrix
+
+
+def _paths(config: pytest.Config) -> list[Path]:
+    return [Path(arg.split("::")[0]).resolve() for arg in config.args] or [Path(config.rootpath)]
+
+
 def _wants_matrix(config: pytest.Config) -> bool:
     """Build the matrix only when the benchmark module is among the collected paths."""
     bench = (ROOT / "bench").resolve()
-    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args] or [Path(config.rootpath)]
-    return any(path.is_relative_to(bench) or bench.is_relative_to(path) for path in paths)
+    return any((path.is_relative_to(bench) and not path.is_relative_to(PERF)) or bench.is_relative_to(path)
+               for path in _paths(config))
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """bench/perf is collected only when a path inside it is given (`pytest bench/perf`), so neither
+    `pytest bench` nor `pytest tests bench` runs the micro benchmarks."""
+    if collection_path.resolve().is_relative_to(PERF) and not any(p.is_relative_to(PERF) for p in _paths(config)):
+        return True
+    return None
 
 
 def _usage_error(message: str, catalog: Catalog | None) -> pytest.UsageError:
@@ -81,6 +96,14 @@ def _experiment_path(value: str, catalog: Catalog) -> Path:
     if path.is_file():
         return path
     raise ConfigError(f"--experiment {value!r} is neither a name in {catalog.bench_dir / 'experiments'} nor a file")
+
+
+@pytest.hookimpl(tryfirst=True)  # conftest hooks run before xdist's own tryfirst one, which reads -n
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """pytest.ini's `--dist loadgroup` without `-n` starts no worker, but other plugins read it as a
+    distributed run (pytest-benchmark then disables itself): without workers, say so."""
+    if not config.getoption("numprocesses", None) and not config.getoption("tx", None):
+        config.option.dist = "no"
 
 
 @pytest.hookimpl(trylast=True)
