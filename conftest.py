@@ -7,6 +7,7 @@ The fixtures themselves live in fixtures/ (devices, models, recording).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -184,10 +185,10 @@ def pytest_runtest_call(item: pytest.Item):
     cell = item.callspec.params.get("cell") if hasattr(item, "callspec") else None
     if not isinstance(cell, Cell) or not item.config.getoption("progress"):
         return (yield)
-    capture = item.config.pluginmanager.getplugin("capturemanager")
+    capture = item.config.pluginmanager.getplugin("capturemanager")  # None under -p no:capture
 
     def write(line: str) -> None:  # around pytest's output capture, which holds fd 2 during a test
-        with capture.global_and_fixture_disabled():
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
             progress.terminal_write(line)
 
     with progress.tracking(cell.id, write):

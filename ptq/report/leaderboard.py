@@ -12,10 +12,6 @@ from ptq.report.compare import Comparison
 TRACK_ORDER = {"A": 0, "B": 1, "C": 2}
 
 
-def _fmt(value: float | None, digits: int) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
-
-
 def _difference(value: float | None, reference: float | None) -> float | None:
     return None if value is None or reference is None else value - reference
 
@@ -116,7 +112,7 @@ def render_tracks(rows: list[dict[str, Any]]) -> str:
 def comparison_cells(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells of a comparison with a previous run."""
     return ["cell", "verdict", "previous PPL", "PPL", "change"], [
-        [c.cell, c.verdict, _fmt(c.previous, 3), _fmt(c.current, 3), "" if c.change is None else f"{c.change:+.2%}"]
+        [c.cell, c.verdict, _number(3)(c.previous), _number(3)(c.current), "" if c.change is None else f"{c.change:+.2%}"]
         for c in comparisons]
 
 

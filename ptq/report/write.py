@@ -30,12 +30,11 @@ def write_reports(records: list[dict[str, Any]], reports_dir: Path, run_id: str,
     rows = leaderboard_rows(records)
     plots = render_plots(rows)
     plots_dir = reports_dir / PLOTS_DIR
-    plots_dir.mkdir(parents=True, exist_ok=True)
     for stale in set(plots_dir.glob("*.png")) - {plots_dir / plot.name for plot in plots}:
         stale.unlink()
     written = []
     for plot in plots:
-        (plots_dir / plot.name).write_bytes(plot.png)
+        atomic_write(plots_dir / plot.name, plot.png)
         written.append(plots_dir / plot.name)
     figures = [(plot.title, f"{PLOTS_DIR}/{plot.name}", plot.caption) for plot in plots]
     texts = {
