@@ -91,7 +91,7 @@ def ppl_vs_bits(rows: list[dict[str, Any]]) -> Plot | None:
         axes.set_title(f"Track {track}")
         axes.set_xlabel("bits per weight (block linears)")
         axes.set_ylabel("PPL wikitext2")
-        axes.legend(fontsize=8)
+        axes.legend(fontsize=8, loc="lower left")  # below and left of a Pareto front there is no point
     caption = ("Passed cells only. Bits per weight of the decoder blocks' linear layers (embeddings and LM head "
                "stay float): the code bits plus one scale, and one zero point when asymmetric, per group, each "
                "assumed stored at 16 bits. Float cells count the weights as they ran (32 bits: float32 on CPU). "
@@ -142,7 +142,7 @@ def kv_bytes_vs_ppl(rows: list[dict[str, Any]]) -> Plot | None:
     axes.set_title("Track C")
     axes.set_xlabel("KV-cache bytes per token (all layers)")
     axes.set_ylabel("PPL wikitext2")
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="lower left")
     caption = ("Passed Track C cells that record KV metrics: KV-cache bytes per token (metrics.kv.bytes_per_token, "
                "all layers) against PPL; dashed: the float cache's bytes per token (metrics.kv.float_bytes_per_token). "
                "The red line is the Pareto front.")
