@@ -1,5 +1,5 @@
-"""`python -m ptq.report merge DIR... [--reports-dir DIR] [--run-id ID]`: one leaderboard from
-the records of several runs or shards (each DIR holds `<cell id>.json` records)."""
+"""`python -m ptq.report merge DIR... [--reports-dir DIR] [--run-id ID]`: one leaderboard (Markdown, JSON,
+HTML, figures) from the records of several runs or shards (each DIR holds `<cell id>.json` records)."""
 
 from __future__ import annotations
 
