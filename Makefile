@@ -9,7 +9,7 @@ PTQ_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 export PTQ_DATA_DIR
 ARGS ?=
 
-.PHONY: setup bench test clean
+.PHONY: setup bench test perf clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ bench: setup
 # Unit tests, then the default matrix as a regression gate (two xdist workers).
 test: setup
 	$(PY) -m pytest -n 2 tests bench $(ARGS)
+
+# Micro benchmarks (bench/perf), saved under reports/perf; compare: ARGS=--benchmark-compare
+perf: setup
+	$(PY) -m pytest bench/perf --benchmark-autosave --benchmark-storage=reports/perf $(ARGS)
 
 clean:
 	rm -rf $(VENV) reports/runs reports/leaderboard.*

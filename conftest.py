@@ -6,6 +6,8 @@ The fixtures themselves live in fixtures/ (devices, models, recording).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 from _pytest.mark.expression import Expression
 
+from ptq import progress
 from ptq.config import parse_override
 from ptq.data import load_text
 from ptq.errors import ConfigError, PtqError
@@ -22,8 +25,9 @@ from ptq.gates import BaselineStore
 from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, Selection, shard
 from ptq.pipeline import EVAL_SPLIT
 from ptq.report.compare import Comparison, compare_rows, load_rows
-from ptq.report.leaderboard import leaderboard_rows, render_comparison, render_table, write_leaderboard
+from ptq.report.leaderboard import leaderboard_rows, render_comparison, render_tracks
 from ptq.report.records import REPORT_PROPERTY
+from ptq.report.write import write_reports
 
 pytest_plugins = ["fixtures.devices", "fixtures.models", "fixtures.recording"]
 
@@ -50,15 +54,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="mark every cell better/worse than a previous leaderboard; a PPL worse by more than "
                          "--compare-tol fails the session")
     group.addoption("--compare-tol", type=float, default=0.01, help="relative PPL tolerance of --compare")
+    group.addoption("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="a line per cell stage on the terminal (loading, calibrating block i/N, evaluating "
+                         "window j/M), at most one per stage every few seconds, prefixed by worker and cell")
     group.addoption("--shard", metavar="I/N", help="run only the I-th of N deterministic slices of the cells "
                     "(merge the shards' records with `python -m ptq.report merge`)")
+
+
+PERF = (ROOT / "bench" / "perf").resolve()  # micro benchmarks: run only when named, never with the matrix
+
+
+def _paths(config: pytest.Config) -> list[Path]:
+    return [Path(arg.split("::")[0]).resolve() for arg in config.args] or [Path(config.rootpath)]
 
 
 def _wants_matrix(config: pytest.Config) -> bool:
     """Build the matrix only when the benchmark module is among the collected paths."""
     bench = (ROOT / "bench").resolve()
-    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args] or [Path(config.rootpath)]
-    return any(path.is_relative_to(bench) or bench.is_relative_to(path) for path in paths)
+    return any((path.is_relative_to(bench) and not path.is_relative_to(PERF)) or bench.is_relative_to(path)
+               for path in _paths(config))
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """bench/perf is collected only when a path inside it is given (`pytest bench/perf`), so neither
+    `pytest bench` nor `pytest tests bench` runs the micro benchmarks."""
+    if collection_path.resolve().is_relative_to(PERF) and not any(p.is_relative_to(PERF) for p in _paths(config)):
+        return True
+    return None
 
 
 def _usage_error(message: str, catalog: Catalog | None) -> pytest.UsageError:
@@ -75,6 +97,14 @@ def _experiment_path(value: str, catalog: Catalog) -> Path:
     if path.is_file():
         return path
     raise ConfigError(f"--experiment {value!r} is neither a name in {catalog.bench_dir / 'experiments'} nor a file")
+
+
+@pytest.hookimpl(tryfirst=True)  # conftest hooks run before xdist's own tryfirst one, which reads -n
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """pytest.ini's `--dist loadgroup` without `-n` starts no worker, but other plugins read it as a
+    distributed run (pytest-benchmark then disables itself): without workers, say so."""
+    if not config.getoption("numprocesses", None) and not config.getoption("tx", None):
+        config.option.dist = "no"
 
 
 @pytest.hookimpl(trylast=True)
@@ -149,6 +179,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("cell", params)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """Track the progress of a benchmark cell while its test runs (see ptq.progress)."""
+    cell = item.callspec.params.get("cell") if hasattr(item, "callspec") else None
+    if not isinstance(cell, Cell) or not item.config.getoption("progress"):
+        return (yield)
+    capture = item.config.pluginmanager.getplugin("capturemanager")  # None under -p no:capture
+
+    def write(line: str) -> None:  # around pytest's output capture, which holds fd 2 during a test
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            progress.terminal_write(line)
+
+    with progress.tracking(cell.id, write):
+        return (yield)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`-k` on cells matches whole names: `-k "rtn and A"` selects the rtn cells of track A.
@@ -209,8 +255,8 @@ class LeaderboardCollector:
             self.regressions = [c for c in comparisons if c.verdict == "worse"]
             if self.regressions:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        write_leaderboard(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"],
-                          comparison)
+        write_reports(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"],
+                      comparison)
         if self.config.getoption("update_baselines"):
             store = BaselineStore(Path(self.config.getoption("bench_dir")) / "baselines.json")
             for rec in self.records:
@@ -224,9 +270,9 @@ class LeaderboardCollector:
         if not self.records:
             return
         terminalreporter.write_sep("=", "ptq-bench leaderboard")
-        terminalreporter.write_line(render_table(leaderboard_rows(self.records)))
+        terminalreporter.write_line(render_tracks(leaderboard_rows(self.records)))
         reports = Path(self.config.getoption("reports_dir"))
-        terminalreporter.write_line(f"written: {reports / 'leaderboard.md'}, records in "
+        terminalreporter.write_line(f"written: {reports / 'leaderboard.md'} (and .json, .html, plots/), records in "
                                     f"{reports / 'runs' / self.config.ptq_run['run_id']}")
         if self.regressions:
             terminalreporter.write_sep("=", f"regressions against {self.config.getoption('compare')}", red=True)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from ptq import progress
 from ptq.config import CalibConfig
 from ptq.data import load_text, tokenize_once
 from ptq.errors import DataUnavailable
@@ -172,7 +173,9 @@ def walk_blocks(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, *,
                 device: torch.device, propagate: str, quantize_block: BlockQuantizer) -> None:
     """Quantize the model block by block with `quantize_block(index, block, runner)`."""
     batches = capture_block_inputs(model, adapter, tokens, batch_size, device)
-    for index, block in enumerate(adapter.decoder_blocks(model)):
+    blocks = adapter.decoder_blocks(model)
+    for index, block in enumerate(blocks):
+        progress.report("calibrating block", index + 1, len(blocks))
         home = next(block.parameters()).device
         block.to(device)
         runner = BlockRunner(block, batches)

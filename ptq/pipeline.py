@@ -20,6 +20,7 @@ from ptq.models.adapters import ArchAdapter
 from ptq.models.loading import ResolvedSource
 from ptq.calib import calibration_set
 from ptq.registry import MethodInfo, QuantContext, QuantizedModel
+from ptq.transforms import bits_per_weight
 
 EVAL_SPLIT = "test"
 
@@ -125,7 +126,9 @@ def run_method(method: MethodInfo, loaded: LoadedModel, config: CellConfig) -> C
     added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "peak_memory_bytes": memory.peak_bytes,
                "peak_memory_kind": memory.kind, "peak_memory_added_bytes": added,
-               "model_float_bytes": loaded.float_bytes, "peak_added_over_float": added / loaded.float_bytes}
+               "model_float_bytes": loaded.float_bytes, "peak_added_over_float": added / loaded.float_bytes,
+               "bits_per_weight": bits_per_weight(loaded.adapter.quantizable_linears(loaded.model),
+                                                  None if method.baseline else config.weight)}
     data = {"eval": evaluation.data, "calibration": calibration.record if calibration else None}
     return CellOutcome(metrics, data, quantized.notes,
                        quantized.fallbacks + evaluation.fallbacks)

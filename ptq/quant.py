@@ -58,6 +58,14 @@ class QuantSpec:
         full, tail = divmod(row_length, self.group_size)
         return [self.group_size] * full + ([tail] if tail else [])
 
+    def bits_per_weight(self, row_length: int, rows: int = 1, meta_bits: int = 16) -> float:
+        """Storage bits per element of a [rows, row_length] tensor: `bits` per code plus, per group,
+        a scale (and a zero point when asymmetric) stored at `meta_bits` each. Tensor granularity
+        has one group for the whole tensor; channel and token granularities one per row."""
+        params_per_group = 1 if self.symmetric else 2
+        groups = 1 if self.granularity == "tensor" else rows * len(self.group_sizes(row_length))
+        return self.bits + groups * params_per_group * meta_bits / (rows * row_length)
+
     def describe(self, row_length: int) -> str | None:
         """A note for records when groups are uneven, else None."""
         sizes = self.group_sizes(row_length)

@@ -15,6 +15,15 @@ def group_notes(linears: dict[str, nn.Linear], spec: QuantSpec) -> list[str]:
     return sorted({note for linear in linears.values() if (note := spec.describe(linear.in_features))})
 
 
+def bits_per_weight(linears: dict[str, nn.Linear], spec: QuantSpec | None, meta_bits: int = 16) -> float:
+    """Mean storage bits per weight of these linears (weighted by size): quantized under `spec` with
+    scales and zero points at `meta_bits` each, or, without a spec, the float weights' own width."""
+    weights = [linear.weight for linear in linears.values()]
+    total_bits = sum(w.numel() * (w.element_size() * 8 if spec is None
+                                  else spec.bits_per_weight(w.shape[1], w.shape[0], meta_bits)) for w in weights)
+    return total_bits / sum(w.numel() for w in weights)
+
+
 def replace_weights(linears: dict[str, nn.Linear], transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Overwrite each linear's weight with `transform(weight)` in place (no model-size copy)."""
     with torch.no_grad():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -96,9 +97,16 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
     assert kv["metrics"]["kv"]["bits_per_element"] == pytest.approx(4 + 32 / 32)  # fp16 scale + zero per 32
     stored = json.loads((workspace / "bench" / "baselines.json").read_text())
     assert set(stored) == tiny
+    # progress lines reach the terminal from the workers, whole, prefixed by worker and cell
+    assert re.search(r"^\[gw[01]\] tiny-llama-\S+-tiny: loading tiny-llama$", first.stderr, re.M), first.stderr
+    assert re.search(r"^\[gw[01]\] tiny-llama-rtn-A-tiny: evaluating window 4/4$", first.stderr, re.M)
+    # and the report artefacts are all there
+    assert {p.name for p in (workspace / "reports").iterdir()} >= {"leaderboard.html", "plots"}
+    assert (workspace / "reports" / "plots" / "ppl_vs_bits.png").read_bytes().startswith(b"\x89PNG")
 
     second = run_bench(workspace, "--models", "tiny-llama", "--run-id", "second")
     assert second.returncode == 0, second.stdout[-3000:]
+    assert re.search(r"^\[main\] tiny-llama-rtn-B-tiny: evaluating window 4/4$", second.stderr, re.M)
     assert {c: r["ppl_wikitext2"] for c, r in leaderboard(workspace).items()} == {
         c: rows[c]["ppl_wikitext2"] for c in tiny}
 
@@ -116,7 +124,9 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
     for entry in stored["tiny-llama-rtn-A-tiny"].values():
         entry["ppl"]["wikitext2"] *= 1.5
     (workspace / "bench" / "baselines.json").write_text(json.dumps(stored))
-    third = run_bench(workspace, "--models", "tiny-llama", "--methods", "rtn", "--tracks", "A", "--run-id", "third")
+    third = run_bench(workspace, "--models", "tiny-llama", "--methods", "rtn", "--tracks", "A", "--run-id", "third",
+                      "--no-progress")
     assert third.returncode == 1
+    assert "evaluating window" not in third.stderr + third.stdout
     reason = leaderboard(workspace)["tiny-llama-rtn-A-tiny"]["reason"]
     assert "baseline" in reason and "beyond tolerance" in reason

@@ -391,3 +391,41 @@ def test_group_size_minus_one_is_one_group_per_row() -> None:
     per_row = QuantSpec(4, granularity="group", group_size=-1)
     assert per_row.group_sizes(576) == [576]
     assert torch.equal(fake_quantize(w, per_row), fake_quantize(w, QuantSpec(4, granularity="channel")))
+
+
+# ------------------------------------------------------------------------- bits per weight
+
+
+@pytest.mark.parametrize(("spec", "rows", "row_length", "expected"), [
+    (QuantSpec(4, symmetric=False, group_size=128), 8, 1024, 4 + 2 * 16 / 128),  # the papers' 4.25
+    (QuantSpec(4, symmetric=True, group_size=128), 8, 1024, 4 + 16 / 128),
+    (QuantSpec(4, symmetric=False, group_size=128), 3, 576, 4 + 5 * 2 * 16 / 576),  # 4 groups of 128 + one of 64
+    (QuantSpec(3, symmetric=False, granularity="group", group_size=-1), 3, 576, 3 + 2 * 16 / 576),
+    (QuantSpec(8, symmetric=True, granularity="channel"), 3, 576, 8 + 16 / 576),
+    (QuantSpec(8, symmetric=False, granularity="tensor"), 3, 576, 8 + 2 * 16 / (3 * 576)),
+])
+def test_bits_per_weight(spec: QuantSpec, rows: int, row_length: int, expected: float) -> None:
+    assert spec.bits_per_weight(row_length, rows) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize(("bits", "symmetric", "granularity", "group"), [
+    (4, False, "group", 128), (3, True, "group", 100), (8, True, "channel", 128), (2, False, "tensor", 128)])
+def test_bits_per_weight_counts_the_quantizers_own_parameters(bits: int, symmetric: bool, granularity: str,
+                                                              group: int) -> None:
+    spec = QuantSpec(bits, symmetric=symmetric, granularity=granularity, group_size=group)
+    weight = torch.randn(6, 576)
+    q = quantize(weight, spec)
+    params = q.scale.numel() + (0 if q.zero is None else q.zero.numel())
+    assert spec.bits_per_weight(576, 6, meta_bits=16) == pytest.approx(bits + params * 16 / weight.numel(), rel=1e-12)
+
+
+def test_bits_per_weight_of_linears_is_the_size_weighted_mean() -> None:
+    from torch import nn
+
+    from ptq.transforms import bits_per_weight
+
+    linears = {"a": nn.Linear(576, 4, bias=False), "b": nn.Linear(1536, 2, bias=False)}
+    spec = QuantSpec(4, symmetric=False, group_size=128)
+    expected = (4 * 576 * spec.bits_per_weight(576, 4) + 2 * 1536 * spec.bits_per_weight(1536, 2)) / (4 * 576 + 2 * 1536)
+    assert bits_per_weight(linears, spec) == pytest.approx(expected, rel=1e-12)
+    assert bits_per_weight(linears, None) == 32  # float32 weights, as stored

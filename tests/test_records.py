@@ -17,7 +17,7 @@ from fixtures.recording import new_record
 from ptq.config import GateConfig
 from ptq.gates import BaselineStore, GateResult, quality_gates
 from ptq.matrix import Catalog, Selection
-from ptq.report.leaderboard import leaderboard_rows, render_table, write_leaderboard
+from ptq.report.leaderboard import leaderboard_rows, render_table, table_cells
 from ptq.report.records import (
     RECORD_FIELDS,
     SCHEMA_VERSION,
@@ -244,30 +244,6 @@ def test_render_table_shows_every_row() -> None:
     assert "line one line two" in table[3]  # reasons stay on one line
 
 
-def test_write_leaderboard(tmp_path: Path) -> None:
-    note = "group size 128 does not divide row length 576"
-    records = [
-        make_record("m-rtn-A", ppl=12.0, notes=[note]),
-        make_record("m-fp16-A", ppl=10.0, notes=[note],
-                    config={"model": {"name": "m", "baseline_note": "dequantized Q4_1"}}),
-        make_record("m-gptq-A", status="skipped", reason="needs a GPU", ppl=None),
-    ]
-    md_path, json_path = write_leaderboard(records, tmp_path / "reports", "run-7")
-    assert (md_path, json_path) == (tmp_path / "reports" / "leaderboard.md", tmp_path / "reports" / "leaderboard.json")
-    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["leaderboard.json", "leaderboard.md"]
-
-    data = json.loads(json_path.read_text())
-    assert data["run_id"] == "run-7"
-    assert data["rows"] == leaderboard_rows(records)
-    assert [row["cell"] for row in data["rows"]] == ["m-fp16-A", "m-rtn-A", "m-gptq-A"]
-
-    md = md_path.read_text()
-    assert md.startswith("# Leaderboard (run run-7)\n")
-    assert render_table(leaderboard_rows(records)) in md
-    assert "- m: dequantized Q4_1" in md  # the baselines section
-    assert md.count(f"- {note}") == 1  # notes are deduplicated
-
-
 # ---------------------------------------------------------------------------------- gates
 
 
@@ -349,12 +325,11 @@ def test_gate_results_serialise_into_records(tmp_path: Path) -> None:
 def test_kv_columns_appear_only_when_some_cell_has_them() -> None:
     plain = make_record("alpha-rtn-A")
     kv = make_record("alpha-kivi-C")
-    kv["metrics"].update(passkey={"accuracy": 0.75}, kv={"bytes_per_token": 1234.0, "bits_per_element": 3.25},
-                         decode_tokens_per_s=42.0)
-    assert "passkey" not in render_table(leaderboard_rows([plain]))
-    header, _, *lines = render_table(leaderboard_rows([plain, kv])).splitlines()
-    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in lines}
-    names = [c.strip() for c in header.split("|")[1:-1]]
-    assert names[-5:] == ["passkey", "KV bits/elem", "KV B/token", "decode tok/s", "reason"]
-    assert cells["alpha-kivi-C"][-5:-1] == ["0.75", "3.25", "1234", "42.0"]
-    assert cells["alpha-rtn-A"][-5:-1] == ["", "", "", ""]
+    kv["metrics"].update(passkey={"accuracy": 0.75}, decode_tokens_per_s=42.0,
+                         kv={"bytes_per_token": 1234.0, "float_bytes_per_token": 4096, "bits_per_element": 3.25})
+    kv_headers = ["KV B/token", "float KV B/token", "KV bits/elem", "passkey", "decode tok/s"]
+    assert not set(kv_headers) & set(table_cells(leaderboard_rows([plain]))[0])
+    headers, cells = table_cells(leaderboard_rows([plain, kv]))
+    by_cell = {row[0]: dict(zip(headers, row)) for row in cells}
+    assert [by_cell["alpha-kivi-C"][h] for h in kv_headers] == ["1234", "4096", "3.25", "0.75", "42.0"]
+    assert [by_cell["alpha-rtn-A"][h] for h in kv_headers] == [""] * 5

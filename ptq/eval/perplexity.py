@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
+from ptq import progress
 from ptq.errors import NonFiniteMetric
 from ptq.eval.decode import float_cache, prefill
 
@@ -63,7 +64,8 @@ def perplexity(
     total_nll = 0.0
     scored = 0
     start = time.perf_counter()
-    for batch in windows.split(batch_size):
+    for index, batch in enumerate(windows.split(batch_size)):
+        progress.report("evaluating window", index * batch_size + len(batch), len(windows))
         batch = batch.to(device)
         if prefill_chunk is not None:
             logits = prefill(model, batch, (make_cache or float_cache)(), prefill_chunk, all_logits=True)

@@ -1,5 +1,5 @@
-"""`python -m ptq.report merge DIR... [--reports-dir DIR] [--run-id ID]`: one leaderboard from
-the records of several runs or shards (each DIR holds `<cell id>.json` records)."""
+"""`python -m ptq.report merge DIR... [--reports-dir DIR] [--run-id ID]`: one leaderboard (Markdown, JSON,
+HTML, figures) from the records of several runs or shards (each DIR holds `<cell id>.json` records)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from ptq.report.leaderboard import write_leaderboard
 from ptq.report.records import validate_record
+from ptq.report.write import write_reports
 
 
 def read_records(folders: list[Path]) -> list[dict]:
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--run-id", default="merged")
     args = parser.parse_args(argv)
     records = read_records(args.folders)
-    md, js = write_leaderboard(records, args.reports_dir, args.run_id)
-    print(f"merged {len(records)} records into {md} and {js}")
+    written = write_reports(records, args.reports_dir, args.run_id)
+    print(f"merged {len(records)} records into {', '.join(str(path) for path in written)}")
     return 0
 
 
