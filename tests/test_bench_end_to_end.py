@@ -59,7 +59,8 @@ def run_bench(workspace: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PTQ_DATA_DIR": str(workspace / "data"), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "-p", "no:cacheprovider", "--bench-dir", str(workspace / "bench"),
-         "--reports-dir", str(workspace / "reports"), "--experiment", "tiny", *args],
+         "--reports-dir", str(workspace / "reports"), "--cache-dir", str(workspace / "cache"), "--experiment", "tiny",
+         *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
