@@ -266,6 +266,13 @@ def test_write_leaderboard(tmp_path: Path) -> None:
     assert render_table(leaderboard_rows(records)) in md
     assert "- m: dequantized Q4_1" in md  # the baselines section
     assert md.count(f"- {note}") == 1  # notes are deduplicated
+    assert "## Cache" not in md  # every cell measured in this run
+
+    records[0]["cache"] = {"metrics": "hit", "weights": "skipped", "fp_baseline": "hit"}
+    md_path, json_path = write_leaderboard(records, tmp_path / "reports", "run-8")
+    assert json.loads(json_path.read_text())["rows"] == leaderboard_rows(records)  # rows do not say
+    assert ("## Cache\n\nMetrics of 1 of 3 cells are from the on-disk cache, as measured on the run that "
+            "stored them: m-rtn-A.\n") in md_path.read_text()
 
 
 # ---------------------------------------------------------------------------------- gates

@@ -84,6 +84,10 @@ def write_leaderboard(records: list[dict[str, Any]], reports_dir: Path, run_id: 
         md += ["## Baselines", ""] + [f"- {line}" for line in baselines] + [""]
     if notes:
         md += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    cached = sorted(r["cell_id"] for r in records if r["cache"].get("metrics") == "hit")
+    if cached:
+        md += ["## Cache", "", f"Metrics of {len(cached)} of {len(records)} cells are from the on-disk cache, "
+               f"as measured on the run that stored them: {', '.join(cached)}.", ""]
     payload: dict[str, Any] = {"run_id": run_id, "rows": rows}
     if comparison is not None:
         source, comparisons = comparison
