@@ -13,9 +13,9 @@ from typing import Any, Iterator
 import pytest
 
 from fixtures.models import BaselineCache, ModelStore
+from ptq.cache import CacheStore
 from ptq.errors import PtqError
 from ptq.gates import BaselineStore, quality_gates
-from ptq.cache import CacheStore
 from ptq.matrix import Cell
 from ptq.pipeline import run_cached
 

@@ -132,11 +132,16 @@ def cache_inputs(method: MethodInfo, config: CellConfig, device_type: str) -> tu
     """
     settings = config.fingerprint_payload(device_type)
     settings.pop("track")  # a track acts through the specs it sets, which are in the settings
+    for section in ("weight", "act", "kv"):  # the FP baseline runs under other cells' configs
+        if section not in method.uses:
+            settings.pop(section)
     if not method.calibrated:
         settings.pop("calib")
+    if method.baseline:  # it reads no method params; the section is that of the cell it serves
+        settings.pop("method")
     eval_settings = settings.pop("eval")
     weights: dict[str, Any] = {
-        "model": model_identity(config.model.source), "settings": settings,
+        "method": method.name, "model": model_identity(config.model.source), "settings": settings,
         "packages": package_versions(RESULT_PACKAGES), "code": code_version((method.apply.__module__, *QUANTIZE_CODE))}
     if method.calibrated:
         weights["calibration_text_sha256"] = load_text(config.calib.dataset, CALIB_SPLITS[config.calib.dataset]).sha256

@@ -204,7 +204,10 @@ def test_keys_follow_every_setting_and_eval_only_the_metrics(cells: dict[str, Ce
     assert keys(with_changes(rtn, method={"description": "other prose"})) == (weights, metrics)
 
 
-def test_fp_cells_of_every_track_share_their_keys(cells: dict[str, Cell], fake_texts: dict) -> None:
+def test_the_fp_baseline_has_one_key_whichever_cell_it_serves(cells: dict[str, Cell], fake_texts: dict) -> None:
+    fp16 = REGISTRY["fp16"]
+    baseline_keys = {cache_key(cache_inputs(fp16, cell.config, "cpu")[1]) for cell in cells.values()}
+    assert baseline_keys == {keys(cells["smollm2-135m-fp16-A"])[1]}
     assert len({keys(cells[f"smollm2-135m-fp16-{track}"]) for track in "ABC"}) == 1
     assert len({keys(cells[f"smollm2-135m-rtn-{track}"]) for track in "ABC"}) == 3
 
