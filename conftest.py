@@ -18,6 +18,7 @@ import pytest
 from _pytest.mark.expression import Expression
 
 from ptq import progress
+from ptq.cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, CacheStore, cache_dir
 from ptq.config import parse_override
 from ptq.data import load_text
 from ptq.errors import ConfigError, PtqError
@@ -59,6 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "window j/M), at most one per stage every few seconds, prefixed by worker and cell")
     group.addoption("--shard", metavar="I/N", help="run only the I-th of N deterministic slices of the cells "
                     "(merge the shards' records with `python -m ptq.report merge`)")
+    group.addoption("--cache-dir", help=f"where quantized weights and measured metrics are cached "
+                    f"(default: ${CACHE_DIR_ENV}, else {DEFAULT_CACHE_DIR}); pytest's --cache-clear empties it first")
+    group.addoption("--no-cache", action="store_true", help="neither read nor write the cache: measure every cell")
 
 
 PERF = (ROOT / "bench" / "perf").resolve()  # micro benchmarks: run only when named, never with the matrix
@@ -113,6 +117,8 @@ def pytest_configure(config: pytest.Config) -> None:
         run_id = config.getoption("run_id") or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         config.ptq_run = {"run_id": run_id, "command_line": [sys.executable, "-m", "pytest", *config.invocation_params.args]}
         config.pluginmanager.register(LeaderboardCollector(config), "ptq-leaderboard")
+        if config.getoption("cacheclear", False):  # pytest's own --cache-clear (absent with -p no:cacheprovider)
+            CacheStore(cache_dir(config.getoption("cache_dir"))).clear()
     else:
         config.ptq_run = json.loads(config.workerinput["ptq_run"])
     if not _wants_matrix(config):

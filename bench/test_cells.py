@@ -1,20 +1,23 @@
 """The benchmark matrix: one test per model x method x track cell (see conftest.py).
 
-Each cell: load (cached per worker) -> quantize a copy -> evaluate -> record -> gates.
+Each cell: load (cached per worker) -> quantize a copy -> evaluate -> record -> gates; the
+model is loaded only when the on-disk cache (ptq.cache) lacks the cell's or the baseline's metrics.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Iterator
 
 import pytest
 
 from fixtures.models import BaselineCache, ModelStore
+from ptq.cache import CacheStore
 from ptq.errors import PtqError
 from ptq.gates import BaselineStore, quality_gates
 from ptq.matrix import Cell
-from ptq.pipeline import run_method
+from ptq.pipeline import run_cached
 
 
 @contextmanager
@@ -28,17 +31,17 @@ def user_errors() -> Iterator[None]:
     pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
 
 
-def test_cell(cell: Cell, models: ModelStore, fp_baselines: BaselineCache, baseline_store: BaselineStore,
-              record: dict[str, Any], pytestconfig: pytest.Config) -> None:
+def test_cell(cell: Cell, models: ModelStore, fp_baselines: BaselineCache, result_cache: CacheStore,
+              baseline_store: BaselineStore, record: dict[str, Any], pytestconfig: pytest.Config) -> None:
     config = cell.config
     if config.model.needs_gpu and pytestconfig.ptq_device.type != "cuda":
         pytest.skip(f"{cell.model} needs a GPU")
     method = pytestconfig.ptq_catalog.registry[cell.method]
     with user_errors():
-        loaded = models.get(config)
-        record["model_source"] = loaded.source.to_dict()
-        baseline = fp_baselines.get(loaded, config)
-        outcome = baseline if method.baseline else run_method(method, loaded, config)
+        load = partial(models.get, config)
+        baseline = fp_baselines.get(config, models.device, load)
+        record["model_source"] = baseline.model_source
+        outcome = baseline if method.baseline else run_cached(method, config, models.device, load, result_cache)
     fp_ppl = baseline.metrics["ppl"]
     ppl = outcome.metrics["ppl"]
     first = next(iter(ppl))
@@ -46,7 +49,8 @@ def test_cell(cell: Cell, models: ModelStore, fp_baselines: BaselineCache, basel
         metrics={**outcome.metrics, "fp_ppl": fp_ppl, "ppl_ratio": ppl[first] / fp_ppl[first]},
         data=outcome.data,
         notes=outcome.notes,
-        fallbacks=outcome.fallbacks,
+        fallbacks=outcome.fallbacks + [f"cache: {problem}" for problem in outcome.cache_problems],
+        cache={**outcome.cache, "fp_baseline": baseline.cache["metrics"]},
     )
     gates = quality_gates(ppl, fp_ppl, config.gates)
     if not pytestconfig.getoption("update_baselines"):

@@ -183,6 +183,11 @@ class CellConfig:
 
     def fingerprint(self, device_type: str) -> str:
         """A short hash of everything that determines the cell's metrics (not its gates)."""
+        blob = json.dumps(self.fingerprint_payload(device_type), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def fingerprint_payload(self, device_type: str) -> dict[str, Any]:
+        """The settings that determine the cell's metrics, as a plain dict (see `fingerprint`)."""
         payload = self.to_dict()
         payload.pop("gates")
         for section in ("method", "track"):  # prose does not change a metric
@@ -192,8 +197,7 @@ class CellConfig:
         if payload["kv_eval"] is None:  # sections added later: absent means what it meant before
             payload.pop("kv_eval")
         payload["device_type"] = device_type
-        blob = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return payload
 
 
 # Keys a file may hold beyond the CellConfig fields, per kind of file.

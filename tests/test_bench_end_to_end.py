@@ -61,7 +61,8 @@ def run_bench(workspace: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PTQ_DATA_DIR": str(workspace / "data"), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "-p", "no:cacheprovider", "--bench-dir", str(workspace / "bench"),
-         "--reports-dir", str(workspace / "reports"), "--experiment", "tiny", *args],
+         "--reports-dir", str(workspace / "reports"), "--cache-dir", str(workspace / "cache"), "--experiment", "tiny",
+         *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -104,7 +105,8 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
     assert {p.name for p in (workspace / "reports").iterdir()} >= {"leaderboard.html", "plots"}
     assert (workspace / "reports" / "plots" / "ppl_vs_bits.png").read_bytes().startswith(b"\x89PNG")
 
-    second = run_bench(workspace, "--models", "tiny-llama", "--run-id", "second")
+    # measured again (not from the cache): same numbers, and progress lines without workers too
+    second = run_bench(workspace, "--models", "tiny-llama", "--run-id", "second", "--no-cache")
     assert second.returncode == 0, second.stdout[-3000:]
     assert re.search(r"^\[main\] tiny-llama-rtn-B-tiny: evaluating window 4/4$", second.stderr, re.M)
     assert {c: r["ppl_wikitext2"] for c, r in leaderboard(workspace).items()} == {
@@ -125,7 +127,7 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
         entry["ppl"]["wikitext2"] *= 1.5
     (workspace / "bench" / "baselines.json").write_text(json.dumps(stored))
     third = run_bench(workspace, "--models", "tiny-llama", "--methods", "rtn", "--tracks", "A", "--run-id", "third",
-                      "--no-progress")
+                      "--no-progress", "--no-cache")
     assert third.returncode == 1
     assert "evaluating window" not in third.stderr + third.stdout
     reason = leaderboard(workspace)["tiny-llama-rtn-A-tiny"]["reason"]

@@ -55,6 +55,7 @@ def make_record(cell_id: str = "tiny-rtn-A", status: str = "passed", ppl: float 
         "fallbacks": [],
         "model_source": {"kind": "hub", "id": "org/tiny"},
         "data": {"wikitext2": {"sha256": "ab" * 32}},
+        "cache": {"metrics": "miss", "weights": "miss", "fp_baseline": "hit"},
         "environment": {"device": "cpu", "git_commit": None},
         "started": "2026-01-01T00:00:00+00:00",
         "wall_seconds": 3.5,

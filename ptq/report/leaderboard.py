@@ -137,6 +137,11 @@ def notes_of(records: list[dict[str, Any]]) -> list[str]:
     return [f"{note} ({', '.join(sorted(cells))})" for note, cells in sorted(cells_of.items())]
 
 
+def cached_cells(records: list[dict[str, Any]]) -> list[str]:
+    """Cells whose metrics this run read from the on-disk cache instead of measuring them."""
+    return sorted(r["cell_id"] for r in records if r["cache"].get("metrics") == "hit")
+
+
 def baselines_of(records: list[dict[str, Any]]) -> list[str]:
     """What "full precision" means for each model (its config's baseline note)."""
     return sorted({f"{r['model']}: {r['config']['model']['baseline_note']}" for r in records
@@ -155,6 +160,9 @@ def render_leaderboard(records: list[dict[str, Any]], run_id: str,
         md += ["## Baselines", ""] + [f"- {line}" for line in baselines] + [""]
     if notes := notes_of(records):
         md += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    if cached := cached_cells(records):
+        md += ["## Cache", "", f"Metrics of {len(cached)} of {len(records)} cells are from the on-disk cache, "
+               f"as measured on the run that stored them: {', '.join(cached)}.", ""]
     if comparison is not None:
         source, comparisons = comparison
         md += ["## Comparison", "", render_comparison(comparisons, source), ""]

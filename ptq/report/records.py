@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 2  # 2: cells carry their method variant
+SCHEMA_VERSION = 2  # 2: a cell's method variant, and how the cache served it
 PACKAGES = ("ptq-bench", "torch", "transformers", "accelerate", "datasets", "lm_eval", "gguf", "numpy")
 STATUSES = ("passed", "failed", "skipped")
 REPORT_PROPERTY = "ptq_record"  # name under which a record travels in a test report's user_properties
@@ -44,6 +44,7 @@ RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "fallbacks": list,
     "model_source": (dict, type(None)),
     "data": dict,
+    "cache": dict,  # per stage (metrics, weights, fp_baseline): hit, miss, rebuilt, off, none or skipped
     "environment": dict,
     "started": str,
     "wall_seconds": float,
@@ -71,9 +72,9 @@ def _git(*args: str, cwd: Path) -> str | None:
     return out.stdout.strip()
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -131,7 +132,7 @@ def render_markdown(record: dict[str, Any]) -> str:
         if record[key]:
             lines += [f"## {title}", ""] + [f"- {item}" for item in record[key]] + [""]
     for title, key in (("Configuration", "config"), ("Model source", "model_source"), ("Data", "data"),
-                       ("Environment", "environment")):
+                       ("Cache", "cache"), ("Environment", "environment")):
         lines += [f"## {title}", "", "```json", json.dumps(record[key], indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
