@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The default benchmark: smollm2-135m x {fp16, rtn} x {A, B, C}; writes reports/leaderboard.md.
+# The default benchmark (bench/experiments/default.yaml): smollm2-135m, fp16 and rtn on tracks A and B,
+# every KV-cache method on track C; writes reports/leaderboard.{md,json,html} and reports/plots/.
 bench: setup
 	$(PY) -m pytest bench $(ARGS)
 
