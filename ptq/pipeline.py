@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ptq.config import CellConfig, EvalConfig
+from ptq.config import CellConfig, EvalConfig, ZeroShotConfig
 from ptq.data import load_text, tokenize_once
 from ptq.eval.memory import PeakMemory
 from ptq.eval.perplexity import PerplexityResult, perplexity
+from ptq.eval.zeroshot import zero_shot
 from ptq.models.adapters import ArchAdapter
 from ptq.models.loading import ResolvedSource
 from ptq.calib import calibration_set
@@ -42,20 +43,26 @@ class Evaluation:
     results: dict[str, PerplexityResult]
     data: dict[str, Any]  # per dataset: origin, sha256, token count
     fallbacks: list[str] = field(default_factory=list)
+    zero_shot: dict[str, Any] | None = None  # see ptq.eval.zeroshot.zero_shot, when configured
 
     def metrics(self) -> dict[str, Any]:
         seconds = sum(r.seconds for r in self.results.values())
         tokens = sum(r.windows * r.seqlen for r in self.results.values())
-        return {
+        metrics = {
             "ppl": {name: r.ppl for name, r in self.results.items()},
             "eval": {name: {"windows": r.windows, "seqlen": r.seqlen, "tokens_scored": r.tokens_scored,
                             "seconds": r.seconds} for name, r in self.results.items()},
             "eval_tokens_per_s": tokens / seconds if seconds > 0 else None,
         }
+        if self.zero_shot is not None:
+            metrics["zero_shot"] = self.zero_shot
+        return metrics
 
 
-def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig) -> Evaluation:
-    """Perplexity on every configured dataset. On CUDA OOM the batch is halved and that is recorded."""
+def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig,
+             zero_shot_config: ZeroShotConfig) -> Evaluation:
+    """Perplexity on every configured dataset, then the zero-shot tasks if any. On CUDA OOM the
+    perplexity batch is halved and that is recorded."""
     results: dict[str, PerplexityResult] = {}
     data: dict[str, Any] = {}
     fallbacks: list[str] = []
@@ -75,7 +82,11 @@ def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig)
                 torch.cuda.empty_cache()
                 fallbacks.append(f"{dataset}: out of memory at eval batch {batch_size}, retried at {batch_size // 2}")
                 batch_size //= 2
-    return Evaluation(results, data, fallbacks)
+    if not zero_shot_config.tasks:
+        return Evaluation(results, data, fallbacks)
+    zero_shot_metrics, data["zero_shot"] = zero_shot(quantized.model, loaded.tokenizer, zero_shot_config,
+                                                     quantized.make_cache)
+    return Evaluation(results, data, fallbacks, zero_shot_metrics)
 
 
 @dataclass
@@ -97,7 +108,7 @@ def run_method(method: MethodInfo, loaded: LoadedModel, config: CellConfig) -> C
         if loaded.device.type == "cuda":
             torch.cuda.synchronize(loaded.device)
         quant_seconds = time.perf_counter() - start
-        evaluation = evaluate(quantized, loaded, config.eval)
+        evaluation = evaluate(quantized, loaded, config.eval, config.zero_shot)
     added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "peak_memory_bytes": memory.peak_bytes,
                "peak_memory_kind": memory.kind, "peak_memory_added_bytes": added,

@@ -18,6 +18,15 @@ def _fmt(value: float | None, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def zero_shot_columns(zero_shot: dict[str, Any] | None) -> dict[str, Any]:
+    """Accuracy per zero-shot task and their average, when the cell measured them."""
+    if zero_shot is None:
+        return {}
+    return {"zero_shot_acc": {task: m["acc"] for task, m in zero_shot["tasks"].items() if "acc" in m},
+            "zero_shot_acc_avg": zero_shot["average"]["acc"] if zero_shot["average"] else None,
+            "zero_shot_limit": zero_shot["limit"]}
+
+
 def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flat rows, ordered by model, track, then quality (failed and skipped cells last)."""
     rows = []
@@ -39,6 +48,7 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_memory_mb": (metrics["peak_memory_bytes"] / 2**20
                                if metrics.get("peak_memory_bytes") is not None else None),
             "peak_added_over_float": metrics.get("peak_added_over_float"),
+            **zero_shot_columns(metrics.get("zero_shot")),
             "reason": record["reason"],
         })
     rows.sort(key=lambda r: (r["model"], TRACK_ORDER.get(r["track"], 9), r["status"] != "passed",
@@ -47,16 +57,30 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
+    # One accuracy column per zero-shot task any cell measured (in percent), then their average.
+    tasks = list(dict.fromkeys(task for row in rows for task in row.get("zero_shot_acc", {})))
+
+    def accuracies(row: dict[str, Any]) -> list[str]:
+        if not tasks:
+            return []
+        acc = row.get("zero_shot_acc", {})
+        avg = row.get("zero_shot_acc_avg")
+        return [_fmt(100 * acc[task] if task in acc else None, 1) for task in tasks] + [
+            _fmt(100 * avg if avg is not None else None, 1)]
+
     table = [
         [
             row["cell"], row["status"], _fmt(row["ppl_wikitext2"], 2), _fmt(row["ppl_ratio"], 3),
+            *accuracies(row),
             _fmt(row["quant_seconds"], 1), _fmt(row["eval_tokens_per_s"], 0), _fmt(row["peak_memory_mb"], 0),
             _fmt(row["peak_added_over_float"], 2),
             (row["reason"] or "").replace("\n", " ")[:120],
         ]
         for row in rows
     ]
-    headers = ["cell", "status", "PPL wikitext2", "× FP", "quant s", "eval tok/s", "peak MB", "added/float", "reason"]
+    acc_headers = [f"acc {task}" for task in tasks] + ["acc avg"] if tasks else []
+    headers = ["cell", "status", "PPL wikitext2", "× FP", *acc_headers, "quant s", "eval tok/s", "peak MB",
+               "added/float", "reason"]
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True)
 
 
