@@ -17,14 +17,17 @@ import datasets
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from ptq.config import GateConfig, ZeroShotConfig
+from ptq.config import EvalConfig, GateConfig, ZeroShotConfig
+from ptq.data import load_text
 from ptq.errors import ConfigError, DataUnavailable
 from ptq.eval.lm_tasks import OFFLINE_TASKS, build_tasks, check_task_files, check_task_names, task_manager
 from ptq.eval.zeroshot import sample_indices, zero_shot
 from ptq.gates import accuracy_drop_gate, zero_shot_gates
 from ptq.matrix import Catalog, Selection
+from ptq.pipeline import LoadedModel, evaluate
+from ptq.registry import QuantizedModel
 from ptq.report.leaderboard import leaderboard_rows, render_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,3 +321,35 @@ def test_bench_usage_errors_before_any_model_loads(tmp_path: Path) -> None:
     assert missing.returncode == 4, missing.stdout + missing.stderr
     assert f"zero-shot task arc_easy: missing file {data / 'arc_easy' / 'ARC-Easy-Test.jsonl'}" in missing.stderr
     assert not (bench.parent / "reports").exists()  # nothing ran
+
+
+def test_evaluate_adds_zero_shot_to_the_metrics_when_configured(offline: Path, tiny_llama: tuple) -> None:
+    model, tokenizer = tiny_llama
+    loaded = LoadedModel(model, tokenizer, adapter=None, source=None, device=torch.device("cpu"))
+    eval_config = EvalConfig(seqlen=16, max_windows=2, batch_size=2)
+    load_text.cache_clear()  # wikitext2 from this test's data dir
+    try:
+        with_tasks = evaluate(QuantizedModel(model), loaded, eval_config,
+                              ZeroShotConfig(tasks=("boolq",), limit=1, batch_size=2, max_length=64))
+        without = evaluate(QuantizedModel(model), loaded, eval_config, ZeroShotConfig())
+    finally:
+        load_text.cache_clear()
+    assert set(with_tasks.metrics()) == {"ppl", "eval", "eval_tokens_per_s", "zero_shot"}
+    assert with_tasks.metrics()["zero_shot"]["tasks"]["boolq"]["n"] == 1
+    assert with_tasks.data["zero_shot"]["boolq"]["origin"] == "local"
+    assert set(without.metrics()) == {"ppl", "eval", "eval_tokens_per_s"} and "zero_shot" not in without.data
+    assert with_tasks.metrics()["ppl"] == without.metrics()["ppl"]
+
+
+def test_a_cells_kv_cache_is_used_and_a_float_cache_changes_nothing(offline: Path, tiny_llama: tuple) -> None:
+    model, tokenizer = tiny_llama
+    config = ZeroShotConfig(tasks=("piqa", "winogrande"), batch_size=2, max_length=64)
+    made = []
+
+    def make_cache() -> DynamicCache:
+        made.append(DynamicCache())
+        return made[-1]
+
+    plain, _ = zero_shot(model, tokenizer, config)
+    cached, _ = zero_shot(model, tokenizer, config, make_cache)
+    assert made and cached["tasks"] == plain["tasks"]
