@@ -52,11 +52,11 @@ def accuracy_drop_gate(metric: str, acc: float, stderr: float | None, fp_acc: fl
     noise = 100 * gates.acc_drop_stderrs * math.hypot(stderr or 0.0, fp_stderr or 0.0)
     passed = drop <= gates.max_acc_drop or drop <= noise
     verdict = ("within the budget" if drop <= gates.max_acc_drop
-               else "over the budget but within the noise" if passed else "over the budget and the noise")
+               else "over the budget, within the noise" if passed else "over the budget and the noise")
     return GateResult(
         "max_acc_drop", metric, drop, gates.max_acc_drop, 100 * fp_acc, passed,
-        f"accuracy {100 * acc:.1f} vs FP {100 * fp_acc:.1f}: drop {drop:.1f} points, "
-        f"{gates.acc_drop_stderrs:g} stderr = {noise:.1f} points ({verdict} of {gates.max_acc_drop:g} points)")
+        f"accuracy {100 * acc:.1f} vs FP {100 * fp_acc:.1f}: drop {drop:.1f} points; budget "
+        f"{gates.max_acc_drop:g} points, noise ({gates.acc_drop_stderrs:g} stderr) {noise:.1f} points: {verdict}")
 
 
 def zero_shot_gates(zero_shot: dict[str, Any], fp_zero_shot: dict[str, Any], gates: GateConfig) -> list[GateResult]:
