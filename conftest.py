@@ -22,6 +22,7 @@ from ptq.cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, CacheStore, cache_dir
 from ptq.config import parse_override
 from ptq.data import load_text
 from ptq.errors import ConfigError, PtqError
+from ptq.eval.lm_tasks import check_task_files, check_task_names
 from ptq.gates import BaselineStore
 from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, Selection, shard
 from ptq.pipeline import EVAL_SPLIT
@@ -137,9 +138,12 @@ def pytest_configure(config: pytest.Config) -> None:
         )
         cells = catalog.cells(selection, config.ptq_device.type)
         config.stash[CELLS] = shard(cells, config.getoption("shard")) if config.getoption("shard") else cells
+        zero_shot_tasks = tuple(dict.fromkeys(t for cell in config.stash[CELLS] for t in cell.config.zero_shot.tasks))
+        check_task_names(zero_shot_tasks)
         if not config.option.collectonly:  # missing data is a usage error, before any model loads
             for dataset in sorted({d for cell in config.stash[CELLS] for d in cell.config.eval.datasets}):
                 load_text(dataset, EVAL_SPLIT)
+            check_task_files(zero_shot_tasks)
     except PtqError as exc:
         raise _usage_error(f"ptq-bench: {exc}", catalog) from None
     config.ptq_catalog = catalog

@@ -15,7 +15,7 @@ import pytest
 from fixtures.models import BaselineCache, ModelStore
 from ptq.cache import CacheStore
 from ptq.errors import PtqError
-from ptq.gates import BaselineStore, quality_gates
+from ptq.gates import BaselineStore, quality_gates, zero_shot_gates
 from ptq.matrix import Cell
 from ptq.pipeline import run_cached
 
@@ -45,14 +45,19 @@ def test_cell(cell: Cell, models: ModelStore, fp_baselines: BaselineCache, resul
     fp_ppl = baseline.metrics["ppl"]
     ppl = outcome.metrics["ppl"]
     first = next(iter(ppl))
+    metrics = {**outcome.metrics, "fp_ppl": fp_ppl, "ppl_ratio": ppl[first] / fp_ppl[first]}
+    if "zero_shot" in outcome.metrics:
+        metrics["fp_zero_shot"] = baseline.metrics["zero_shot"]
     record.update(
-        metrics={**outcome.metrics, "fp_ppl": fp_ppl, "ppl_ratio": ppl[first] / fp_ppl[first]},
+        metrics=metrics,
         data=outcome.data,
         notes=outcome.notes,
         fallbacks=outcome.fallbacks + [f"cache: {problem}" for problem in outcome.cache_problems],
         cache={**outcome.cache, "fp_baseline": baseline.cache["metrics"]},
     )
     gates = quality_gates(ppl, fp_ppl, config.gates)
+    if "zero_shot" in outcome.metrics:
+        gates += zero_shot_gates(outcome.metrics["zero_shot"], baseline.metrics["zero_shot"], config.gates)
     if not pytestconfig.getoption("update_baselines"):
         gates += baseline_store.check(cell.id, record["config_fingerprint"], ppl, config.gates.baseline_rel_tol,
                                       required=not pytestconfig.getoption("override"))

@@ -158,9 +158,32 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ZeroShotConfig:
+    """lm-eval tasks scored on the in-memory model; no tasks means no zero-shot evaluation."""
+
+    tasks: tuple[str, ...] = ()  # lm-eval task names
+    limit: int | None = None  # examples per task, a seeded sample; None: every example
+    seed: int = 0  # of the sample
+    batch_size: int = 8
+    max_length: int | None = 2048  # tokens; longer requests are truncated from the left, as lm-eval does
+
+    def __post_init__(self) -> None:
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks lists a task twice: {list(self.tasks)}")
+        for name in ("limit", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+@dataclass(frozen=True)
 class GateConfig:
     max_ppl_ratio: float | None = None  # quantized PPL / FP PPL, same session
     baseline_rel_tol: float = 0.01  # relative tolerance against the committed baseline
+    # Zero-shot: a task's accuracy (and the average) may drop below the FP baseline's by this
+    # many points, or by any amount within acc_drop_stderrs standard errors of the difference.
+    max_acc_drop: float | None = None
+    acc_drop_stderrs: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +200,7 @@ class CellConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gates: GateConfig = field(default_factory=GateConfig)
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -196,6 +220,8 @@ class CellConfig:
             payload["model"].pop(key)
         if payload["kv_eval"] is None:  # sections added later: absent means what it meant before
             payload.pop("kv_eval")
+        if not self.zero_shot.tasks:  # unused: cells without zero-shot keep their fingerprints
+            payload.pop("zero_shot")
         payload["device_type"] = device_type
         return payload
 

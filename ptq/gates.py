@@ -4,6 +4,7 @@ and a regression check against committed expected metrics (regenerated only on p
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,35 @@ def quality_gates(ppl: dict[str, float], fp_ppl: dict[str, float], gates: GateCo
             f"PPL {value:.3f} is {ratio:.3f}x the FP baseline {fp_ppl[dataset]:.3f} "
             f"({'within' if passed else 'over'} the budget of {gates.max_ppl_ratio}x)"))
     return results
+
+
+def accuracy_drop_gate(metric: str, acc: float, stderr: float | None, fp_acc: float, fp_stderr: float | None,
+                       gates: GateConfig) -> GateResult:
+    """The FP accuracy minus the quantized one, in points, fails when it is over max_acc_drop
+    *and* over acc_drop_stderrs standard errors of the difference (the two estimates taken as
+    independent, which overstates the noise of a paired comparison: a conservative gate)."""
+    assert gates.max_acc_drop is not None
+    drop = 100 * (fp_acc - acc)
+    noise = 100 * gates.acc_drop_stderrs * math.hypot(stderr or 0.0, fp_stderr or 0.0)
+    passed = drop <= gates.max_acc_drop or drop <= noise
+    verdict = ("within the budget" if drop <= gates.max_acc_drop
+               else "over the budget, within the noise" if passed else "over the budget and the noise")
+    return GateResult(
+        "max_acc_drop", metric, drop, gates.max_acc_drop, 100 * fp_acc, passed,
+        f"accuracy {100 * acc:.1f} vs FP {100 * fp_acc:.1f}: drop {drop:.1f} points; budget "
+        f"{gates.max_acc_drop:g} points, noise ({gates.acc_drop_stderrs:g} stderr) {noise:.1f} points: {verdict}")
+
+
+def zero_shot_gates(zero_shot: dict[str, Any], fp_zero_shot: dict[str, Any], gates: GateConfig) -> list[GateResult]:
+    """max_acc_drop on every task with an accuracy, and on their average."""
+    if gates.max_acc_drop is None:
+        return []
+    scored = [(f"zero_shot.{task}.acc", zero_shot["tasks"][task], fp_zero_shot["tasks"][task])
+              for task, metrics in zero_shot["tasks"].items() if "acc" in metrics]
+    if zero_shot["average"] is not None:
+        scored.append(("zero_shot.average.acc", zero_shot["average"], fp_zero_shot["average"]))
+    return [accuracy_drop_gate(metric, ours["acc"], ours["acc_stderr"], fp["acc"], fp["acc_stderr"], gates)
+            for metric, ours, fp in scored]
 
 
 class BaselineStore:

@@ -18,12 +18,13 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ptq.cache import CacheStore, Lookup, Status, cache_key, code_version, tree_sha256
-from ptq.config import CellConfig, EvalConfig, KVEvalConfig, SourceConfig
+from ptq.config import CellConfig, KVEvalConfig, SourceConfig
 from ptq.data import load_text, tokenize_once
 from ptq.eval.decode import decode_speed, float_cache
 from ptq.eval.memory import PeakMemory
 from ptq.eval.passkey import passkey_accuracy, trials
 from ptq.eval.perplexity import PerplexityResult, perplexity
+from ptq.eval.zeroshot import zero_shot
 from ptq.models.adapters import ArchAdapter
 from ptq.models.loading import ResolvedSource, resolve_source
 from ptq.calib import CALIB_SPLITS, calibration_set
@@ -38,8 +39,8 @@ EVAL_SPLIT = "test"
 QUANTIZE_CODE = ("ptq.quant", "ptq.calib", "ptq.transforms", "ptq.kv", "ptq.registry", "ptq.data", "ptq.config",
                  "ptq.models.adapters", "ptq.models.loading")
 EVALUATE_CODE = ("ptq.pipeline", "ptq.cache", "ptq.eval.perplexity", "ptq.eval.decode", "ptq.eval.passkey",
-                 "ptq.eval.memory", "ptq.data", "ptq.kv")
-RESULT_PACKAGES = ("torch", "transformers", "tokenizers", "gguf", "safetensors", "hqq", "optimum-quanto")
+                 "ptq.eval.zeroshot", "ptq.eval.lm_tasks", "ptq.eval.memory", "ptq.data", "ptq.kv")
+RESULT_PACKAGES = ("torch", "transformers", "tokenizers", "gguf", "safetensors", "hqq", "optimum-quanto", "lm_eval")
 WEIGHTS_FILE = "weights.safetensors"
 
 
@@ -64,17 +65,21 @@ class Evaluation:
     data: dict[str, Any]  # per dataset: origin, sha256, token count
     fallbacks: list[str] = field(default_factory=list)
     kv_probes: dict[str, Any] = field(default_factory=dict)  # passkey, decode speed, cache bytes
+    zero_shot: dict[str, Any] | None = None  # see ptq.eval.zeroshot.zero_shot, when configured
 
     def metrics(self) -> dict[str, Any]:
         seconds = sum(r.seconds for r in self.results.values())
         tokens = sum(r.windows * r.seqlen for r in self.results.values())
-        return {
+        metrics = {
             "ppl": {name: r.ppl for name, r in self.results.items()},
             "eval": {name: {"windows": r.windows, "seqlen": r.seqlen, "tokens_scored": r.tokens_scored,
                             "seconds": r.seconds, "prefill_chunk": r.prefill_chunk} for name, r in self.results.items()},
             "eval_tokens_per_s": tokens / seconds if seconds > 0 else None,
             **self.kv_probes,
         }
+        if self.zero_shot is not None:
+            metrics["zero_shot"] = self.zero_shot
+        return metrics
 
 
 def kv_probes(quantized: QuantizedModel, loaded: LoadedModel, config: KVEvalConfig) -> dict[str, Any]:
@@ -93,22 +98,22 @@ def kv_probes(quantized: QuantizedModel, loaded: LoadedModel, config: KVEvalConf
     }
 
 
-def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig,
-             kv_eval: KVEvalConfig | None = None) -> Evaluation:
-    """Perplexity on every configured dataset (chunked prefill when `kv_eval` is set), then the
-    KV probes. On CUDA OOM the batch is halved and that is recorded."""
+def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: CellConfig) -> Evaluation:
+    """Perplexity on every configured dataset (by chunked prefill when the cell has KV probes),
+    then the KV probes and the zero-shot tasks, when configured. On CUDA OOM the perplexity
+    batch is halved and that is recorded."""
     results: dict[str, PerplexityResult] = {}
     data: dict[str, Any] = {}
     fallbacks: list[str] = []
-    chunk = kv_eval.prefill_chunk if kv_eval else None
-    for dataset in config.datasets:
+    chunk = config.kv_eval.prefill_chunk if config.kv_eval else None
+    for dataset in config.eval.datasets:
         text = load_text(dataset, EVAL_SPLIT)
         ids = tokenize_once(loaded.tokenizer, text)
         data[dataset] = {**text.describe(), "tokens": int(ids.shape[1])}
-        batch_size = config.batch_size
+        batch_size = config.eval.batch_size
         while True:
             try:
-                results[dataset] = perplexity(quantized.model, ids, config.seqlen, config.max_windows, batch_size,
+                results[dataset] = perplexity(quantized.model, ids, config.eval.seqlen, config.eval.max_windows, batch_size,
                                               quantized.make_cache, chunk)
                 break
             except torch.OutOfMemoryError:
@@ -117,8 +122,12 @@ def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: EvalConfig,
                 torch.cuda.empty_cache()
                 fallbacks.append(f"{dataset}: out of memory at eval batch {batch_size}, retried at {batch_size // 2}")
                 batch_size //= 2
-    probes = kv_probes(quantized, loaded, kv_eval) if kv_eval else {}
-    return Evaluation(results, data, fallbacks, probes)
+    probes = kv_probes(quantized, loaded, config.kv_eval) if config.kv_eval else {}
+    accuracy = None
+    if config.zero_shot.tasks:
+        accuracy, data["zero_shot"] = zero_shot(quantized.model, loaded.tokenizer, config.zero_shot,
+                                                quantized.make_cache)
+    return Evaluation(results, data, fallbacks, probes, accuracy)
 
 
 @dataclass
@@ -166,6 +175,8 @@ def cache_inputs(method: MethodInfo, config: CellConfig, device_type: str) -> tu
     if method.baseline:  # it reads no method params; the section is that of the cell it serves
         settings.pop("method")
     eval_settings = settings.pop("eval")
+    # the probes and zero-shot tasks are evaluation too: they change the metrics, not the weights
+    eval_settings.update({section: settings.pop(section) for section in ("kv_eval", "zero_shot") if section in settings})
     weights: dict[str, Any] = {
         "method": method.name, "model": model_identity(config.model.source), "settings": settings,
         "packages": package_versions(RESULT_PACKAGES), "code": code_version((method.apply.__module__, *QUANTIZE_CODE))}
@@ -214,7 +225,7 @@ def run_method(method: MethodInfo, loaded: LoadedModel, config: CellConfig, stor
                 torch.cuda.synchronize(loaded.device)
             quant_seconds = time.perf_counter() - start
             calibration_record = calibration.record if calibration else None
-        evaluation = evaluate(quantized, loaded, config.eval, config.kv_eval)
+        evaluation = evaluate(quantized, loaded, config)
     added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "peak_memory_bytes": memory.peak_bytes,
                "peak_memory_kind": memory.kind, "peak_memory_added_bytes": added,

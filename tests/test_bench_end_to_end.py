@@ -58,7 +58,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_bench(workspace: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PTQ_DATA_DIR": str(workspace / "data"), "CUDA_VISIBLE_DEVICES": ""}
+    # not the outer session's xdist variables: the run is its own session
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
+    env = {**inherited, "PTQ_DATA_DIR": str(workspace / "data"), "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "-p", "no:cacheprovider", "--bench-dir", str(workspace / "bench"),
          "--reports-dir", str(workspace / "reports"), "--cache-dir", str(workspace / "cache"), "--experiment", "tiny",

@@ -234,7 +234,7 @@ def test_keys_follow_data_packages_code_and_model(cells: dict[str, Cell], fake_t
     inputs, _ = cache_inputs(REGISTRY["rtn"], rtn.config, "cpu")
     assert inputs["code"] == code_version(("ptq.methods.rtn", *QUANTIZE_CODE))
     assert inputs["packages"].keys() == {"torch", "transformers", "tokenizers", "gguf", "safetensors", "hqq",
-                                         "optimum-quanto"}
+                                         "optimum-quanto", "lm_eval"}
     with monkeypatch.context() as patch:
         patch.setattr(ptq.pipeline, "package_versions", lambda names: {name: "0.0" for name in names})
         assert keys(rtn)[0] != weights

@@ -16,6 +16,18 @@ def _difference(value: float | None, reference: float | None) -> float | None:
     return None if value is None or reference is None else value - reference
 
 
+ACC_PREFIX = "acc "  # row keys "acc <task>" and "acc avg": zero-shot accuracy, a fraction
+
+
+def zero_shot_columns(zero_shot: dict[str, Any] | None) -> dict[str, Any]:
+    """Accuracy per zero-shot task and their average, when the cell measured them."""
+    if zero_shot is None:
+        return {}
+    accuracies = {f"{ACC_PREFIX}{task}": m["acc"] for task, m in zero_shot["tasks"].items() if "acc" in m}
+    return {**accuracies, f"{ACC_PREFIX}avg": zero_shot["average"]["acc"] if zero_shot["average"] else None,
+            "zero_shot_limit": zero_shot["limit"]}
+
+
 def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flat rows, ordered by model, track, then quality (failed and skipped cells last)."""
     rows = []
@@ -47,6 +59,7 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "peak_memory_mb": (metrics["peak_memory_bytes"] / 2**20
                                if metrics.get("peak_memory_bytes") is not None else None),
             "peak_added_over_float": metrics.get("peak_added_over_float"),
+            **zero_shot_columns(metrics.get("zero_shot")),
             "reason": record["reason"],
         })
     rows.sort(key=lambda r: (r["model"], TRACK_ORDER.get(r["track"], 9), r["status"] != "passed",
@@ -89,7 +102,16 @@ COLUMNS: tuple[Column, ...] = (
 
 
 def visible_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    return [c for c in COLUMNS if not c.optional or any(row.get(c.key) is not None for row in rows)]
+    """The columns some row has a value for, with one accuracy column (in percent) per
+    zero-shot task any row measured, then their average, after the PPL columns."""
+    columns = [c for c in COLUMNS if not c.optional or any(row.get(c.key) is not None for row in rows)]
+    accuracy_keys = list(dict.fromkeys(key for row in rows for key in row if key.startswith(ACC_PREFIX)))
+    accuracy_keys.sort(key=lambda key: key == f"{ACC_PREFIX}avg")  # the average last
+    percent = _number(1)
+    accuracy = [Column(key, key, lambda value: percent(None if value is None else 100 * value))
+                for key in accuracy_keys]
+    at = next(i for i, c in enumerate(columns) if c.key == "ppl_ratio") + 1
+    return columns[:at] + accuracy + columns[at:]
 
 
 def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
