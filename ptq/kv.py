@@ -55,13 +55,30 @@ class StoredChunk:
         tensors = [self.packed, self.scale] + ([] if self.zero is None else [self.zero])
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def extend(self, newer: StoredChunk) -> StoredChunk:
+        """This chunk followed by `newer` (later tokens), as one: one dequantization per read
+        however many times tokens were quantized. Codes and parameters are unchanged."""
+        token_dim = -2 if self.axis == "token" else -1  # in the row layout
+        length = self.row_shape[-1]
+        if self.axis == "channel" and length * self.spec.bits % 8:  # the last byte is shared: repack
+            codes = torch.cat([unpack_codes(self.packed, self.spec.bits, length),
+                               unpack_codes(newer.packed, newer.spec.bits, newer.row_shape[-1])], dim=-1)
+            packed = pack_codes(codes, self.spec.bits)
+        else:
+            packed = torch.cat([self.packed, newer.packed], dim=token_dim)
+        zero = None if self.zero is None else torch.cat([self.zero, newer.zero], dim=token_dim)
+        row_shape = list(self.row_shape)
+        row_shape[token_dim] += newer.row_shape[token_dim]
+        return StoredChunk(packed, torch.cat([self.scale, newer.scale], dim=token_dim), zero, self.spec, self.axis,
+                           torch.Size(row_shape), self.dtype)
+
 
 class KVStream:
-    """Keys or values of one layer: quantized chunks, then the full-precision tail."""
+    """Keys or values of one layer: the quantized tokens, then the full-precision tail."""
 
     def __init__(self, spec: QuantSpec, axis: KVAxis, residual: int) -> None:
         self.spec, self.axis, self.residual = spec, axis, residual
-        self.chunks: list[StoredChunk] = []
+        self.stored: StoredChunk | None = None
         self.tail: torch.Tensor | None = None
 
     def append(self, states: torch.Tensor) -> torch.Tensor:
@@ -71,13 +88,16 @@ class KVStream:
         if self.axis == "channel":  # a channel group spans group_size tokens: only whole groups leave
             overflow -= overflow % self.spec.group_size
         if overflow > 0:
-            self.chunks.append(StoredChunk.quantize(self.tail[..., :overflow, :], self.spec, self.axis))
+            chunk = StoredChunk.quantize(self.tail[..., :overflow, :], self.spec, self.axis)
+            self.stored = chunk if self.stored is None else self.stored.extend(chunk)
             self.tail = self.tail[..., overflow:, :]
-        return torch.cat([chunk.dequantize() for chunk in self.chunks] + [self.tail], dim=-2)
+        if self.stored is None:
+            return self.tail
+        return torch.cat([self.stored.dequantize(), self.tail], dim=-2)
 
     def nbytes(self) -> int:
         tail = 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
-        return sum(chunk.nbytes() for chunk in self.chunks) + tail
+        return (0 if self.stored is None else self.stored.nbytes()) + tail
 
 
 class QuantizedKVLayer(DynamicLayer):

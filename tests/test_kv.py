@@ -71,15 +71,32 @@ def test_channel_stream_groups_tokens_and_keeps_the_residual_exact() -> None:
         out = stream.append(x[..., start : start + 5, :])
         seen = min(start + 5, 23)
         assert out.shape[-2] == seen
-        quantized = sum(chunk.row_shape[-1] for chunk in stream.chunks)
+        quantized = 0 if stream.stored is None else stream.stored.row_shape[-1]
         assert quantized % 4 == 0 and 6 <= seen - quantized < 6 + 4 or quantized == 0
         assert torch.equal(out[..., quantized:, :], x[..., quantized:seen, :])  # the tail is full precision
     # the quantized part is per channel over its tokens: one (scale, zero) per channel per group
-    assert [chunk.row_shape[-1] for chunk in stream.chunks] == [4, 4, 4, 4]  # one whole group at a time
-    last = stream.chunks[-1]
-    assert last.row_shape == (2, 3, HEAD_DIM, 4) and last.scale.shape == (2, 3, HEAD_DIM, 1)
-    expected = fake_quantize(x[..., 12:16, :].transpose(-1, -2), spec).transpose(-1, -2)
-    assert torch.allclose(last.dequantize(), expected, atol=1e-2)
+    # whole groups of 4 tokens left the tail as it overflowed: one (scale, zero) per channel per group
+    stored = stream.stored
+    assert stored.row_shape == (2, 3, HEAD_DIM, 16) and stored.scale.shape == (2, 3, HEAD_DIM, 4)
+    expected = fake_quantize(x[..., :16, :].transpose(-1, -2), spec).transpose(-1, -2)
+    assert torch.allclose(stored.dequantize(), expected, atol=1e-2)
+
+
+@pytest.mark.parametrize(("bits", "group", "axis"), [(2, 4, "channel"), (4, 3, "channel"), (3, 4, "channel"),
+                                                     (4, 8, "token"), (2, 16, "token")])
+def test_chunks_extend_into_what_one_quantization_of_the_same_groups_gives(bits: int, group: int, axis: str) -> None:
+    """Storing tokens in several steps dequantizes exactly like storing them at once (same groups)."""
+    spec = per_token(bits, group)
+    x = states(4 * group if axis == "channel" else 10)
+    step = group if axis == "channel" else 3
+    stepwise = None
+    for start in range(0, x.shape[-2], step):
+        chunk = StoredChunk.quantize(x[..., start : start + step, :], spec, axis)
+        stepwise = chunk if stepwise is None else stepwise.extend(chunk)
+    at_once = StoredChunk.quantize(x, spec, axis)
+    assert stepwise.row_shape == at_once.row_shape
+    assert torch.equal(stepwise.dequantize(), at_once.dequantize())
+    assert stepwise.nbytes() == at_once.nbytes()
 
 
 def test_per_channel_keys_beat_per_token_keys_on_an_outlier_channel() -> None:

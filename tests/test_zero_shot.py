@@ -264,7 +264,7 @@ def test_fingerprint_ignores_zero_shot_settings_without_tasks() -> None:
 def test_zero_shot_experiment_and_device_profiles() -> None:
     catalog = Catalog(ROOT / "bench")
     selection = Selection(experiments=(catalog.experiments["zero-shot"],))
-    for device, limit in (("cpu", 200), ("cuda", None)):
+    for device, limit in (("cpu", 100), ("cuda", None)):
         cells = catalog.cells(selection, device)
         assert [cell.id for cell in cells] == ["smollm2-135m-fp16-A-zero-shot", "smollm2-135m-rtn-A-zero-shot"]
         for cell in cells:
