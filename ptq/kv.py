@@ -163,6 +163,7 @@ def cache_bytes(cache: Cache) -> int:
 
 
 def head_dim_of(model_config) -> int:
+    """Attention head size from a transformers config (stated, or hidden size / heads)."""
     return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from ptq.kv import cache_bytes
+from ptq.kv import cache_bytes, head_dim_of
 
 CacheFactory = Callable[[], Cache]
 
@@ -55,8 +55,7 @@ def greedy_decode(model: torch.nn.Module, cache: Cache, last_logits: torch.Tenso
 def kv_elements_per_token(model_config) -> int:
     """Key and value elements one token adds to the cache, over all layers."""
     heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    return 2 * model_config.num_hidden_layers * heads * head_dim
+    return 2 * model_config.num_hidden_layers * heads * head_dim_of(model_config)
 
 
 @torch.inference_mode()
