@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -14,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.tiny import write_tiny_llama, write_wikitext
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,23 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("e2e")
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(300)]
-    lines = [" " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + " \n" for _ in range(600)]
-    data = base / "data" / "wikitext2"
-    data.mkdir(parents=True)
-    (data / "wiki.test.raw").write_text("".join(lines))
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>"]))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64,
-                                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                                         num_key_value_heads=1, max_position_embeddings=256))  # head_dim 32
+    lines = write_wikitext(base / "data", words=300, lines=600)
     model_dir = base / "tiny-llama"
-    model.save_pretrained(model_dir)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>").save_pretrained(model_dir)
+    write_tiny_llama(model_dir, lines, vocab_size=400, heads=2, kv_heads=1)  # head_dim 32
 
     bench = base / "bench"
     shutil.copytree(ROOT / "bench", bench)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -16,8 +15,6 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import ptq.data
 import ptq.pipeline
@@ -28,6 +25,7 @@ from ptq.models.adapters import adapter_for
 from ptq.models.loading import ResolvedSource, sha256_file
 from ptq.pipeline import QUANTIZE_CODE, CellOutcome, LoadedModel, cache_inputs, model_identity, run_cached
 from ptq.registry import MethodInfo, discover
+from tests.tiny import write_tiny_llama, write_wikitext
 from tests.test_bench_end_to_end import leaderboard, run_bench, workspace  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,20 +258,8 @@ def test_keys_follow_data_packages_code_and_model(cells: dict[str, Cell], fake_t
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A tiny random Llama saved to disk, its tokenizer, and a data dir with a WikiText-2 stand-in."""
     base = tmp_path_factory.mktemp("tiny")
-    rng = random.Random(0)
-    words = [f"w{i}" for i in range(200)]
-    lines = [" " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) + " \n" for _ in range(300)]
-    (base / "data" / "wikitext2").mkdir(parents=True)
-    (base / "data" / "wikitext2" / "wiki.test.raw").write_text("".join(lines))
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    raw.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=raw.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=256)).eval()
-    model.save_pretrained(base / "model")
+    lines = write_wikitext(base / "data", words=200, lines=300)
+    model, tokenizer = write_tiny_llama(base / "model", lines, vocab_size=300, heads=4, kv_heads=2)
     return SimpleNamespace(base=base, model=model, tokenizer=tokenizer)
 
 
