@@ -15,21 +15,17 @@ import uuid
 from pathlib import Path
 
 import pytest
-from _pytest.mark.expression import Expression
 
 from ptq import progress
 from ptq.cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, CacheStore, cache_dir
-from ptq.config import parse_override
-from ptq.data import load_text
-from ptq.errors import ConfigError, PtqError
-from ptq.eval.lm_tasks import check_task_files, check_task_names
+from ptq.errors import PtqError
 from ptq.gates import BaselineStore
-from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, Selection, shard
-from ptq.pipeline import EVAL_SPLIT
+from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, cell_of, compile_keyword
 from ptq.report.compare import Comparison, compare_rows, load_rows
 from ptq.report.leaderboard import leaderboard_rows, render_comparison, render_tracks
 from ptq.report.records import REPORT_PROPERTY
 from ptq.report.write import write_reports
+from ptq.session import Request, plan
 
 pytest_plugins = ["fixtures.devices", "fixtures.models", "fixtures.recording"]
 
@@ -40,7 +36,8 @@ CELLS = pytest.StashKey[list[Cell]]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ptq-bench", "post-training quantization benchmark")
     group.addoption("--models", nargs="+", help="model names (bench/models/*.yaml); default: all, or the experiment's")
-    group.addoption("--methods", nargs="+", help="method names (bench/methods/*.yaml); default: all")
+    group.addoption("--methods", nargs="+", help="methods (bench/methods/*.yaml), or pipelines of them joined by "
+                    "+ (awq+gptq: run in order on one block walk); default: all")
     group.addoption("--tracks", nargs="+", help="tracks A B C; default: all")
     group.addoption("--experiment", nargs="+", default=[DEFAULT_EXPERIMENT],
                     help="experiments: names in bench/experiments/ or YAML paths (default: default); "
@@ -90,18 +87,10 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 def _usage_error(message: str, catalog: Catalog | None) -> pytest.UsageError:
     if catalog is not None:
-        message += (f"\n  models: {' '.join(catalog.models)}\n  methods: {' '.join(catalog.methods)}"
-                    f"\n  tracks: {' '.join(catalog.tracks)}\n  experiments: {' '.join(catalog.experiments)}")
+        message += (f"\n  models: {' '.join(catalog.models)}\n  methods: {' '.join(catalog.methods)} (join them "
+                    f"with + for a pipeline, e.g. awq+gptq)\n  tracks: {' '.join(catalog.tracks)}"
+                    f"\n  experiments: {' '.join(catalog.experiments)}")
     return pytest.UsageError(message)
-
-
-def _experiment_path(value: str, catalog: Catalog) -> Path:
-    if value in catalog.experiments:
-        return catalog.experiments[value]
-    path = Path(value)
-    if path.is_file():
-        return path
-    raise ConfigError(f"--experiment {value!r} is neither a name in {catalog.bench_dir / 'experiments'} nor a file")
 
 
 @pytest.hookimpl(tryfirst=True)  # conftest hooks run before xdist's own tryfirst one, which reads -n
@@ -126,24 +115,14 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[CELLS] = []
         return
     catalog = None
+    option = config.getoption
     try:
-        catalog = Catalog(Path(config.getoption("bench_dir")))
-        overrides = tuple(parse_override(text) for text in config.getoption("override"))
-        selection = Selection(
-            models=tuple(config.getoption("models")) if config.getoption("models") else None,
-            methods=tuple(config.getoption("methods")) if config.getoption("methods") else None,
-            tracks=tuple(config.getoption("tracks")) if config.getoption("tracks") else None,
-            experiments=tuple(_experiment_path(value, catalog) for value in config.getoption("experiment")),
-            overrides=overrides,
-        )
-        cells = catalog.cells(selection, config.ptq_device.type)
-        config.stash[CELLS] = shard(cells, config.getoption("shard")) if config.getoption("shard") else cells
-        zero_shot_tasks = tuple(dict.fromkeys(t for cell in config.stash[CELLS] for t in cell.config.zero_shot.tasks))
-        check_task_names(zero_shot_tasks)
-        if not config.option.collectonly:  # missing data is a usage error, before any model loads
-            for dataset in sorted({d for cell in config.stash[CELLS] for d in cell.config.eval.datasets}):
-                load_text(dataset, EVAL_SPLIT)
-            check_task_files(zero_shot_tasks)
+        catalog = Catalog(Path(option("bench_dir")))
+        request = Request(option("models") and tuple(option("models")), option("methods") and tuple(option("methods")),
+                          option("tracks") and tuple(option("tracks")), tuple(option("experiment")),
+                          tuple(option("override")), option("shard"))
+        # missing data is a usage error, before any model loads
+        config.stash[CELLS] = plan(catalog, request, config.ptq_device.type, check_data=not config.option.collectonly)
     except PtqError as exc:
         raise _usage_error(f"ptq-bench: {exc}", catalog) from None
     config.ptq_catalog = catalog
@@ -192,8 +171,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
     """Track the progress of a benchmark cell while its test runs (see ptq.progress)."""
-    cell = item.callspec.params.get("cell") if hasattr(item, "callspec") else None
-    if not isinstance(cell, Cell) or not item.config.getoption("progress"):
+    cell = cell_of(item)
+    if cell is None or not item.config.getoption("progress"):
         return (yield)
     capture = item.config.pluginmanager.getplugin("capturemanager")  # None under -p no:capture
 
@@ -207,35 +186,25 @@ def pytest_runtest_call(item: pytest.Item):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`-k` on cells matches whole names: `-k "rtn and A"` selects the rtn cells of track A.
-
-    pytest's own `-k` matches substrings of every name in a test's path, so a bare "A" would
-    match any name holding an "a". For cells, a term matches when it equals (ignoring case)
-    the model, method, track, size or cell id, or, when longer than one character, is a
-    substring of the cell id. Other tests keep pytest's matching.
-    """
+    """`-k` on cells matches whole names (see ptq.matrix.Cell.matches); other tests keep pytest's matching."""
     expression = config.option.keyword.lstrip()
     if not expression:
         return
     from _pytest.mark import KeywordMatcher
 
-    compiled = Expression.compile(expression)
+    try:
+        compiled = compile_keyword(expression)
+    except PtqError as exc:
+        raise pytest.UsageError(f"ptq-bench: {exc}") from None
     kept, dropped = [], []
     for item in items:
-        cell = item.callspec.params.get("cell") if hasattr(item, "callspec") else None
-        if isinstance(cell, Cell):
-            names = {name.lower() for name in cell.keywords}
-            cell_id = cell.id.lower()
-            matches = compiled.evaluate(
-                lambda term, **_: term.lower() in names or (len(term) > 1 and term.lower() in cell_id))
-        else:
-            matches = compiled.evaluate(KeywordMatcher.from_item(item))
+        cell = cell_of(item)
+        matches = cell.matches(compiled) if cell else compiled.evaluate(KeywordMatcher.from_item(item))
         (kept if matches else dropped).append(item)
     config.option.keyword = ""  # done here; pytest's pass would re-match substrings
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
-
 
 
 class LeaderboardCollector:
@@ -269,11 +238,7 @@ class LeaderboardCollector:
                       comparison)
         if self.config.getoption("update_baselines"):
             store = BaselineStore(Path(self.config.getoption("bench_dir")) / "baselines.json")
-            for rec in self.records:
-                if rec["status"] == "passed":
-                    store.update(rec["cell_id"], rec["config_fingerprint"], {
-                        "ppl": rec["metrics"]["ppl"], "device": rec["environment"]["device"],
-                        "commit": rec["environment"]["git_commit"]})
+            store.update_passed(self.records)
             store.save()
 
     def pytest_terminal_summary(self, terminalreporter) -> None:

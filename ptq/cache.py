@@ -30,7 +30,7 @@ DEFAULT_CACHE_DIR = "~/.cache/ptq-bench"
 MANIFEST = "manifest.json"
 
 # hit: used; miss: absent, built; rebuilt: present but invalid, removed and built again;
-# off: caching disabled; none: nothing to store for this stage (see ptq.pipeline).
+# off: caching disabled; none: nothing to store for this stage (see ptq.cell).
 Status = Literal["hit", "miss", "rebuilt", "off", "none"]
 
 

@@ -8,7 +8,10 @@ A cell's configuration is the deep merge, low to high precedence, of
              < --override (CLI)
 
 Each layer is checked against the schema when its file is read, so an unknown key or a
-wrong type is reported with the file, the key path and the line. Values set by each
+wrong type is reported with the file, the key path and the line. A cell runs a pipeline of
+methods (stages); each stage's parameters live under `stages.<method>.params` and are
+checked against the method's own params class (a method file's `method.params` is that
+method's block, see `reroot_params`). Values set by each
 layer are remembered (provenance), so errors found only after merging (a missing field,
 an invalid combination) still name the file and line that set them.
 """
@@ -17,8 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -69,10 +70,35 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class StageConfig:
+    """One method of a cell's pipeline with its typed, validated parameters."""
+
+    name: str
+    params: Any  # the method's frozen params dataclass (ptq.registry)
+    added: bool = False  # not asked for: the pipeline's transforms needed a weight quantizer after them
+
+
+@dataclass(frozen=True)
 class MethodConfig:
+    name: str  # the pipeline as asked for: its methods joined by "+"
+    description: str = ""
+    stages: tuple[StageConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class MethodLayer:
+    """The `method:` section as a file writes it; `params` belong to the file's own method."""
+
     name: str
     description: str = ""
-    params: dict[str, Any] = field(default_factory=dict)  # method-specific knobs
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageLayer:
+    """One entry of a layer's `stages:` mapping (method name -> its settings)."""
+
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -188,7 +214,9 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class CellConfig:
-    """The fully resolved configuration of one benchmark cell."""
+    """The fully resolved configuration of one benchmark cell. Sections the cell's pipeline does
+    not read are None (a spec no stage reads, calibration settings of a data-free pipeline), so
+    a record never claims a setting the run did not use."""
 
     model: ModelConfig
     method: MethodConfig
@@ -197,33 +225,13 @@ class CellConfig:
     act: QuantSpec | None = None  # dynamic activation quantization of linear inputs (track B)
     kv: KVConfig | None = None  # KV-cache quantization (track C)
     kv_eval: KVEvalConfig | None = None  # KV-cache probes (track C), for every method of the track
-    calib: CalibConfig = field(default_factory=CalibConfig)
+    calib: CalibConfig | None = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def fingerprint(self, device_type: str) -> str:
-        """A short hash of everything that determines the cell's metrics (not its gates)."""
-        blob = json.dumps(self.fingerprint_payload(device_type), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def fingerprint_payload(self, device_type: str) -> dict[str, Any]:
-        """The settings that determine the cell's metrics, as a plain dict (see `fingerprint`)."""
-        payload = self.to_dict()
-        payload.pop("gates")
-        for section in ("method", "track"):  # prose does not change a metric
-            payload[section].pop("description")
-        for key in ("size", "needs_gpu", "baseline_note", "head_dim"):
-            payload["model"].pop(key)
-        if payload["kv_eval"] is None:  # sections added later: absent means what it meant before
-            payload.pop("kv_eval")
-        if not self.zero_shot.tasks:  # unused: cells without zero-shot keep their fingerprints
-            payload.pop("zero_shot")
-        payload["device_type"] = device_type
-        return payload
 
 
 # Keys a file may hold beyond the CellConfig fields, per kind of file.
@@ -235,6 +243,11 @@ class ExperimentHeader:
     methods: tuple[str, ...] | None = None
     tracks: tuple[Literal["A", "B", "C"], ...] | None = None
     calib_datasets: tuple[Literal["c4", "wikitext2"], ...] | None = None  # one cell per set, calibrated methods
+
+
+# How a layer may spell the sections that differ from the built CellConfig.
+LAYER_HINTS: dict[str, Any] = {"method": MethodLayer, "stages": dict[str, StageLayer]}
+ParamSchemas = typing.Mapping[str, type]  # method name -> its params dataclass
 
 
 # ------------------------------------------------------------------ YAML with line numbers
@@ -376,9 +389,11 @@ def _dataclass_in(tp: Any) -> type | None:
     return None
 
 
-def check_partial(data: dict[str, Any], schema: type, layer: Layer, prefix: tuple[str, ...] = ()) -> None:
-    """Check that `data` is a valid *partial* instance of `schema`: known keys, right types."""
-    hints = typing.get_type_hints(schema)
+def check_partial(data: dict[str, Any], schema: type, layer: Layer, prefix: tuple[str, ...] = (),
+                  hints: dict[str, Any] | None = None) -> None:
+    """Check that `data` is a valid *partial* instance of `schema`: known keys, right types.
+    `hints` replace the schema's type of some of its keys (see LAYER_HINTS)."""
+    hints = {**typing.get_type_hints(schema), **(hints or {})}
     for key, value in data.items():
         path = prefix + (key,)
         where = layer.provenance.get(path, layer.source)
@@ -392,6 +407,79 @@ def check_partial(data: dict[str, Any], schema: type, layer: Layer, prefix: tupl
         nested = _dataclass_in(tp)
         if nested is not None and isinstance(value, dict):
             check_partial(value, nested, layer, path)
+
+
+def check_layer(layer: Layer, schemas: ParamSchemas) -> None:
+    """Check a layer as files spell it (a partial CellConfig with `method:` and `stages:` as in
+    LAYER_HINTS); each stage's params against its method's params class (`schemas`)."""
+    check_partial(layer.data, CellConfig, layer, hints=LAYER_HINTS)
+    for stage, settings in (layer.data.get("stages") or {}).items():
+        where = layer.provenance.get(("stages", stage), layer.source)
+        if stage not in schemas:
+            raise ConfigError(f"{where}: stages.{stage}: no such method (known: {', '.join(sorted(schemas))})")
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{where}: stages.{stage} must be a mapping, got {settings!r}")
+        check_partial(settings, StageLayer, layer, ("stages", stage))
+        check_partial(settings.get("params") or {}, schemas[stage], layer, ("stages", stage, "params"))
+
+
+def _moved(layer: Layer, data: dict[str, Any], moves: dict[tuple[str, ...], tuple[str, ...]]) -> Layer:
+    """`layer` with `data` and the provenance of each `moves` key path (and below) moved to its new path."""
+    provenance: Provenance = {}
+    for path, where in layer.provenance.items():
+        for old, new in moves.items():
+            if path[: len(old)] == old:
+                for depth in range(1, len(new)):
+                    provenance.setdefault(new[:depth], where)
+                path = new + path[len(old):]
+                break
+        provenance[path] = where
+    return Layer(data, provenance, layer.source)
+
+
+def reroot_params(layer: Layer, method: str) -> Layer:
+    """A method file's layer (or a block of it) with its `method.params` as `stages.<method>.params`;
+    the rest of `method:` (name, prose) describes the file, not a setting, and is left out."""
+    section = layer.data.get("method") or {}
+    data = {key: value for key, value in layer.data.items() if key != "method"}
+    if "params" in section:
+        data = deep_merge(data, {"stages": {method: {"params": section["params"]}}})
+    moved = _moved(layer, data, {("method", "params"): ("stages", method, "params")})
+    moved.provenance = {path: where for path, where in moved.provenance.items() if path[0] != "method"}
+    return moved
+
+
+def route_params(layer: Layer, schemas: ParamSchemas) -> tuple[Layer, set[str]]:
+    """A layer above the method files (experiment, --override) for a pipeline of the methods in
+    `schemas`: each `method.params.K` goes to the one stage that has a parameter K, and is left out
+    for a pipeline with none (the FP baseline, a method without it). Returns the layer and the keys
+    it routed, so the caller can tell a key no selected cell has (a typo)."""
+    section = layer.data.get("method")
+    if section is None:
+        return layer, set()
+    extra = sorted(set(section) - {"params"})
+    if extra:
+        where = layer.provenance.get(("method", extra[0]), layer.source)
+        raise ConfigError(f"{where}: method.{extra[0]} cannot be set here: methods are chosen with --methods or "
+                          "an experiment's `methods`, and only their params are settings (method.params.K, or "
+                          "stages.<method>.params.K)")
+    params = section.get("params") or {}
+    data = {key: value for key, value in layer.data.items() if key != "method"}
+    moves: dict[tuple[str, ...], tuple[str, ...]] = {}
+    routed: set[str] = set()
+    for key, value in params.items():
+        owners = [name for name, schema in schemas.items() if key in {f.name for f in dataclasses.fields(schema)}]
+        if len(owners) > 1:
+            where = layer.provenance.get(("method", "params", key), layer.source)
+            raise ConfigError(f"{where}: method.params.{key} is a parameter of {' and '.join(owners)}: say which, "
+                              f"e.g. stages.{owners[-1]}.params.{key}")
+        if owners:
+            data = deep_merge(data, {"stages": {owners[0]: {"params": {key: value}}}})
+            moves[("method", "params", key)] = ("stages", owners[0], "params", key)
+            routed.add(key)
+    moved = _moved(layer, data, moves)
+    moved.provenance = {path: where for path, where in moved.provenance.items() if path[0] != "method"}
+    return moved, routed
 
 
 def build(schema: type, data: dict[str, Any], provenance: Provenance, prefix: tuple[str, ...] = ()) -> Any:
@@ -409,6 +497,8 @@ def build(schema: type, data: dict[str, Any], provenance: Provenance, prefix: tu
             isinstance(value, list) and typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType)
         ):
             value = tuple(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and _accepts_float_not_int(hints[f.name]):
+            value = float(value)  # `beta: 10` is the float 10.0: one spelling, one fingerprint
         kwargs[f.name] = value
     dotted = ".".join(prefix) or "config"
     where = _nearest_provenance(provenance, prefix)
@@ -426,6 +516,11 @@ def build(schema: type, data: dict[str, Any], provenance: Provenance, prefix: tu
         if named:
             where = provenance.get(prefix + (named[0],), where)
         raise ConfigError(f"{where}: {dotted}: {exc}") from None
+
+
+def _accepts_float_not_int(tp: Any) -> bool:
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return float in args and int not in args
 
 
 def _nearest_provenance(provenance: Provenance, prefix: tuple[str, ...]) -> str:
@@ -448,14 +543,24 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve(layers: list[Layer]) -> CellConfig:
-    """Merge layers (low to high precedence) and build the typed cell configuration."""
+def resolve(layers: list[Layer], schemas: ParamSchemas, stages: tuple[str, ...], name: str,
+            description: str = "") -> CellConfig:
+    """Merge layers (low to high precedence) and build the typed configuration of a cell running
+    the pipeline `stages` (called `name`): each stage's params from `stages.<method>.params`,
+    checked against `schemas`; settings of methods outside the pipeline are left out."""
     data: dict[str, Any] = {}
     provenance: Provenance = {}
     for layer in layers:
-        check_partial(layer.data, CellConfig, layer)
+        check_layer(layer, schemas)
         data = deep_merge(data, layer.data)
         for path, where in layer.provenance.items():  # re-insert so the latest setter is also last
             provenance.pop(path, None)
             provenance[path] = where
+    settings = data.pop("stages", None) or {}
+    data.pop("method", None)
+    built = tuple(
+        StageConfig(stage, build(schemas[stage], (settings.get(stage) or {}).get("params") or {}, provenance,
+                                 ("stages", stage, "params")))
+        for stage in stages)
+    data["method"] = {"name": name, "description": description, "stages": built}
     return build(CellConfig, data, provenance)

@@ -71,6 +71,16 @@ def zero_shot_gates(zero_shot: dict[str, Any], fp_zero_shot: dict[str, Any], gat
             for metric, ours, fp in scored]
 
 
+def cell_gates(metrics: dict[str, Any], fp_metrics: dict[str, Any], gates: GateConfig,
+               baseline: list[GateResult]) -> list[GateResult]:
+    """Every gate of a cell: its quality budget against the FP baseline (PPL, and zero-shot
+    accuracy when measured), then `baseline`, the committed-baseline check (see BaselineStore)."""
+    results = quality_gates(metrics["ppl"], fp_metrics["ppl"], gates)
+    if "zero_shot" in metrics:
+        results += zero_shot_gates(metrics["zero_shot"], fp_metrics["zero_shot"], gates)
+    return results + baseline
+
+
 class BaselineStore:
     """Expected metrics per cell id and config fingerprint, in one committed JSON file.
 
@@ -115,6 +125,14 @@ class BaselineStore:
     def update(self, cell_id: str, fingerprint: str, entry: dict[str, Any]) -> None:
         """The cell's expected metrics become these, for this configuration only (older ones go)."""
         self.entries[cell_id] = {fingerprint: entry}
+
+    def update_passed(self, records: list[dict[str, Any]]) -> None:
+        """Each passed cell's measured PPL becomes its baseline (--update-baselines)."""
+        for record in records:
+            if record["status"] == "passed":
+                self.update(record["cell_id"], record["config_fingerprint"], {
+                    "ppl": record["metrics"]["ppl"], "device": record["environment"]["device"],
+                    "commit": record["environment"]["git_commit"]})
 
     def save(self) -> None:
         atomic_write(self.path, json.dumps(self.entries, indent=2, sort_keys=True) + "\n")

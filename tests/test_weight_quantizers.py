@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from ptq.config import CellConfig
-from ptq.matrix import Catalog
+from ptq.config import CellConfig, parse_override
+from ptq.engine import QuantResult
+from ptq.errors import ConfigError
+from ptq.matrix import Catalog, Selection
 from ptq.methods.hqq import HqqParams, hqq_params, hqq_quantize
-from ptq.methods.pot import apot_levels, pot_levels
+from ptq.methods.pot import ApotParams, PotParams, apot_levels, pot_levels
 from ptq.models.adapters import ADAPTERS
+from ptq.pipeline import quantize
 from ptq.quant import QuantSpec, codebook_fake_quantize, fake_quantize
-from ptq.registry import QuantContext, discover
+from ptq.registry import discover
+from ptq.transforms import bits_per_weight
 
 DEFAULTS = dataclasses.asdict(HqqParams())
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -232,8 +235,8 @@ NEW_METHODS = ("hqq", "pot", "apot")
 def test_methods_are_registered_for_track_a() -> None:
     registry = discover()
     for name in NEW_METHODS:
-        assert registry[name].tracks == {"A"} and registry[name].uses == {"weight"}
-        assert not registry[name].calibrated
+        assert registry[name].tracks == {"A"} and registry[name].reads == {"weight"}
+        assert registry[name].role == "quantizer" and not registry[name].calibrated
 
 
 @pytest.fixture(scope="module")
@@ -256,60 +259,71 @@ class ToyModel(nn.Module):
             self.layers = nn.ModuleList([ToyBlock(), ToyBlock()])
 
 
-def run(catalog: Catalog, method: str, **params: object) -> tuple[ToyModel, ToyModel, list[str], CellConfig]:
-    """Apply `method` with track A's resolved configuration to a toy model (two blocks of
-    linears); `params` replace the YAML's."""
-    config = catalog.cell_config(next(iter(catalog.models)), method, "A", (), "cpu")
-    if params:
-        config = dataclasses.replace(config, method=dataclasses.replace(config.method, params=params))
-    before, model = ToyModel(), ToyModel()
-    ctx = QuantContext(adapter=dataclasses.replace(ADAPTERS[0], blocks="layers"), device=torch.device("cpu"),
-                       calibration=None)
-    result = catalog.registry[method].apply(model, config, ctx)
-    return before, result.model, result.notes, config
+def run(catalog: Catalog, method: str, *overrides: str) -> tuple[ToyModel, QuantResult, CellConfig]:
+    """Run `method` with track A's resolved configuration (and `overrides`) on a toy model (two
+    blocks of linears)."""
+    selection = Selection(models=("smollm2-135m",), methods=(method,), tracks=("A",),
+                          overrides=tuple(parse_override(text) for text in overrides))
+    (cell,) = catalog.cells(selection, "cpu")
+    before = ToyModel()
+    adapter = dataclasses.replace(ADAPTERS[0], blocks="layers")
+    return before, quantize(ToyModel(), adapter, cell.config, cell.pipeline, None, torch.device("cpu")), cell.config
 
 
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_yaml_params_are_the_defaults_and_every_linear_is_quantized(catalog: Catalog, method: str) -> None:
-    before, after, notes, config = run(catalog, method)
+    before, result, config = run(catalog, method)
     assert config.weight == QuantSpec(bits=4, symmetric=False, group_size=128)
-    assert config.method.params == {"hqq": DEFAULTS, "pot": {}, "apot": {"k": 2}}[method]
-    assert any("does not divide row length 576" in note for note in notes)
-    for (name, old), new in zip(before.named_modules(), after.modules()):
+    (stage,) = config.method.stages
+    assert stage.params == {"hqq": HqqParams(**DEFAULTS), "pot": PotParams(), "apot": ApotParams(k=2)}[method]
+    assert any("does not divide row length 576" in note for note in result.notes)
+    for (name, old), new in zip(before.named_modules(), result.model.modules()):
         if isinstance(old, nn.Linear):
             assert not torch.equal(old.weight, new.weight), name
             assert torch.equal(old.bias, new.bias)
+    assert set(result.weight_specs) == {f"layers.{i}.{name}" for i in (0, 1) for name in ("up", "down")}
 
 
 def test_hqq_weights_are_hqq_of_the_float_weights(catalog: Catalog) -> None:
-    before, after, _, config = run(catalog, "hqq")
-    assert torch.equal(after.layers[1].up.weight, hqq_quantize(before.layers[1].up.weight, config.weight))
+    before, result, config = run(catalog, "hqq")
+    assert torch.equal(result.model.layers[1].up.weight, hqq_quantize(before.layers[1].up.weight, config.weight))
+    assert set(result.weight_specs.values()) == {config.weight}
 
 
 @pytest.mark.parametrize("method", ("pot", "apot"))
 def test_codebook_methods_run_symmetric_and_say_so(catalog: Catalog, method: str) -> None:
-    before, after, notes, config = run(catalog, method)
+    before, result, config = run(catalog, method)
     assert not config.weight.symmetric
-    assert any("run as symmetric" in note for note in notes)
+    assert any("run as symmetric" in note for note in result.notes)
     levels = {"pot": pot_levels, "apot": apot_levels}[method](4)
     spec = dataclasses.replace(config.weight, symmetric=True)
-    assert torch.equal(after.layers[0].down.weight, codebook_fake_quantize(before.layers[0].down.weight, levels, spec))
+    assert torch.equal(result.model.layers[0].down.weight,
+                       codebook_fake_quantize(before.layers[0].down.weight, levels, spec))
+    # the result states the grid that ran: a scale per group and no zero point (4 + 16/128 bits
+    # per weight where a group is whole), not the configured asymmetric spec
+    assert set(result.weight_specs.values()) == {spec}
+    linears = {f"layers.{i}.{n}": getattr(result.model.layers[i], n) for i in (0, 1) for n in ("up", "down")}
+    assert bits_per_weight(linears, result.weight_specs) < bits_per_weight(linears, dict.fromkeys(linears, config.weight))
 
 
 def test_apot_k_param_is_used(catalog: Catalog) -> None:
-    before, after, _, config = run(catalog, "apot", k=3)  # 3 magnitude bits in one term: POT
+    before, result, config = run(catalog, "apot", "method.params.k=3")  # 3 magnitude bits in one term: POT
     expected = codebook_fake_quantize(before.layers[0].up.weight, pot_levels(4),
                                       dataclasses.replace(config.weight, symmetric=True))
-    assert torch.equal(after.layers[0].up.weight, expected)
+    assert torch.equal(result.model.layers[0].up.weight, expected)
 
 
-@pytest.mark.parametrize(("method", "params", "message"), [
-    ("hqq", {"lpnorm": 0.5}, r"unknown params \['lpnorm'\] \(known: beta, iters, kappa, lp_norm, round_zero\)"),
-    ("hqq", {"iters": 2.5}, "iters must be int"),
-    ("pot", {"k": 2}, r"unknown params \['k'\] \(known: none\)"),
-    ("apot", {"k": 2, "n": 1}, r"unknown params \['n'\] \(known: k\)"),
+@pytest.mark.parametrize(("method", "override", "message"), [
+    ("hqq", "method.params.lpnorm=0.5",
+     r"method.params \['lpnorm'\]: no selected method has such a parameter \(hqq: lp_norm, beta, kappa, iters, "
+     r"round_zero\)"),
+    ("hqq", "method.params.iters=2.5", r"--override method.params.iters=2.5: stages.hqq.params.iters must be int"),
+    ("hqq", "method.params.lp_norm=1.5", r"lp_norm must be in \(0, 1\]"),
+    ("pot", "method.params.k=2", r"no selected method has such a parameter \(pot: none\)"),
+    ("apot", "stages.apot.params.n=1", r"unknown key 'stages.apot.params.n' \(known keys here: k\)"),
+    ("hqq", "weight.symmetric=true", "HQQ optimizes a zero point, so it needs an asymmetric weight spec"),
 ])
-def test_unknown_or_mistyped_params_are_rejected(catalog: Catalog, method: str, params: dict,
-                                                  message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        run(catalog, method, **params)
+def test_unknown_mistyped_or_out_of_range_params_are_rejected_at_collection(catalog: Catalog, method: str,
+                                                                            override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run(catalog, method, override)

@@ -27,8 +27,9 @@ from ptq.eval.lm_tasks import OFFLINE_TASKS, build_tasks, check_task_files, chec
 from ptq.eval.zeroshot import sample_indices, zero_shot
 from ptq.gates import accuracy_drop_gate, zero_shot_gates
 from ptq.matrix import Catalog, Selection
-from ptq.pipeline import LoadedModel, evaluate
-from ptq.registry import QuantizedModel
+from ptq.dependencies import fingerprint
+from ptq.engine import QuantResult
+from ptq.eval.suite import evaluate
 from ptq.report.leaderboard import leaderboard_rows, render_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,9 +257,9 @@ def test_fingerprint_ignores_zero_shot_settings_without_tasks() -> None:
     config = Catalog(ROOT / "bench").cells(Selection(), "cpu")[0].config
     assert config.zero_shot.tasks == ()
     unused = dataclasses.replace(config, zero_shot=ZeroShotConfig(limit=5, batch_size=3))
-    assert unused.fingerprint("cpu") == config.fingerprint("cpu")
+    assert fingerprint(unused, "cpu") == fingerprint(config, "cpu")
     used = dataclasses.replace(config, zero_shot=ZeroShotConfig(tasks=("piqa",)))
-    assert used.fingerprint("cpu") != config.fingerprint("cpu")
+    assert fingerprint(used, "cpu") != fingerprint(config, "cpu")
 
 
 def test_zero_shot_experiment_and_device_profiles() -> None:
@@ -328,14 +329,14 @@ def test_bench_usage_errors_before_any_model_loads(tmp_path: Path) -> None:
 
 def test_evaluate_adds_zero_shot_to_the_metrics_when_configured(offline: Path, tiny_llama: tuple) -> None:
     model, tokenizer = tiny_llama
-    loaded = LoadedModel(model, tokenizer, adapter=None, source=None, device=torch.device("cpu"))
     cell = CellConfig(ModelConfig("tiny", "llama", SourceConfig("local", path="unused")), MethodConfig("fp16"),
                       TrackConfig("A"), eval=EvalConfig(seqlen=16, max_windows=2, batch_size=2))
     load_text.cache_clear()  # wikitext2 from this test's data dir
     try:
         tasks = ZeroShotConfig(tasks=("boolq",), limit=1, batch_size=2, max_length=64)
-        with_tasks = evaluate(QuantizedModel(model), loaded, dataclasses.replace(cell, zero_shot=tasks))
-        without = evaluate(QuantizedModel(model), loaded, cell)
+        cpu = torch.device("cpu")
+        with_tasks = evaluate(QuantResult(model), tokenizer, cpu, dataclasses.replace(cell, zero_shot=tasks))
+        without = evaluate(QuantResult(model), tokenizer, cpu, cell)
     finally:
         load_text.cache_clear()
     assert set(with_tasks.metrics()) == {"ppl", "eval", "eval_tokens_per_s", "zero_shot"}

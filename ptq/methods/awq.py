@@ -15,14 +15,11 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from ptq.calib import BlockRunner, first_tensor, walk_blocks
-from ptq.config import CellConfig
-from ptq.models.adapters import ScalingGroup
+from ptq.engine import BlockStep, ModelStep, Specs, Stage, first_tensor
 from ptq.quant import QuantSpec, expand_groups, fake_quantize
-from ptq.registry import QuantContext, QuantizedModel, parse_params, register_method
-from ptq.transforms import group_notes, replace_weights
+from ptq.registry import register_method
+from ptq.transforms import fold_scales, scales_fold
 
 NO_CLIP = ("q_proj", "k_proj", "query", "key")  # the reference skips clipping where it would distort attention scores
 
@@ -35,6 +32,13 @@ class AwqParams:
     clip: bool = True
     search_samples: int | None = None  # calibration sequences used by the searches (None: all)
 
+    def __post_init__(self) -> None:
+        if self.n_grid < 1 or self.clip_tokens < 1:
+            raise ValueError(f"n_grid and clip_tokens must be >= 1, got {self.n_grid}, {self.clip_tokens}")
+        if not 0 <= self.max_shrink < 1:
+            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+        if self.search_samples is not None and self.search_samples < 1:
+            raise ValueError(f"search_samples must be >= 1 (or null for all), got {self.search_samples}")
 
 
 def activation_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -84,50 +88,35 @@ def search_clip(weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec, n_g
     return best_max
 
 
-def _fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
-    """y = prev(x) / s feeds W·s: the block computes the same function before quantization."""
-    prev = block.get_submodule(group.prev)
-    with torch.no_grad():
-        if isinstance(prev, nn.Linear):
-            prev.weight.div_(scales.view(-1, 1))
-        else:  # a norm: scale its affine weight
-            prev.weight.div_(scales)
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(scales)
-        for name in group.linears:
-            block.get_submodule(name).weight.mul_(scales.view(1, -1))
+@register_method("awq", params=AwqParams, tracks=("A",), role="quantizer", reads=("weight",), calibrated=True,
+                 defers_rounding=True)
+class Awq(Stage):
+    """Per block: scale search and fold for each scaling group, clipping search, then round to
+    nearest. Before a later quantizer (`awq+gptq`) it stops after the clipping: the weights stay
+    in float, scaled and clipped, for that quantizer to round."""
 
+    def __init__(self, params: AwqParams, specs: Specs, final: bool) -> None:
+        super().__init__(params, specs, final)
+        self.alphas: dict[str, list[float]] = {}
 
-def _applies(block: nn.Module, group: ScalingGroup) -> bool:
-    """A linear `prev` can absorb the scales only if its outputs are exactly the group's inputs
-    (not so for v_proj -> o_proj under grouped-query attention)."""
-    prev = block.get_submodule(group.prev)
-    first = block.get_submodule(group.linears[0])
-    return not isinstance(prev, nn.Linear) or prev.out_features == first.in_features
+    def before_blocks(self, step: ModelStep) -> None:
+        block = step.adapter.decoder_blocks(step.model)[0]
+        skipped = [f"{g.prev} -> {', '.join(g.linears)}" for g in step.adapter.scaling_groups
+                   if not scales_fold(block, g)]
+        if skipped:
+            step.result.notes.append(f"AWQ scaling skipped where the previous op's outputs are not the inputs "
+                                     f"(grouped-query attention): {'; '.join(skipped)}")
+        if not self.final:
+            step.result.notes.append("AWQ before another weight quantizer: scales and clipping only, the weights "
+                                     "are rounded by the later stage")
 
-
-@register_method("awq", tracks=("A",), uses=("weight",), calibrated=True)
-def awq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    params = parse_params(AwqParams, config)
-    spec = config.weight
-    adapter = ctx.adapter
-    result = QuantizedModel(model)
-    result.notes += group_notes(adapter.quantizable_linears(model), spec)
-    skipped = sorted({f"{g.prev} -> {', '.join(g.linears)}" for g in adapter.scaling_groups
-                      if not _applies(adapter.decoder_blocks(model)[0], g)})
-    if skipped:
-        result.notes.append(f"AWQ scaling skipped where the previous op's outputs are not the inputs "
-                            f"(grouped-query attention): {'; '.join(skipped)}")
-    tokens = ctx.calibration.tokens
-    search_tokens = tokens if params.search_samples is None else tokens[:params.search_samples]
-    alphas: dict[str, list[float]] = {}
-
-    def quantize_block(index: int, block: nn.Module, runner: BlockRunner) -> None:
-        linears = adapter.block_linears(block)
-        search = BlockRunner(block, runner.batches[: _batches_for(runner, len(search_tokens))])
+    def on_block(self, step: BlockStep) -> None:
+        spec, params, block = self.specs.weight, self.params, step.block
+        linears = step.linears()
+        search = step.runner.first(params.search_samples)
         inputs = search.inputs_of(linears)
-        for group in adapter.scaling_groups:
-            if not _applies(block, group):
+        for group in step.adapter.scaling_groups:
+            if not scales_fold(block, group):
                 continue
             module = block.get_submodule(group.inspect)
             xs = inputs[group.linears[0]]
@@ -149,8 +138,8 @@ def awq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedMod
                 return total / sum(ref.numel() for ref in reference)
 
             scales, alpha, _loss = search_scales(originals, x_mean, spec, params.n_grid, output_error)
-            alphas.setdefault(f"{group.prev} -> {', '.join(group.linears)}", []).append(alpha)
-            _fold_scales(block, group, scales.to(originals[0].dtype))
+            self.alphas.setdefault(f"{group.prev} -> {', '.join(group.linears)}", []).append(alpha)
+            fold_scales(block, group, scales.to(originals[0].dtype))
             for name in group.linears:  # these layers now see x / s
                 inputs[name] = [x / scales.to(x.dtype) for x in inputs[name]]
         if params.clip:
@@ -163,21 +152,10 @@ def awq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedMod
                 bound = expand_groups(max_val, spec.group_sizes(linear.in_features))
                 with torch.no_grad():
                     linear.weight.copy_(torch.clamp(linear.weight, -bound, bound))
-        replace_weights(linears, lambda w: fake_quantize(w, spec))
+        if self.final:
+            for name, linear in linears.items():
+                step.quantized(name, fake_quantize(linear.weight, spec), spec)
 
-    walk_blocks(model, adapter, tokens, batch_size=config.calib.batch_size, device=ctx.device,
-                propagate=config.calib.propagate, quantize_block=quantize_block)
-    result.notes += [f"AWQ mean alpha over blocks, {group}: {sum(a) / len(a):.2f}" for group, a in alphas.items()]
-    return result
-
-
-def _batches_for(runner: BlockRunner, samples: int) -> int:
-    """How many of the runner's batches hold the first `samples` sequences."""
-    count, total = 0, 0
-    for batch in runner.batches:
-        if total >= samples:
-            break
-        total += batch.hidden.shape[0]
-        count += 1
-    return count
-
+    def after_blocks(self, step: ModelStep) -> None:
+        step.result.notes += [f"AWQ mean alpha over blocks, {group}: {sum(a) / len(a):.2f}"
+                              for group, a in self.alphas.items()]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
 
-from ptq.config import CellConfig
-from ptq.registry import QuantContext, QuantizedModel, register_method
+from ptq.engine import ModelStep, Stage
+from ptq.registry import register_method
 
 
-@register_method("fp16", tracks=("A", "B", "C"), uses=(), baseline=True)
-def fp16(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    return QuantizedModel(model, notes=[f"unquantized baseline in {config.model.dtype}"])
+@dataclass(frozen=True)
+class FloatParams:
+    """The baseline has no knobs."""
+
+
+@register_method("fp16", params=FloatParams, tracks=("A", "B", "C"), role="baseline")
+class FloatBaseline(Stage):
+    def before_blocks(self, step: ModelStep) -> None:
+        dtype = str(next(step.model.parameters()).dtype).removeprefix("torch.")
+        step.result.notes.append(f"unquantized baseline in {dtype}")

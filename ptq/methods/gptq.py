@@ -4,7 +4,7 @@ error compensation, following the authors' reference (IST-DASLab/gptq).
 `GPTQ` is the algorithm over one weight and its statistics: `add_batch` accumulates the
 Hessian H = 2 X Xᵀ of the layer inputs, `quantize` quantizes column by column and spreads
 each column's error over the columns not yet quantized (blocked lazy updates, dampening,
-optional act-order and static groups). The registered method walks the model with the
+optional act-order and static groups). The registered stage feeds it block by block from the
 calibration engine.
 """
 
@@ -16,11 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ptq.calib import BlockRunner, walk_blocks
-from ptq.config import CellConfig
+from ptq.engine import BlockStep, ModelStep, Specs, Stage
 from ptq.quant import QuantSpec, fake_quantize_with, find_params
-from ptq.registry import QuantContext, QuantizedModel, parse_params, register_method
-from ptq.transforms import group_notes, quantize_inputs
+from ptq.registry import register_method
 
 MAX_DAMP_RETRIES = 4  # dampening x10 each time, as far as 10^4 x percdamp
 
@@ -34,9 +32,10 @@ class GptqParams:
     true_sequential: bool = True  # inside a block, quantize layer groups in execution order
 
     def __post_init__(self) -> None:
-        if self.percdamp <= 0 or self.blocksize <= 0:
-            raise ValueError(f"gptq needs percdamp > 0 and blocksize > 0, got {self.percdamp}, {self.blocksize}")
-
+        if self.blocksize <= 0:
+            raise ValueError(f"blocksize must be > 0 columns, got {self.blocksize}")
+        if self.percdamp <= 0:
+            raise ValueError(f"percdamp must be > 0 (a fraction of the mean Hessian diagonal), got {self.percdamp}")
 
 
 @dataclass(frozen=True)
@@ -131,44 +130,49 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with dampening {damp / 10}")
 
 
-@register_method("gptq", tracks=("A", "B"), uses=("weight", "act"), calibrated=True)
-def gptq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    params = parse_params(GptqParams, config)
-    spec = config.weight
-    result = QuantizedModel(model)
-    adapter = ctx.adapter
-    losses: dict[str, float] = {}  # the reference's per-layer error, summed over blocks by layer name
-    result.notes += group_notes(adapter.quantizable_linears(model), spec)
-    if params.act_order and not params.static_groups and spec.granularity == "group":
-        result.notes.append("act_order without static_groups: groups follow the permuted column order "
-                            "(the reference's g_idx layout)")
+@register_method("gptq", params=GptqParams, tracks=("A", "B"), role="quantizer", reads=("weight",),
+                 calibrated=True)
+class Gptq(Stage):
+    """Per block: Hessians of each sequential group's shared input, then the GPTQ solve of each
+    linear. With true-sequential, a group's inputs come from the block with the earlier groups
+    already quantized; without, every group's Hessian comes from the block as it was."""
 
-    def quantize_block(index: int, block: nn.Module, runner: BlockRunner) -> None:
-        linears = adapter.block_linears(block)
+    @classmethod
+    def check(cls, params: GptqParams, specs: Specs) -> None:
+        if specs.weight.granularity not in ("group", "channel"):
+            raise ValueError(f"GPTQ quantizes weights per channel or per group, not per {specs.weight.granularity}")
+
+    def __init__(self, params: GptqParams, specs: Specs, final: bool) -> None:
+        super().__init__(params, specs, final)
+        self.losses: dict[str, float] = {}  # the reference's per-layer error, summed over blocks by layer name
+
+    def before_blocks(self, step: ModelStep) -> None:
+        if self.params.act_order and not self.params.static_groups and self.specs.weight.granularity == "group":
+            step.result.notes.append("act_order without static_groups: groups follow the permuted column order "
+                                     "(the reference's g_idx layout)")
+
+    def on_block(self, step: BlockStep) -> None:
+        linears = step.linears()
+        sequential = step.adapter.sequential
         # The linears of one sequential group read the same input: one Hessian serves the group.
-        # Without true-sequential, every group's Hessian comes from the float block in one pass.
-        rounds = [[g] for g in adapter.sequential] if params.true_sequential else [list(adapter.sequential)]
+        rounds = [[group] for group in sequential] if self.params.true_sequential else [list(sequential)]
         for groups in rounds:
             firsts = {names[0]: linears[names[0]] for names in groups}
             stats = {first: GPTQ(linear.in_features, linear.weight.device) for first, linear in firsts.items()}
-            runner.feed_inputs(firsts, lambda name, _i, x: stats[name].add_batch(x))
+            step.runner.feed_inputs(firsts, lambda name, _i, x: stats[name].add_batch(x))
             for names in groups:
                 for name in names:
-                    quantize_linear(index, name, linears[name], stats[names[0]])
+                    self._quantize(step, name, linears[name], stats[names[0]])
 
-    def quantize_linear(index: int, name: str, linear: nn.Linear, stats: GPTQ) -> None:
-        solved = stats.quantize(linear.weight, spec, params)
+    def _quantize(self, step: BlockStep, name: str, linear: nn.Linear, stats: GPTQ) -> None:
+        solved = stats.quantize(linear.weight, self.specs.weight, self.params)
         short = name.rsplit(".", 1)[-1]
-        losses[short] = losses.get(short, 0.0) + solved.loss
-        if solved.damp_used != params.percdamp:
-            result.fallbacks.append(f"block {index} {name}: Hessian not positive definite at percdamp "
-                                    f"{params.percdamp}, quantized with {solved.damp_used}")
-        with torch.no_grad():
-            linear.weight.copy_(solved.weight)
+        self.losses[short] = self.losses.get(short, 0.0) + solved.loss
+        if solved.damp_used != self.params.percdamp:
+            step.result.fallbacks.append(f"block {step.index} {name}: Hessian not positive definite at percdamp "
+                                         f"{self.params.percdamp}, quantized with {solved.damp_used}")
+        step.quantized(name, solved.weight, self.specs.weight)
 
-    walk_blocks(model, adapter, ctx.calibration.tokens, batch_size=config.calib.batch_size, device=ctx.device,
-                propagate=config.calib.propagate, quantize_block=quantize_block)
-    result.notes.append("GPTQ loss summed over blocks: " + ", ".join(f"{k} {v:.4g}" for k, v in losses.items()))
-    if config.act is not None:
-        quantize_inputs(model, list(adapter.quantizable_linears(model)), config.act)
-    return result
+    def after_blocks(self, step: ModelStep) -> None:
+        step.result.notes.append("GPTQ loss summed over blocks: "
+                                 + ", ".join(f"{k} {v:.4g}" for k, v in self.losses.items()))

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-from torch import nn
 
-from ptq.config import CellConfig
+from ptq.engine import BlockStep, Specs, Stage
 from ptq.quant import QuantSpec, as_rows, expand_groups, fake_quantize_with, group_reduce, quantize_with
-from ptq.registry import QuantContext, QuantizedModel, parse_params, register_method
-from ptq.transforms import group_notes, replace_weights
+from ptq.registry import register_method
+
 
 @dataclass(frozen=True)
 class HqqParams:
@@ -39,6 +37,15 @@ class HqqParams:
     # Round the min/max zero point before optimizing; None is hqq_base_quant_config's rule
     # (round at 4 bits only). It decides whether 0.0 starts on the grid, which matters at 3 bits.
     round_zero: bool | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.lp_norm <= 1:
+            raise ValueError(f"lp_norm must be in (0, 1] (HQQ's sparsity-promoting lp norm), got {self.lp_norm}")
+        for name in ("beta", "iters"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.kappa < 1:
+            raise ValueError(f"kappa must be >= 1 (beta grows by kappa each step), got {self.kappa}")
 
     def rounds_zero(self, bits: int) -> bool:
         return bits == 4 if self.round_zero is None else self.round_zero
@@ -86,9 +93,14 @@ def hqq_quantize(weight: torch.Tensor, spec: QuantSpec, params: HqqParams = HqqP
     return quantize_with(weight, *hqq_params(weight, spec, params), spec).dequantize()
 
 
-@register_method("hqq", tracks=("A",), uses=("weight",))
-def hqq(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    params = parse_params(HqqParams, config)
-    linears = ctx.adapter.quantizable_linears(model)
-    replace_weights(linears, partial(hqq_quantize, spec=config.weight, params=params))
-    return QuantizedModel(model, notes=group_notes(linears, config.weight))
+@register_method("hqq", params=HqqParams, tracks=("A",), role="quantizer", reads=("weight",))
+class Hqq(Stage):
+    @classmethod
+    def check(cls, params: HqqParams, specs: Specs) -> None:
+        if specs.weight.symmetric:
+            raise ValueError("HQQ optimizes a zero point, so it needs an asymmetric weight spec (symmetric: false)")
+
+    def on_block(self, step: BlockStep) -> None:
+        spec = self.specs.weight
+        for name, linear in step.linears().items():
+            step.quantized(name, hqq_quantize(linear.weight, spec, self.params), spec)

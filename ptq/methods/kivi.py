@@ -12,17 +12,27 @@ cache's (ptq.kv); this method only insists on KIVI's axes.
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
 
-from ptq.config import CellConfig
-from ptq.kv import quantized_cache_factory
-from ptq.registry import QuantContext, QuantizedModel, register_method
+from ptq.engine import ModelStep, Specs, Stage
+from ptq.kv import describe, quantized_cache_factory
+from ptq.registry import register_method
 
 
-@register_method("kivi", tracks=("C",), uses=("kv",))
-def kivi(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    kv = config.kv
-    if (kv.key_axis, kv.value_axis) != ("channel", "token") or kv.key.symmetric or kv.value.symmetric:
-        raise ValueError("kivi quantizes keys per channel and values per token, asymmetrically "
-                         f"(got key_axis={kv.key_axis}, value_axis={kv.value_axis}); use kv-rtn for other layouts")
-    return QuantizedModel(model, make_cache=quantized_cache_factory(model, config))
+@dataclass(frozen=True)
+class KiviParams:
+    """KIVI's group size and window are the cell's `kv` spec (bench/methods/kivi.yaml)."""
+
+
+@register_method("kivi", params=KiviParams, tracks=("C",), role="cache", reads=("kv",))
+class Kivi(Stage):
+    @classmethod
+    def check(cls, params: KiviParams, specs: Specs) -> None:
+        kv = specs.kv
+        if (kv.key_axis, kv.value_axis) != ("channel", "token") or kv.key.symmetric or kv.value.symmetric:
+            raise ValueError("kivi quantizes keys per channel and values per token, asymmetrically (got "
+                             f"key_axis={kv.key_axis}, value_axis={kv.value_axis}); use kv-rtn for other layouts")
+
+    def after_blocks(self, step: ModelStep) -> None:
+        step.result.make_cache = quantized_cache_factory(step.model, self.specs.kv)
+        step.result.kv = describe(self.specs.kv)

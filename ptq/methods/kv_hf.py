@@ -14,30 +14,35 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
-from torch import nn
 from transformers.cache_utils import QuantizedCache
 
-from ptq.config import CellConfig
-from ptq.registry import QuantContext, QuantizedModel, parse_params, register_method
+from ptq.engine import ModelStep, Specs, Stage
+from ptq.registry import register_method
 
 
 @dataclass(frozen=True)
 class HfCacheParams:
     backend: Literal["quanto", "hqq"] = "quanto"
-    axis_key: int = 0
-    axis_value: int = 0
+    axis_key: Literal[0, 1] = 0
+    axis_value: Literal[0, 1] = 0
 
 
-@register_method("kv-hf", tracks=("C",), uses=("kv",))
-def kv_hf(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    params = parse_params(HfCacheParams, config)
-    key, value = config.kv.key, config.kv.value
-    if (key.bits, key.group_size) != (value.bits, value.group_size) or key.granularity != "group":
-        raise ValueError("transformers' QuantizedCache takes one bit width and one group size for keys and values: "
-                         "set kv.key and kv.value to the same bits and group_size, granularity group")
-    make_cache = partial(QuantizedCache, params.backend, model.config, nbits=key.bits, axis_key=params.axis_key,
-                         axis_value=params.axis_value, q_group_size=key.group_size,
-                         residual_length=config.kv.residual)
-    return QuantizedModel(model, make_cache=make_cache,
-                          notes=[f"transformers QuantizedCache, {params.backend} backend: kv axes and symmetry "
-                                 "are the library's, not the cell's key_axis/value_axis"])
+@register_method("kv-hf", params=HfCacheParams, tracks=("C",), role="cache", reads=("kv",))
+class HfCache(Stage):
+    @classmethod
+    def check(cls, params: HfCacheParams, specs: Specs) -> None:
+        key, value = specs.kv.key, specs.kv.value
+        if (key.bits, key.group_size) != (value.bits, value.group_size) or key.granularity != "group":
+            raise ValueError("transformers' QuantizedCache takes one bit width and one group size for keys and "
+                             "values: set kv.key and kv.value to the same bits and group_size, granularity group")
+
+    def after_blocks(self, step: ModelStep) -> None:
+        kv, params = self.specs.kv, self.params
+        step.result.make_cache = partial(QuantizedCache, params.backend, step.model.config, nbits=kv.key.bits,
+                                         axis_key=params.axis_key, axis_value=params.axis_value,
+                                         q_group_size=kv.key.group_size, residual_length=kv.residual)
+        step.result.kv = {"implementation": f"transformers QuantizedCache ({params.backend} backend)",
+                          "nbits": kv.key.bits, "q_group_size": kv.key.group_size, "residual_length": kv.residual,
+                          "axis_key": params.axis_key, "axis_value": params.axis_value}
+        step.result.notes.append(f"transformers QuantizedCache, {params.backend} backend: kv axes and symmetry "
+                                 "are the library's, not the cell's key_axis/value_axis")

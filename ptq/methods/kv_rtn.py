@@ -4,13 +4,20 @@ The simplest KV-cache quantizer, and the one every other is measured against."""
 
 from __future__ import annotations
 
-from torch import nn
+from dataclasses import dataclass
 
-from ptq.config import CellConfig
-from ptq.kv import quantized_cache_factory
-from ptq.registry import QuantContext, QuantizedModel, register_method
+from ptq.engine import ModelStep, Stage
+from ptq.kv import describe, quantized_cache_factory
+from ptq.registry import register_method
 
 
-@register_method("kv-rtn", tracks=("C",), uses=("kv",))
-def kv_rtn(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    return QuantizedModel(model, make_cache=quantized_cache_factory(model, config))
+@dataclass(frozen=True)
+class KvRtnParams:
+    """The cache's layout is the cell's `kv` spec; no knobs beyond it."""
+
+
+@register_method("kv-rtn", params=KvRtnParams, tracks=("C",), role="cache", reads=("kv",))
+class KvRtn(Stage):
+    def after_blocks(self, step: ModelStep) -> None:
+        step.result.make_cache = quantized_cache_factory(step.model, self.specs.kv)
+        step.result.kv = describe(self.specs.kv)

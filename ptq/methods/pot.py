@@ -16,15 +16,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-from torch import nn
 
-from ptq.config import CellConfig
+from ptq.engine import BlockStep, ModelStep, Stage
 from ptq.quant import codebook_fake_quantize
-from ptq.registry import QuantContext, QuantizedModel, parse_params, register_method
-from ptq.transforms import group_notes, replace_weights
+from ptq.registry import register_method
 
 
 def _signed(magnitudes: list[float]) -> torch.Tensor:
@@ -75,18 +72,23 @@ def apot_levels(bits: int, k: int = 2) -> torch.Tensor:
     return _signed([sum(values) for values in itertools.product(*choices)])
 
 
-def _codebook_method(
-    model: nn.Module, config: CellConfig, ctx: QuantContext, levels: torch.Tensor
-) -> QuantizedModel:
-    """Every quantizable linear onto the symmetric codebook `levels`, per group of the weight spec."""
-    spec, notes = config.weight, []
-    if not spec.symmetric:
-        spec = dataclasses.replace(spec, symmetric=True)
-        notes.append(f"{config.method.name} levels are symmetric: the weight spec's symmetric: false was run as "
-                     "symmetric (per-group absmax scale, no zero point)")
-    linears = ctx.adapter.quantizable_linears(model)
-    replace_weights(linears, partial(codebook_fake_quantize, levels=levels, spec=spec))
-    return QuantizedModel(model, notes=notes + group_notes(linears, spec))
+class CodebookStage(Stage):
+    """Every block linear onto a symmetric codebook, per group of the weight spec, with the
+    group's absmax as scale. An asymmetric spec runs as symmetric (the grid has no zero point),
+    and the result says so: its bits per weight count one scale per group, no zero point."""
+
+    def levels(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def before_blocks(self, step: ModelStep) -> None:
+        if not self.specs.weight.symmetric:
+            step.result.notes.append(f"{self.name} levels are symmetric: the weight spec's symmetric: false was "
+                                     "run as symmetric (per-group absmax scale, no zero point)")
+
+    def on_block(self, step: BlockStep) -> None:
+        spec, levels = dataclasses.replace(self.specs.weight, symmetric=True), self.levels()
+        for name, linear in step.linears().items():
+            step.quantized(name, codebook_fake_quantize(linear.weight, levels, spec), spec)
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,18 @@ class PotParams:
 class ApotParams:
     k: int = 2  # bits per additive term, as in the paper
 
-
-@register_method("pot", tracks=("A",), uses=("weight",))
-def pot(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    parse_params(PotParams, config)
-    return _codebook_method(model, config, ctx, pot_levels(config.weight.bits))
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1 bit per additive term, got {self.k}")
 
 
-@register_method("apot", tracks=("A",), uses=("weight",))
-def apot(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    params = parse_params(ApotParams, config)
-    return _codebook_method(model, config, ctx, apot_levels(config.weight.bits, params.k))
+@register_method("pot", params=PotParams, tracks=("A",), role="quantizer", reads=("weight",))
+class Pot(CodebookStage):
+    def levels(self) -> torch.Tensor:
+        return pot_levels(self.specs.weight.bits)
+
+
+@register_method("apot", params=ApotParams, tracks=("A",), role="quantizer", reads=("weight",))
+class Apot(CodebookStage):
+    def levels(self) -> torch.Tensor:
+        return apot_levels(self.specs.weight.bits, self.params.k)

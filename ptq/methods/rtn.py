@@ -1,28 +1,27 @@
-"""Round-to-nearest: every spec of the cell applied with the shared quantizer, no calibration.
+"""Round-to-nearest: the weight spec applied with the shared quantizer, no calibration.
 
-Track A quantizes weights; track B also quantizes every block linear's input per token,
-dynamically. (Round-to-nearest of the KV cache is `kv-rtn`, track C.)
+It is also the quantizer a pipeline of transforms gets when nothing else rounds its weights
+(`smoothquant` alone is SmoothQuant's W8A8: smoothed, then rounded to nearest). Activations
+(track B) are quantized by the pipeline for every method; the KV cache's RTN is `kv-rtn`.
 """
 
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass
 
-from torch import nn
-
-from ptq.config import CellConfig
+from ptq.engine import BlockStep, Stage
 from ptq.quant import fake_quantize
-from ptq.registry import QuantContext, QuantizedModel, register_method
-from ptq.transforms import group_notes, quantize_inputs, replace_weights
+from ptq.registry import register_method
 
 
-@register_method("rtn", tracks=("A", "B"), uses=("weight", "act"))
-def rtn(model: nn.Module, config: CellConfig, ctx: QuantContext) -> QuantizedModel:
-    result = QuantizedModel(model)
-    linears = ctx.adapter.quantizable_linears(model)
-    if config.weight is not None:
-        replace_weights(linears, partial(fake_quantize, spec=config.weight))
-        result.notes += group_notes(linears, config.weight)
-    if config.act is not None:
-        quantize_inputs(model, list(linears), config.act)
-    return result
+@dataclass(frozen=True)
+class RtnParams:
+    """Round-to-nearest has no knobs beyond the weight spec."""
+
+
+@register_method("rtn", params=RtnParams, tracks=("A", "B"), role="quantizer", reads=("weight",))
+class Rtn(Stage):
+    def on_block(self, step: BlockStep) -> None:
+        spec = self.specs.weight
+        for name, linear in step.linears().items():
+            step.quantized(name, fake_quantize(linear.weight, spec), spec)

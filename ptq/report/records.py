@@ -7,6 +7,8 @@ packages, device, data and model checksums, command line).
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import importlib.metadata
 import json
 import os
@@ -14,12 +16,15 @@ import platform
 import socket
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SCHEMA_VERSION = 2  # 2: a cell's method variant, and how the cache served it
+# 2: a cell's method variant, and how the cache served it; 3: pipelines (config.method.stages,
+# metrics.stage_seconds, data.quantized: what was quantized where, bits per weight as run)
+SCHEMA_VERSION = 3
 PACKAGES = ("ptq-bench", "torch", "transformers", "accelerate", "datasets", "lm_eval", "gguf", "numpy")
 STATUSES = ("passed", "failed", "skipped")
 REPORT_PROPERTY = "ptq_record"  # name under which a record travels in a test report's user_properties
@@ -49,6 +54,45 @@ RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "started": str,
     "wall_seconds": float,
 }
+
+
+@dataclass
+class CellRecord:
+    """One cell's record, filled in as the cell runs: started when the cell starts, measured by
+    ptq.session (metrics, gates, what was quantized), finished with the test's outcome."""
+
+    run_id: str
+    cell_id: str
+    model: str
+    method: str
+    variant: str | None
+    track: str
+    experiment: str | None
+    config: dict[str, Any]
+    config_fingerprint: str | None
+    status: str = "failed"  # until the test's outcome says otherwise
+    reason: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gates: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    model_source: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    started: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc)
+                         .isoformat(timespec="seconds"))
+    wall_seconds: float = 0.0
+    schema_version: int = SCHEMA_VERSION
+
+    def finish(self, status: str, reason: str | None, environment: dict[str, Any], wall_seconds: float) -> None:
+        self.status, self.reason, self.environment, self.wall_seconds = status, reason, environment, wall_seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as written, checked against the schema."""
+        record = dataclasses.asdict(self)
+        validate_record(record)
+        return record
 
 
 def validate_record(record: dict[str, Any]) -> None:

@@ -1,0 +1,184 @@
+"""One cell's work: quantize a copy of the loaded model with the cell's pipeline, evaluate it,
+collect metrics; with the on-disk cache (ptq.cache), reuse what an earlier run already
+measured. Its keys come from ptq.dependencies."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ptq.cache import CacheStore, Lookup, Status
+from ptq.calib import calibration_set
+from ptq.config import CellConfig
+from ptq.dependencies import Dependencies, dependencies
+from ptq.engine import QuantResult
+from ptq.eval.memory import PeakMemory
+from ptq.eval.suite import evaluate
+from ptq.models.adapters import ArchAdapter
+from ptq.models.loading import ResolvedSource
+from ptq.pipeline import quantize, quantize_activations
+from ptq.quant import QuantSpec
+from ptq.registry import Pipeline
+from ptq.transforms import bits_per_weight
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    """A model as loaded once per worker; cells quantize copies of it."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ArchAdapter
+    source: ResolvedSource
+    device: torch.device
+
+    @property
+    def float_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+
+@dataclass
+class CellOutcome:
+    metrics: dict[str, Any]
+    data: dict[str, Any]
+    notes: list[str]
+    fallbacks: list[str]
+    model_source: dict[str, Any]
+    # Not stored with the outcome: how this run got it, per stage (see ptq.cache.Status), and
+    # why an entry found on disk was not used.
+    cache: dict[str, Status] = field(default_factory=dict)
+    cache_problems: list[str] = field(default_factory=list)
+
+    def stored(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "data": self.data, "notes": self.notes, "fallbacks": self.fallbacks,
+                "model_source": self.model_source}
+
+
+def stage_modules(pipeline: Pipeline) -> tuple[str, ...]:
+    return tuple(stage.module for stage in pipeline.stages)
+
+
+def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, load: Callable[[], LoadedModel],
+               store: CacheStore) -> CellOutcome:
+    """The cell's outcome from the metrics entry when it is whole; else quantize (or take the
+    quantized weights from their entry), evaluate, and store. The model is loaded only then."""
+    deps = dependencies(config, stage_modules(pipeline), device.type)
+    found = store.lookup("metrics", deps.metrics_key)
+    if found.status == "hit":
+        assert found.path is not None
+        stored = json.loads((found.path / "outcome.json").read_text())
+        return CellOutcome(**stored, cache={"metrics": "hit", "weights": "skipped"})
+    outcome = measure(config, pipeline, load(), store, deps)
+    store.store("metrics", deps.metrics_key, deps.metrics,
+                lambda folder: (folder / "outcome.json").write_text(json.dumps(outcome.stored(), indent=2)))
+    outcome.cache["metrics"] = found.status
+    outcome.cache_problems += [found.problem] if found.problem else []
+    return outcome
+
+
+def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: CacheStore,
+            deps: Dependencies) -> CellOutcome:
+    """Quantize with the pipeline (or take its weights from `store`), then evaluate. Pipelines work
+    on a copy, so the loaded model stays float for the next cell; the baseline leaves the model
+    as it is and gets no copy (and has no weights to store)."""
+    found = Lookup("none", None) if pipeline.baseline else store.lookup("weights", deps.weights_key)
+    calibration = calibration_set(loaded.tokenizer, config.calib) if pipeline.calibrated and found.path is None \
+        else None
+    with PeakMemory(loaded.device) as memory:
+        model = loaded.model if pipeline.baseline else copy.deepcopy(loaded.model)
+        if found.path is not None:
+            result, quant_seconds, calibration_record = _load_weights(found.path, model)
+        else:
+            start = time.perf_counter()
+            result = quantize(model, loaded.adapter, config, pipeline, calibration, loaded.device)
+            if loaded.device.type == "cuda":
+                torch.cuda.synchronize(loaded.device)
+            quant_seconds = time.perf_counter() - start
+            calibration_record = calibration.record if calibration else None
+        # what the stages changed, before activation wrappers rename the linears (written after
+        # the measurement: serializing them is not the cell's memory)
+        changed = changed_tensors(loaded.model, model) if found.status in ("miss", "rebuilt") \
+            and result.pure_weights else None
+        quantize_activations(result, loaded.adapter, config)
+        evaluation = evaluate(result, loaded.tokenizer, loaded.device, config)
+    if changed is not None:
+        write = functools.partial(_write_weights, changed, result, quant_seconds, calibration_record)
+        store.store("weights", deps.weights_key, deps.weights, write)
+    added = memory.peak_bytes - memory.start_bytes
+    metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "stage_seconds": result.stage_seconds,
+               "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
+               "peak_memory_added_bytes": added, "model_float_bytes": loaded.float_bytes,
+               "peak_added_over_float": added / loaded.float_bytes,
+               "bits_per_weight": bits_per_weight(loaded.adapter.quantizable_linears(loaded.model),
+                                                  result.weight_specs)}
+    data = {"eval": evaluation.data, "calibration": calibration_record, "quantized": _quantized(result)}
+    outcome = CellOutcome(metrics, data, result.notes, result.fallbacks + evaluation.fallbacks,
+                          loaded.source.to_dict(), cache={"weights": found.status},
+                          cache_problems=[found.problem] if found.problem else [])
+    if found.status in ("miss", "rebuilt") and not result.pure_weights:  # nothing was stored
+        outcome.cache["weights"] = "none"
+    return outcome
+
+
+def _quantized(result: QuantResult) -> dict[str, Any]:
+    """What was quantized where, as the record states it: each distinct spec with the linears it
+    was applied to (weights, inputs), and the KV cache."""
+
+    def by_spec(specs: dict[str, QuantSpec]) -> list[dict[str, Any]]:
+        groups: dict[QuantSpec, list[str]] = {}
+        for name, spec in specs.items():
+            groups.setdefault(spec, []).append(name)
+        return [{"spec": dataclasses.asdict(spec), "linears": len(names), "names": names}
+                for spec, names in groups.items()]
+
+    return {"weights": by_spec(result.weight_specs), "inputs": by_spec(result.act_specs), "kv_cache": result.kv,
+            "runtime": result.runtime, "pure_weight_replacement": result.pure_weights}
+
+
+def changed_tensors(original: nn.Module, quantized: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters and buffers whose values differ between two models of the same structure."""
+    before, after = original.state_dict(), quantized.state_dict()
+    changed: dict[str, torch.Tensor] = {}
+    stored: set[int] = set()
+    for name, tensor in after.items():
+        if not torch.equal(tensor, before[name]):
+            # safetensors refuses tensors sharing memory (tied weights): store the second as a copy
+            changed[name] = tensor.detach().clone() if tensor.data_ptr() in stored else tensor.detach().contiguous()
+            stored.add(tensor.data_ptr())
+    return changed
+
+
+def _write_weights(changed: dict[str, torch.Tensor], result: QuantResult, quant_seconds: float,
+                   calibration_record: dict[str, Any] | None, folder: Path) -> None:
+    save_file(changed, str(folder / WEIGHTS_FILE))
+    stored = {"notes": result.notes, "fallbacks": result.fallbacks, "quant_seconds": quant_seconds,
+              "stage_seconds": result.stage_seconds, "calibration": calibration_record,
+              "weight_specs": {name: dataclasses.asdict(spec) for name, spec in result.weight_specs.items()}}
+    (folder / "result.json").write_text(json.dumps(stored, indent=2))
+
+
+def _load_weights(folder: Path, model: nn.Module) -> tuple[QuantResult, float, dict[str, Any] | None]:
+    """The float copy `model` with the entry's tensors written in, and what the quantization run recorded."""
+    loaded = model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=False)
+    if loaded.unexpected_keys:  # the key covers the model and the code: this is a bug, not a stale entry
+        raise RuntimeError(f"cached weights {folder} hold tensors the model lacks: {loaded.unexpected_keys[:5]}")
+    stored = json.loads((folder / "result.json").read_text())
+    note = "quantized weights from the cache: quant_seconds as measured when they were built; peak memory " \
+           "covers loading them and the evaluation, not the quantization"
+    specs = {name: QuantSpec(**spec) for name, spec in stored["weight_specs"].items()}
+    result = QuantResult(model, weight_specs=specs, notes=[*stored["notes"], note], fallbacks=stored["fallbacks"],
+                         stage_seconds=stored["stage_seconds"])
+    return result, stored["quant_seconds"], stored["calibration"]

@@ -1,0 +1,290 @@
+"""The block-wise engine that runs every method: stages, the one block walk, and the result.
+
+A method is a `Stage`: a small class over its frozen params and the specs it reads, with
+hooks the engine calls in order for every stage of a pipeline (`smoothquant+gptq`):
+
+    before_blocks(model step)          model-level work (a rotation of embeddings and head)
+    for each decoder block:
+        on_block(block step)           collect statistics on the block as the earlier stages
+                                       left it (the step's runner), then transform or quantize it
+    after_blocks(model step)           model-level work (a quantized KV cache)
+
+`run_stages` is the only walker. With a calibrated stage in the pipeline it captures the
+first block's inputs for the calibration windows once, and feeds each block's outputs (of
+the block as the stages left it, or of the float block with `propagate: float`) to the next;
+only the current block and its activations live on the compute device. Without calibrated
+stages, blocks are visited one at a time on the device with no data.
+
+A stage writes rounded weights through `BlockStep.quantized`, which records the effective
+spec of each linear: the result says what ran, not what was configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from ptq import progress
+from ptq.calib import CalibrationSet
+from ptq.config import CalibConfig, KVConfig
+from ptq.models.adapters import ArchAdapter
+from ptq.quant import QuantSpec
+
+
+@dataclass(frozen=True)
+class Specs:
+    """The quantizer specs a stage reads; None when it does not read one or the track sets none."""
+
+    weight: QuantSpec | None = None
+    kv: KVConfig | None = None
+
+
+@dataclass
+class QuantResult:
+    """What a pipeline did to the model, as the evaluators and the record need it."""
+
+    model: nn.Module
+    make_cache: Callable[[], Cache] | None = None  # a fresh cache per forward, when the KV cache is quantized
+    kv: dict[str, Any] | None = None  # what that cache stores, as the stage that made it describes it
+    weight_specs: dict[str, QuantSpec] = field(default_factory=dict)  # the spec each linear was rounded with
+    act_specs: dict[str, QuantSpec] = field(default_factory=dict)  # linears whose inputs are quantized
+    runtime: list[str] = field(default_factory=list)  # modules or hooks added beyond the weights' values
+    notes: list[str] = field(default_factory=list)  # facts worth recording (uneven groups, ...)
+    fallbacks: list[str] = field(default_factory=list)  # anything that ran other than as configured
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def pure_weights(self) -> bool:
+        """The stages changed only parameter values: their result can be stored (and restored) as
+        weights. Quantized activations are the pipeline's, re-applied from the configuration."""
+        return self.make_cache is None and not self.runtime
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once what was needed has been seen."""
+
+
+@dataclass
+class BlockBatch:
+    hidden: torch.Tensor  # [batch, seqlen, hidden] on the compute device
+    kwargs: dict[str, Any]  # what the model passes its blocks: mask, rotary embeddings, ...
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The hidden states of a module output that may be a tuple (attention, older decoder blocks)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, batch_size: int,
+                         device: torch.device) -> list[BlockBatch]:
+    """Run the model up to its first block on every calibration batch and keep what the block receives."""
+    block0 = adapter.decoder_blocks(model)[0]
+    modules = [model.get_submodule(name) for name in adapter.pre_block_modules()] + [block0]
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+    captured: list[BlockBatch] = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(BlockBatch(hidden, kwargs))
+        raise _Stop
+
+    for module in modules:
+        module.to(device)
+    handle = block0.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in tokens.split(batch_size):
+            try:
+                model(batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+        for module, home in zip(modules, homes):
+            module.to(home)
+    return captured
+
+
+class BlockRunner:
+    """Runs one block over the calibration batches, with hooks on chosen submodules."""
+
+    def __init__(self, block: nn.Module, batches: list[BlockBatch]) -> None:
+        self.block = block
+        self.batches = batches
+
+    @torch.no_grad()
+    def outputs(self) -> list[torch.Tensor]:
+        return [first_tensor(self.block(batch.hidden, **batch.kwargs)) for batch in self.batches]
+
+    @torch.no_grad()
+    def feed_inputs(self, modules: dict[str, nn.Module], consume: Callable[[str, int, torch.Tensor], None]) -> None:
+        """Call `consume(name, batch_index, input)` for the input of each named module on every batch.
+        Each forward stops as soon as all of them have been reached (later modules are not run)."""
+        seen: set[str] = set()
+        current = 0
+
+        def hook_for(name: str) -> Callable:
+            def hook(module: nn.Module, args: tuple) -> None:
+                consume(name, current, args[0])
+                seen.add(name)
+                if len(seen) == len(modules):
+                    raise _Stop
+
+            return hook
+
+        handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
+        try:
+            for current, batch in enumerate(self.batches):
+                seen.clear()
+                try:
+                    self.block(batch.hidden, **batch.kwargs)
+                except _Stop:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def inputs_of(self, modules: dict[str, nn.Module]) -> dict[str, list[torch.Tensor]]:
+        """The inputs of each named module, one tensor per batch."""
+        inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+        self.feed_inputs(modules, lambda name, _index, x: inputs[name].append(x))
+        return inputs
+
+    def first(self, samples: int | None) -> BlockRunner:
+        """A runner over the batches holding the first `samples` sequences (all with None)."""
+        if samples is None:
+            return self
+        count, total = 0, 0
+        for batch in self.batches:
+            if total >= samples:
+                break
+            total += batch.hidden.shape[0]
+            count += 1
+        return BlockRunner(self.block, self.batches[:count])
+
+
+@dataclass
+class ModelStep:
+    """What a stage's model-level hooks work on."""
+
+    model: nn.Module
+    adapter: ArchAdapter
+    result: QuantResult
+
+
+@dataclass
+class BlockStep:
+    """One decoder block as the engine hands it to each stage in turn."""
+
+    index: int
+    block: nn.Module
+    name: str  # the block's full name, e.g. "model.layers.3"
+    adapter: ArchAdapter  # the block's layout: sequential groups, scaling groups
+    runner: BlockRunner | None  # the calibration batches through this block; None in a data-free pipeline
+    result: QuantResult
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """The block's linears by name inside the block, in execution order."""
+        return self.adapter.block_linears(self.block)
+
+    def quantized(self, name: str, weight: torch.Tensor, spec: QuantSpec) -> None:
+        """Write the rounded `weight` of linear `name` (inside the block), rounded with `spec`."""
+        with torch.no_grad():
+            self.block.get_submodule(name).weight.copy_(weight)
+        self.result.weight_specs[f"{self.name}.{name}"] = spec
+
+
+class Stage:
+    """One method as a step of a pipeline. Subclasses override the hooks they need; the engine
+    calls them in pipeline order. `final` is True for the stage that rounds the weights: a
+    stage that can also hand the rounding to a later one (AWQ before GPTQ) checks it."""
+
+    name: ClassVar[str]  # set by ptq.registry.register_method
+
+    def __init__(self, params: Any, specs: Specs, final: bool) -> None:
+        self.params = params
+        self.specs = specs
+        self.final = final
+
+    @classmethod
+    def check(cls, params: Any, specs: Specs) -> None:
+        """Refuse, with a ValueError saying why, specs the method cannot run with; called when
+        the cell is built, before any model loads."""
+
+    def before_blocks(self, step: ModelStep) -> None:
+        """Model-level work before the block walk."""
+
+    def on_block(self, step: BlockStep) -> None:
+        """Per block: collect statistics on the block as the earlier stages left it, then
+        transform or quantize it."""
+
+    def after_blocks(self, step: ModelStep) -> None:
+        """Model-level work after the block walk."""
+
+    @classmethod
+    def walks_blocks(cls) -> bool:
+        return cls.on_block is not Stage.on_block
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+ENGINE = "engine"  # stage_seconds key of the engine's own forwards (capture, propagation)
+
+
+def run_stages(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | None, config: CalibConfig,
+               device: torch.device) -> None:
+    """Run the stages' hooks in order, walking the blocks once for all of them; the time of each
+    stage (its statistics forwards included) goes to `step.result.stage_seconds`."""
+    seconds = step.result.stage_seconds
+    for stage in stages:
+        with _timed(seconds, stage.name):
+            stage.before_blocks(step)
+    walkers = [stage for stage in stages if stage.walks_blocks()]
+    if walkers:
+        _walk(walkers, step, calibration, config, device)
+    for stage in stages:
+        with _timed(seconds, stage.name):
+            stage.after_blocks(step)
+
+
+def _walk(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | None, config: CalibConfig,
+          device: torch.device) -> None:
+    seconds = step.result.stage_seconds
+    batches = None
+    if calibration is not None:
+        with _timed(seconds, ENGINE):
+            batches = capture_block_inputs(step.model, step.adapter, calibration.tokens, config.batch_size, device)
+    blocks = step.adapter.decoder_blocks(step.model)
+    for index, block in enumerate(blocks):
+        progress.report("calibrating block" if batches is not None else "quantizing block", index + 1, len(blocks))
+        home = next(block.parameters()).device
+        block.to(device)
+        runner = None if batches is None else BlockRunner(block, batches)
+        float_outputs = None
+        if runner is not None and config.propagate == "float":
+            with _timed(seconds, ENGINE):
+                float_outputs = runner.outputs()
+        block_step = BlockStep(index, block, f"{step.adapter.blocks}.{index}", step.adapter, runner, step.result)
+        for stage in stages:
+            with _timed(seconds, stage.name):
+                stage.on_block(block_step)
+        if runner is not None:
+            with _timed(seconds, ENGINE):
+                outputs = float_outputs if float_outputs is not None else runner.outputs()
+            batches = [dataclasses.replace(batch, hidden=out) for batch, out in zip(runner.batches, outputs)]
+        block.to(home)

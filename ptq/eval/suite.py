@@ -1,0 +1,89 @@
+"""A cell's evaluation: perplexity on every configured dataset (by chunked prefill through the
+cell's cache when it has KV probes), then the KV probes and the zero-shot tasks when configured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ptq.config import CellConfig, KVEvalConfig
+from ptq.data import load_text, tokenize_once
+from ptq.dependencies import EVAL_SPLIT
+from ptq.engine import QuantResult
+from ptq.eval.decode import decode_speed, float_cache
+from ptq.eval.passkey import passkey_accuracy, trials
+from ptq.eval.perplexity import PerplexityResult, perplexity
+from ptq.eval.zeroshot import zero_shot
+
+
+@dataclass
+class Evaluation:
+    results: dict[str, PerplexityResult]
+    data: dict[str, Any]  # per dataset: origin, sha256, token count
+    fallbacks: list[str] = field(default_factory=list)
+    kv_probes: dict[str, Any] = field(default_factory=dict)  # passkey, decode speed, cache bytes
+    zero_shot: dict[str, Any] | None = None  # see ptq.eval.zeroshot.zero_shot, when configured
+
+    def metrics(self) -> dict[str, Any]:
+        seconds = sum(r.seconds for r in self.results.values())
+        tokens = sum(r.windows * r.seqlen for r in self.results.values())
+        metrics = {
+            "ppl": {name: r.ppl for name, r in self.results.items()},
+            "eval": {name: {"windows": r.windows, "seqlen": r.seqlen, "tokens_scored": r.tokens_scored,
+                            "seconds": r.seconds, "prefill_chunk": r.prefill_chunk} for name, r in self.results.items()},
+            "eval_tokens_per_s": tokens / seconds if seconds > 0 else None,
+            **self.kv_probes,
+        }
+        if self.zero_shot is not None:
+            metrics["zero_shot"] = self.zero_shot
+        return metrics
+
+
+def kv_probes(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+              config: KVEvalConfig) -> dict[str, Any]:
+    """Where a KV cache acts beyond perplexity: passkey retrieval and greedy decoding, both
+    through the cell's cache (a float one for methods that leave the cache alone)."""
+    make_cache = quantized.make_cache or float_cache
+    cases = trials(config.passkey_lengths, config.passkey_trials, config.passkey_seed)
+    passkey = passkey_accuracy(quantized.model, tokenizer, make_cache, config.prefill_chunk, cases)
+    prompt = tokenize_once(tokenizer, load_text("wikitext2", EVAL_SPLIT))[:, : config.decode_prompt]
+    decode = decode_speed(quantized.model, prompt.to(device), make_cache, config.prefill_chunk, config.decode_tokens)
+    return {
+        "passkey": passkey,
+        "decode_tokens_per_s": decode.pop("decode_tokens_per_s"),
+        "kv": decode,
+    }
+
+
+def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+             config: CellConfig) -> Evaluation:
+    """Perplexity on every configured dataset, then the KV probes and the zero-shot tasks, when
+    configured. On CUDA OOM the perplexity batch is halved and that is recorded."""
+    results: dict[str, PerplexityResult] = {}
+    data: dict[str, Any] = {}
+    fallbacks: list[str] = []
+    chunk = config.kv_eval.prefill_chunk if config.kv_eval else None
+    for dataset in config.eval.datasets:
+        text = load_text(dataset, EVAL_SPLIT)
+        ids = tokenize_once(tokenizer, text)
+        data[dataset] = {**text.describe(), "tokens": int(ids.shape[1])}
+        batch_size = config.eval.batch_size
+        while True:
+            try:
+                results[dataset] = perplexity(quantized.model, ids, config.eval.seqlen, config.eval.max_windows,
+                                              batch_size, quantized.make_cache, chunk)
+                break
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                fallbacks.append(f"{dataset}: out of memory at eval batch {batch_size}, retried at {batch_size // 2}")
+                batch_size //= 2
+    probes = kv_probes(quantized, tokenizer, device, config.kv_eval) if config.kv_eval else {}
+    accuracy = None
+    if config.zero_shot.tasks:
+        accuracy, data["zero_shot"] = zero_shot(quantized.model, tokenizer, config.zero_shot, quantized.make_cache)
+    return Evaluation(results, data, fallbacks, probes, accuracy)

@@ -1,0 +1,145 @@
+"""A benchmark session as the pytest plugin drives it, without pytest: the cells a command line
+asks for (checked before any model loads), models loaded once, each model's FP baseline measured
+once, and a cell run into its record with its gates."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ptq import progress
+from ptq.cache import CacheStore
+from ptq.cell import CellOutcome, LoadedModel, run_cached
+from ptq.config import ModelConfig, parse_override
+from ptq.data import load_text
+from ptq.dependencies import EVAL_SPLIT, fingerprint
+from ptq.errors import ConfigError, UnsupportedModel
+from ptq.eval.lm_tasks import check_task_files, check_task_names
+from ptq.gates import BaselineStore, GateResult, cell_gates
+from ptq.kv import head_dim_of
+from ptq.matrix import Catalog, Cell, Selection, shard
+from ptq.models.adapters import adapter_for
+from ptq.models.loading import load_model
+from ptq.registry import Pipeline
+from ptq.report.records import CellRecord
+
+
+@dataclass(frozen=True)
+class Request:
+    """A command line's choice of cells (see conftest.py's options)."""
+
+    models: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    tracks: tuple[str, ...] | None = None
+    experiments: tuple[str, ...] = ()  # names in bench/experiments/ or YAML paths
+    overrides: tuple[str, ...] = ()  # key.path=value
+    shard: str | None = None  # I/N
+
+
+def _experiment_path(value: str, catalog: Catalog) -> Path:
+    if value in catalog.experiments:
+        return catalog.experiments[value]
+    path = Path(value)
+    if path.is_file():
+        return path
+    raise ConfigError(f"--experiment {value!r} is neither a name in {catalog.bench_dir / 'experiments'} nor a file")
+
+
+def plan(catalog: Catalog, request: Request, device_type: str, check_data: bool) -> list[Cell]:
+    """The cells of a request, checked as far as possible before any model loads: names,
+    configurations, zero-shot task names and, with `check_data`, the data files they read."""
+    selection = Selection(request.models, request.methods, request.tracks,
+                          tuple(_experiment_path(value, catalog) for value in request.experiments),
+                          tuple(parse_override(text) for text in request.overrides))
+    cells = catalog.cells(selection, device_type)
+    cells = shard(cells, request.shard) if request.shard else cells
+    tasks = tuple(dict.fromkeys(task for cell in cells for task in cell.config.zero_shot.tasks))
+    check_task_names(tasks)
+    if check_data:
+        for dataset in sorted({d for cell in cells for d in cell.config.eval.datasets}):
+            load_text(dataset, EVAL_SPLIT)
+        check_task_files(tasks)
+    return cells
+
+
+def start_record(cell: Cell, run_id: str, device_type: str) -> CellRecord:
+    return CellRecord(run_id, cell.id, cell.model, cell.method, cell.variant, cell.track, cell.experiment,
+                      cell.config.to_dict(), cell.fingerprint(device_type))
+
+
+class ModelStore:
+    """Holds the most recently used model: cells of one model run together (grouped per
+    worker), so keeping one bounds memory to one float model plus the cell's copy."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._key: tuple[str, str] | None = None
+        self._loaded: LoadedModel | None = None
+
+    def get(self, config: ModelConfig) -> LoadedModel:
+        key = (config.name, config.dtype)
+        if key != self._key:
+            self._loaded = None
+            gc.collect()
+            progress.report(f"loading {config.name}")
+            model, tokenizer, source = load_model(config, self.device)
+            if config.head_dim is not None and config.head_dim != head_dim_of(model.config):
+                raise UnsupportedModel(f"model {config.name}: its YAML states head_dim {config.head_dim}, the "
+                                       f"loaded model has {head_dim_of(model.config)}")
+            self._loaded = LoadedModel(model, tokenizer, adapter_for(model, config.family), source, self.device)
+            self._key = key
+        assert self._loaded is not None
+        return self._loaded
+
+
+class Session:
+    """Runs cells into their records: the FP baseline of each model and evaluation setting once
+    (from the disk cache when it can), the cell's pipeline, then its gates."""
+
+    def __init__(self, catalog: Catalog, device: torch.device, cache: CacheStore, baselines: BaselineStore,
+                 check_baselines: bool, require_baselines: bool) -> None:
+        self.catalog = catalog
+        self.device = device
+        self.cache = cache
+        self.baselines = baselines
+        self.check_baselines = check_baselines  # off with --update-baselines
+        self.require_baselines = require_baselines  # off for ad hoc configurations (--override)
+        self.models = ModelStore(device)
+        self._fp_outcomes: dict[str, CellOutcome] = {}
+        self._fp_pipeline = Pipeline((catalog.baseline,))
+
+    def baseline(self, cell: Cell) -> CellOutcome:
+        key = fingerprint(cell.baseline_config, self.device.type)
+        if key not in self._fp_outcomes:
+            load = partial(self.models.get, cell.config.model)
+            self._fp_outcomes[key] = run_cached(cell.baseline_config, self._fp_pipeline, self.device, load,
+                                                self.cache)
+        return self._fp_outcomes[key]
+
+    def run(self, cell: Cell, record: CellRecord) -> list[GateResult]:
+        """Measure the cell into `record` and return the gates that failed."""
+        baseline = self.baseline(cell)
+        record.model_source = baseline.model_source
+        load = partial(self.models.get, cell.config.model)
+        outcome = baseline if cell.pipeline.baseline else run_cached(cell.config, cell.pipeline, self.device,
+                                                                     load, self.cache)
+        metrics, fp_metrics = outcome.metrics, baseline.metrics
+        first = next(iter(metrics["ppl"]))
+        record.metrics = {**metrics, "fp_ppl": fp_metrics["ppl"], "ppl_ratio": metrics["ppl"][first] /
+                          fp_metrics["ppl"][first]}
+        if "zero_shot" in metrics:
+            record.metrics["fp_zero_shot"] = fp_metrics["zero_shot"]
+        record.data, record.notes = outcome.data, outcome.notes
+        record.fallbacks = outcome.fallbacks + [f"cache: {problem}" for problem in outcome.cache_problems]
+        record.cache = {**outcome.cache, "fp_baseline": baseline.cache["metrics"]}
+        committed = self.baselines.check(cell.id, record.config_fingerprint, metrics["ppl"],
+                                         cell.config.gates.baseline_rel_tol, self.require_baselines) \
+            if self.check_baselines else []
+        gates = cell_gates(metrics, fp_metrics, cell.config.gates, committed)
+        record.gates = [gate.to_dict() for gate in gates]
+        return [gate for gate in gates if gate.passed is False]
+
