@@ -469,16 +469,30 @@ def quantized_models(catalog: Catalog, model: LlamaForCausalLM, calibration: Cal
     """The tiny model quantized by rtn, gptq and awq (W3 asym, group 32); "calibration" holds the
     calibration tokens."""
     out = {}
-    for method in ("rtn", "gptq", "awq"):
+    for method in ("rtn", "gptq", "awq", "awq+gptq"):
         # the CPU profile searches AWQ's scales on 8 samples; here: all of them
-        extra = ("method.params.search_samples=null",) if method == "awq" else ()
+        extra = ("method.params.search_samples=null",) if "awq" in method else ()
         result = run_pipeline(catalog, model, calibration, method, *extra)
         out[method] = (result.model, result)
     out["calibration"] = (calibration.tokens, None)
     return out
 
 
-@pytest.mark.parametrize("method", ("gptq", "awq"))
+def test_awq_that_changes_nothing_then_gptq_is_gptq_exactly(catalog: Catalog, model: LlamaForCausalLM,
+                                                           calibration: CalibrationSet) -> None:
+    """AWQ with alpha 0 only (scales of 1) and no clipping leaves every weight as it was: the
+    pipeline must then give GPTQ's result bit for bit (same Hessians, same propagation)."""
+    alone = run_pipeline(catalog, model, calibration, "gptq")
+    chained = run_pipeline(catalog, model, calibration, "awq+gptq", "method.params.n_grid=1",
+                           "method.params.clip=false")
+    for name, linear in LLAMA.quantizable_linears(alone.model).items():
+        assert torch.equal(chained.model.get_submodule(name).weight, linear.weight), name
+    assert chained.weight_specs == alone.weight_specs
+    assert set(chained.stage_seconds) == {"awq", "gptq", "engine"}
+    assert any("scales and clipping only" in note for note in chained.notes)
+
+
+@pytest.mark.parametrize("method", ("gptq", "awq", "awq+gptq"))
 def test_calibrated_methods_beat_rtn_on_a_tiny_llama(model: LlamaForCausalLM, quantized_models: dict,
                                                      method: str) -> None:
     def errors(tokens: torch.Tensor) -> dict[str, list[float]]:
@@ -499,12 +513,12 @@ def test_calibrated_methods_beat_rtn_on_a_tiny_llama(model: LlamaForCausalLM, qu
     assert sum(held[method]) < sum(held["rtn"]), held
     result = quantized_models[method][1]
     assert result.fallbacks == []
-    if method == "awq":
+    if "awq" in method:
         assert any("grouped-query attention" in note and "self_attn.v_proj -> self_attn.o_proj" in note
                    for note in result.notes)
 
 
-@pytest.mark.parametrize("method", ("gptq", "awq"))
+@pytest.mark.parametrize("method", ("gptq", "awq", "awq+gptq"))
 def test_calibrated_methods_leave_weights_on_the_3_bit_grid(model: LlamaForCausalLM, quantized_models: dict,
                                                             method: str) -> None:
     quantized = quantized_models[method][0]

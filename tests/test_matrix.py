@@ -3,6 +3,7 @@ through pytest itself (`-k`, --methods/--tracks, usage errors)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 
 import ptq.registry
-from ptq.config import TRACKS, parse_override
+from ptq.config import TRACKS, Layer, parse_override, route_params
 from ptq.errors import ConfigError
 from ptq.gates import BaselineStore
 from ptq.matrix import Catalog, Cell, Selection
-from ptq.engine import Stage
+from ptq.engine import BlockStep, Stage
+from ptq.methods.awq import AwqParams
+from ptq.methods.gptq import GptqParams
 from ptq.methods.kv_hf import HfCacheParams
 from ptq.methods.rtn import RtnParams
 from ptq.quant import QuantSpec
@@ -298,3 +301,134 @@ def test_collect_only_from_the_command_line(tmp_path: Path) -> None:
     ids = re.findall(r"^bench/test_cells\.py::test_cell\[(.+)\]$", result.stdout, flags=re.M)
     assert ids == ["smollm2-135m-rtn-A"]
     assert "1/13 tests collected (12 deselected)" in result.stdout
+
+
+# ---------------------------------------------------------------------------- pipelines
+
+
+def pipeline_cells(catalog: Catalog, methods: tuple[str, ...], *overrides: str, tracks=("A",)) -> list[Cell]:
+    return catalog.cells(Selection(models=("smollm2-135m",), methods=methods, tracks=tracks,
+                                   overrides=tuple(parse_override(text) for text in overrides)), "cpu")
+
+
+def test_a_pipeline_is_one_cell_with_its_stages_in_order(catalog: Catalog) -> None:
+    (cell,) = pipeline_cells(catalog, ("awq+gptq",))
+    assert cell.id == "smollm2-135m-awq+gptq-c4-A" and cell.method == cell.config.method.name == "awq+gptq"
+    awq, gptq = cell.config.method.stages
+    assert (awq.name, gptq.name) == ("awq", "gptq") and not awq.added and not gptq.added
+    assert awq.params == AwqParams(search_samples=8)  # each stage's own YAML, its CPU profile included
+    assert gptq.params == GptqParams()
+    # cell settings merge the stages' YAMLs in order: the later stage's budget and propagation
+    assert cell.config.gates.max_ppl_ratio == 1.48 and cell.config.calib.propagate == "quantized"
+    assert cell.pipeline.tracks == {"A"} and cell.pipeline.rounding_stage == "gptq" and cell.calibrated
+    assert {"awq", "gptq", "awq+gptq", "c4"} <= cell.keywords
+    assert cell.config.method.description.startswith("AWQ") and " Then: GPTQ" in cell.config.method.description
+
+
+def test_a_one_stage_pipeline_is_the_method(catalog: Catalog) -> None:
+    (cell,) = pipeline_cells(catalog, ("gptq",))
+    assert [stage.name for stage in cell.pipeline.stages] == ["gptq"] and cell.id == "smollm2-135m-gptq-c4-A"
+
+
+@pytest.mark.parametrize(("methods", "message"), [
+    ("nosuch+gptq", "unknown methods ['nosuch'] in pipeline 'nosuch+gptq'"),
+    ("gptq+gptq", "pipeline 'gptq+gptq' names ['gptq'] twice"),
+    ("kivi+gptq", "pipeline 'kivi+gptq': no track is supported by every stage (kivi: C; gptq: A B)"),
+    ("gptq+awq", "pipeline 'gptq+awq': gptq rounds the weights, so no weight quantizer may follow it"),
+    ("fp16+rtn", "pipeline 'fp16+rtn': the float baseline fp16 runs alone"),
+    ("kivi+kv-rtn", "pipeline 'kivi+kv-rtn': at most one KV-cache method"),
+])
+def test_bad_pipelines_are_config_errors(catalog: Catalog, methods: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        pipeline_cells(catalog, (methods,), tracks=None)
+
+
+def test_a_pipeline_on_a_track_one_stage_lacks_is_an_error_when_asked_for(catalog: Catalog) -> None:
+    with pytest.raises(ConfigError, match=r"method awq\+gptq supports tracks \['A'\], none of the requested \['B'\]"):
+        pipeline_cells(catalog, ("awq+gptq",), tracks=("B",))
+
+
+def test_params_go_to_the_stage_that_has_them(catalog: Catalog) -> None:
+    (cell,) = pipeline_cells(catalog, ("awq+gptq",), "method.params.percdamp=0.1", "method.params.n_grid=10",
+                             "stages.gptq.params.blocksize=64")
+    awq, gptq = cell.config.method.stages
+    assert (awq.params.n_grid, gptq.params.percdamp, gptq.params.blocksize) == (10, 0.1, 64)
+    # a stage's own block takes only its own params
+    with pytest.raises(ConfigError, match=r"--override stages.awq.params.percdamp=0.1: unknown key "
+                                          r"'stages.awq.params.percdamp' \(known keys here: clip, clip_tokens"):
+        pipeline_cells(catalog, ("awq+gptq",), "stages.awq.params.percdamp=0.1")
+    # settings of a stage the cell does not run are left out, not an error
+    (rtn,) = pipeline_cells(catalog, ("rtn",), "stages.gptq.params.blocksize=64")
+    assert [stage.name for stage in rtn.config.method.stages] == ["rtn"]
+
+
+def test_a_param_two_stages_have_must_name_its_stage() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class First:
+        alpha: float = 0.5
+
+    @dataclasses.dataclass(frozen=True)
+    class Second:
+        alpha: float = 0.5
+        beta: int = 1
+
+    layer = parse_override("method.params.beta=2")
+    routed, keys = route_params(layer, {"first": First, "second": Second})
+    assert routed.data == {"stages": {"second": {"params": {"beta": 2}}}} and keys == {"beta"}
+    assert routed.provenance[("stages", "second", "params", "beta")] == "--override method.params.beta=2"
+    with pytest.raises(ConfigError, match=r"method.params.alpha is a parameter of first and second: say which, "
+                                          r"e.g. stages.second.params.alpha"):
+        route_params(parse_override("method.params.alpha=0.1"), {"first": First, "second": Second})
+    assert route_params(layer, {"first": First}) == (Layer({}, {}, layer.source), set())  # none: left out
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftParams:
+    """A test transform: no knobs."""
+
+
+class Shift(Stage):
+    """A transform that changes weights without rounding them."""
+
+    def on_block(self, step: BlockStep) -> None:
+        for linear in step.linears().values():
+            linear.weight.data.mul_(0.5)
+
+
+@pytest.fixture
+def with_a_transform(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A bench/ copy with a registered transform method `shift` on tracks A, B and C."""
+    info = MethodInfo("shift", Shift, ShiftParams, frozenset("ABC"), frozenset(), "transform", False, False)
+    monkeypatch.setitem(ptq.registry._REGISTRY, "shift", info)
+    bench = Path(shutil.copytree(BENCH, tmp_path / "bench"))
+    (bench / "methods" / "shift.yaml").write_text("method: {name: shift}\ntracks: {A: {}, B: {}, C: {}}\n")
+    return bench
+
+
+def test_transforms_alone_get_round_to_nearest_when_the_track_quantizes_weights(with_a_transform: Path) -> None:
+    catalog = Catalog(with_a_transform)
+    cells = {cell.id: cell for cell in pipeline_cells(catalog, ("shift", "shift+gptq", "shift+kivi"),
+                                                        tracks=("A", "C"))}
+    shift = cells["smollm2-135m-shift-A"]
+    assert [(s.name, s.added) for s in shift.config.method.stages] == [("shift", False), ("rtn", True)]
+    assert shift.config.weight.bits == 4 and shift.pipeline.rounding_stage == "rtn"
+    assert "rtn" not in shift.keywords  # it was not asked for
+    assert [s.name for s in cells["smollm2-135m-shift+gptq-c4-A"].config.method.stages] == ["shift", "gptq"]
+    # track C quantizes no weights: nothing is added
+    assert [s.name for s in cells["smollm2-135m-shift-C"].config.method.stages] == ["shift"]
+    assert cells["smollm2-135m-shift-C"].config.weight is None
+    assert [s.name for s in cells["smollm2-135m-shift+kivi-int2-C"].config.method.stages] == ["shift", "kivi"]
+
+
+def test_bad_pipeline_and_bad_params_are_usage_errors_on_the_command_line(pytester: pytest.Pytester,
+                                                                        tmp_path: Path) -> None:
+    for args, message in ((("--methods", "gptq+awq"), "gptq rounds the weights"),
+                          (("--methods", "gptq", "--override", "method.params.percdamp=-1"),
+                           "--override method.params.percdamp=-1: stages.gptq.params: percdamp must be > 0"),
+                          (("--methods", "gptq", "--override", "method.params.blocksze=64"),
+                           "method.params ['blocksze']: no selected method has such a parameter (gptq: blocksize,")):
+        result = collect(pytester, tmp_path, *args)
+        output = result.stdout.str() + result.stderr.str()
+        assert result.ret == pytest.ExitCode.USAGE_ERROR, output
+        assert message in output and "Traceback" not in output
+        assert collected_ids(result) == []
