@@ -190,6 +190,9 @@ class BlockStep:
     adapter: ArchAdapter  # the block's layout: sequential groups, scaling groups
     runner: BlockRunner | None  # the calibration batches through this block; None in a data-free pipeline
     result: QuantResult
+    # The float model's activations at this block's input through the block (as the earlier
+    # stages left it): for stages that calibrate on the unquantized model (`float_inputs`).
+    float_runner: BlockRunner | None = None
 
     def linears(self) -> dict[str, nn.Linear]:
         """The block's linears by name inside the block, in execution order."""
@@ -208,6 +211,9 @@ class Stage:
     stage that can also hand the rounding to a later one (AWQ before GPTQ) checks it."""
 
     name: ClassVar[str]  # set by ptq.registry.register_method
+    # Statistics come from the float model's activations (SmoothQuant's reference calibrates the
+    # unquantized model), whatever the pipeline propagates: the engine then keeps both streams.
+    float_inputs: ClassVar[bool] = False
 
     def __init__(self, params: Any, specs: Specs, final: bool) -> None:
         self.params = params
@@ -269,22 +275,30 @@ def _walk(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | No
     if calibration is not None:
         with _timed(seconds, ENGINE):
             batches = capture_block_inputs(step.model, step.adapter, calibration.tokens, config.batch_size, device)
+    # float_batches: the float model's activations, kept apart when the propagated ones are quantized
+    float_batches = batches if batches is not None and config.propagate == "quantized" \
+        and any(stage.float_inputs for stage in stages) else None
     blocks = step.adapter.decoder_blocks(step.model)
     for index, block in enumerate(blocks):
         progress.report("calibrating block" if batches is not None else "quantizing block", index + 1, len(blocks))
         home = next(block.parameters()).device
         block.to(device)
         runner = None if batches is None else BlockRunner(block, batches)
+        float_runner = runner if float_batches is None else BlockRunner(block, float_batches)
         float_outputs = None
-        if runner is not None and config.propagate == "float":
+        if runner is not None and (config.propagate == "float" or float_batches is not None):
             with _timed(seconds, ENGINE):
-                float_outputs = runner.outputs()
-        block_step = BlockStep(index, block, f"{step.adapter.blocks}.{index}", step.adapter, runner, step.result)
+                float_outputs = float_runner.outputs()
+        block_step = BlockStep(index, block, f"{step.adapter.blocks}.{index}", step.adapter, runner, step.result,
+                               float_runner)
         for stage in stages:
             with _timed(seconds, stage.name):
                 stage.on_block(block_step)
         if runner is not None:
             with _timed(seconds, ENGINE):
-                outputs = float_outputs if float_outputs is not None else runner.outputs()
+                outputs = float_outputs if config.propagate == "float" else runner.outputs()
             batches = [dataclasses.replace(batch, hidden=out) for batch, out in zip(runner.batches, outputs)]
+            if float_batches is not None:
+                float_batches = [dataclasses.replace(batch, hidden=out)
+                                 for batch, out in zip(float_batches, float_outputs)]
         block.to(home)
