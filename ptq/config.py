@@ -177,7 +177,7 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    datasets: tuple[Literal["wikitext2"], ...] = ("wikitext2",)
+    datasets: tuple[Literal["wikitext2", "c4"], ...] = ("wikitext2",)  # perplexity on each; the first gates
     seqlen: int = 512
     max_windows: int | None = 32  # None: every window of the split
     batch_size: int = 4

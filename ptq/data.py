@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from ptq.errors import DataUnavailable
 
 DATA_DIR_ENV = "PTQ_DATA_DIR"
+C4_EVAL_DOCUMENTS = 1100
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,13 @@ SPLITS: dict[tuple[str, str], DatasetSplit] = {
         "c4/c4_validation_2k.jsonl.gz", _c4_rows_from_file,
         lambda: _hub_rows("allenai/c4", None, "validation",
                           data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}), "\n\n"),
+    # C4 perplexity as the GPTQ paper scores it (datautils.get_c4): the first 1100 documents of
+    # the first validation shard joined with a space (its 256-window cap: ptq.eval.suite).
+    ("c4", "test"): DatasetSplit(
+        "c4/c4_validation_2k.jsonl.gz", lambda path: _c4_rows_from_file(path)[:C4_EVAL_DOCUMENTS],
+        lambda: _hub_rows("allenai/c4", None, "validation",
+                          data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"})[:C4_EVAL_DOCUMENTS],
+        " "),
 }
 
 

@@ -19,6 +19,17 @@ from ptq.eval.perplexity import PerplexityResult, perplexity
 from ptq.eval.zeroshot import zero_shot
 
 
+# Windows a dataset is scored on at most, by its paper convention: GPTQ's C4 evaluation keeps
+# the first 256 windows of the joined documents (datautils.get_c4).
+WINDOW_CAPS = {"c4": 256}
+
+
+def windows_for(dataset: str, configured: int | None) -> int | None:
+    """The windows to score: the configured budget within the dataset's convention."""
+    cap = WINDOW_CAPS.get(dataset)
+    return cap if configured is None else configured if cap is None else min(configured, cap)
+
+
 @dataclass
 class Evaluation:
     results: dict[str, PerplexityResult]
@@ -73,8 +84,9 @@ def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device:
         batch_size = config.eval.batch_size
         while True:
             try:
-                results[dataset] = perplexity(quantized.model, ids, config.eval.seqlen, config.eval.max_windows,
-                                              batch_size, quantized.make_cache, chunk)
+                results[dataset] = perplexity(quantized.model, ids, config.eval.seqlen,
+                                              windows_for(dataset, config.eval.max_windows), batch_size,
+                                              quantized.make_cache, chunk)
                 break
             except torch.OutOfMemoryError:
                 if batch_size == 1:
