@@ -4,7 +4,7 @@ only what its pipeline reads, see ptq.matrix):
 - the **fingerprint** (committed baselines, comparisons between runs): the settings that
   determine the metrics, and the device type;
 - the **weights key** (the quantized weights in the cache): those settings without the
-  evaluation, plus the model's content, the calibration text, the packages and the code of
+  evaluation and the activation spec (applied after the stages), plus the model's content, the calibration text, the packages and the code of
   every stage of the pipeline;
 - the **metrics key**: the weights key's inputs plus the evaluation settings, its data and code.
 
@@ -93,7 +93,9 @@ def dependencies(config: CellConfig, stage_modules: tuple[str, ...], device_type
     calibration tokens are a function of the tokenizer (in the model's identity), the calib
     settings, the calibration text and ptq.calib, all of which are inputs."""
     quantize = settings(config)
-    evaluation = {section: quantize.pop(section) for section in EVAL_SECTIONS if section in quantize}
+    # activations are quantized after the stages, from the config (ptq.pipeline): W4A16 and W4A8
+    # cells share their weights
+    evaluation = {section: quantize.pop(section) for section in ("act", *EVAL_SECTIONS) if section in quantize}
     weights: dict[str, Any] = {
         "model": model_identity(config.model.source), "settings": quantize, "device_type": device_type,
         "packages": package_versions(RESULT_PACKAGES), "code": code_version((*stage_modules, *QUANTIZE_CODE))}

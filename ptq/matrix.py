@@ -44,6 +44,7 @@ class Cell:
     baseline_config: CellConfig  # what the FP baseline of this cell runs with
     experiment: str | None = None
     variant: str | None = None  # one of a method YAML's `variants` (e.g. int4), part of the id
+    setting: str | None = None  # one entry of the experiment's `sweep` (e.g. w4a8), part of the id
 
     @property
     def calibrated(self) -> bool:
@@ -58,6 +59,8 @@ class Cell:
         if self.calibrated:
             parts.append(self.config.calib.dataset)
         parts.append(self.track)
+        if self.setting:
+            parts.append(self.setting)
         if self.experiment and self.experiment != DEFAULT_EXPERIMENT:
             parts.append(self.experiment)
         return "-".join(parts)
@@ -76,6 +79,8 @@ class Cell:
             names.add(self.config.calib.dataset)
         if self.experiment:
             names.add(self.experiment)
+        if self.setting:
+            names.add(self.setting)
         return frozenset(names)
 
     def matches(self, expression: Expression) -> bool:
@@ -141,10 +146,24 @@ class MethodFile:
 
 
 @dataclass(frozen=True)
+class SweepEntry:
+    """One setting of an experiment's sweep: what its cells change, and its per-pipeline blocks."""
+
+    settings: Layer
+    per_method: dict[str, Layer]
+
+
+@dataclass(frozen=True)
 class Experiment:
     header: ExperimentHeader
     settings: Layer
     per_method: dict[str, Layer]  # by pipeline name, its params already routed to its stages
+    sweep: dict[str, SweepEntry]  # every method cell once per entry; the float baseline once
+
+
+# What a sweep may vary: what methods read. The FP baseline runs once for all entries, so an
+# entry cannot change what the baseline reads (the model, the evaluation).
+SWEEP_SECTIONS = ("weight", "act", "kv", "calib", "gates", "stages", "method")
 
 
 class Catalog:
@@ -222,24 +241,40 @@ class Catalog:
         header = build(ExperimentHeader, header_layer.data, header_layer.provenance)
         for name in header.methods or ():
             self.pipeline(name)
-        settings = layer.without("experiment", "per_method")
+        settings = layer.without("experiment", "per_method", "sweep")
         check_layer(settings, self.schemas)
+        sweep = {}
+        for name in layer.data.get("sweep") or {}:
+            entry = layer.sub("sweep").sub(name)
+            where = layer.provenance.get(("sweep", name), str(path))
+            other = sorted(set(entry.data) - set(SWEEP_SECTIONS) - {"per_method"})
+            if other:
+                raise ConfigError(f"{where}: sweep.{name} sets {other}: a sweep varies what methods read "
+                                  f"({', '.join(SWEEP_SECTIONS)}); the float baseline, which runs once for every "
+                                  "entry, must not change")
+            entry_settings = entry.without("per_method")
+            check_layer(entry_settings, self.schemas)
+            sweep[name] = SweepEntry(entry_settings, self._per_method(entry, f"{path} sweep.{name}"))
+        return Experiment(header, settings, self._per_method(layer, str(path)), sweep)
+
+    def _per_method(self, layer: Layer, where: str) -> dict[str, Layer]:
+        """A layer's `per_method` blocks by pipeline, each with its params routed to its stages."""
         per_method = {}
         for name in layer.data.get("per_method") or {}:
-            where = layer.provenance.get(("per_method", name), str(path))
+            at = layer.provenance.get(("per_method", name), where)
             try:
                 pipeline = self.pipeline(name)
             except ConfigError as exc:
-                raise ConfigError(f"{where}: per_method: {exc}") from None
+                raise ConfigError(f"{at}: per_method: {exc}") from None
             block = layer.sub("per_method").sub(name)
             routed, keys = route_params(block, self._schemas(pipeline))
             unknown = sorted(set((block.data.get("method") or {}).get("params") or {}) - keys)
             if unknown:
-                raise ConfigError(f"{where}: per_method.{name}: no stage of {name} has param(s) {unknown} "
+                raise ConfigError(f"{at}: per_method.{name}: no stage of {name} has param(s) {unknown} "
                                   f"({self._params_listing(pipeline)})")
             check_layer(routed, self.schemas)
             per_method[name] = routed
-        return Experiment(header, settings, per_method)
+        return per_method
 
     def _schemas(self, pipeline: Pipeline) -> dict[str, type]:
         return {stage.name: stage.params for stage in pipeline.stages}
@@ -337,8 +372,9 @@ class Catalog:
         cells = []
         for experiment in experiments:
             cells += self._experiment_cells(selection, experiment, device_type, routed)
-        asked = {key for layer in (*selection.overrides, *(e.settings for e in experiments if e))
-                 for key in (layer.data.get("method") or {}).get("params") or {}}
+        above = [*selection.overrides, *(e.settings for e in experiments if e),
+                 *(entry.settings for e in experiments if e for entry in e.sweep.values())]
+        asked = {key for layer in above for key in (layer.data.get("method") or {}).get("params") or {}}
         unused = sorted(asked - routed)
         if unused:
             pipelines = {cell.pipeline.name: cell.pipeline for cell in cells}
@@ -389,18 +425,33 @@ class Catalog:
                 for pipeline in pipelines:
                     if track not in pipeline.tracks:
                         continue
-                    experiment_layers = () if experiment is None else (experiment.settings,) + (
-                        (experiment.per_method[pipeline.name],) if pipeline.name in experiment.per_method else ())
-                    for variant, variant_layer in self.variants(pipeline).items():
-                        for calib in calib_layers if pipeline.calibrated else [()]:
-                            top = experiment_layers + calib + selection.overrides
-                            where = f"{model} x {pipeline.name}{'-' + variant if variant else ''} x track {track}"
-                            config, runs = self.cell_config(model, pipeline, track, top, device_type,
-                                                            variant_layer, routed)
-                            _check_kv_fits(config, where)
-                            cells.append(Cell(model, pipeline.name, track, config, runs, self.baseline_config(config),
-                                              header.name if header else None, variant))
+                    for setting, setting_layers in self._settings(experiment, pipeline).items():
+                        for variant, variant_layer in self.variants(pipeline).items():
+                            for calib in calib_layers if pipeline.calibrated else [()]:
+                                top = setting_layers + calib + selection.overrides
+                                where = f"{model} x {pipeline.name}{'-' + variant if variant else ''} x track {track}"
+                                config, runs = self.cell_config(model, pipeline, track, top, device_type,
+                                                                variant_layer, routed)
+                                _check_kv_fits(config, where)
+                                cells.append(Cell(model, pipeline.name, track, config, runs,
+                                                  self.baseline_config(config), header.name if header else None,
+                                                  variant, setting))
         return cells
+
+    @staticmethod
+    def _settings(experiment: Experiment | None, pipeline: Pipeline) -> dict[str | None, tuple[Layer, ...]]:
+        """The layers an experiment puts above a pipeline's cells, per sweep entry (None: no sweep;
+        the float baseline takes none of the entries)."""
+        if experiment is None:
+            return {None: ()}
+
+        def block(per_method: dict[str, Layer]) -> tuple[Layer, ...]:
+            return (per_method[pipeline.name],) if pipeline.name in per_method else ()
+
+        base = (experiment.settings,) + block(experiment.per_method)
+        if not experiment.sweep or pipeline.baseline:
+            return {None: base}
+        return {name: base + (entry.settings,) + block(entry.per_method) for name, entry in experiment.sweep.items()}
 
 
 def _check_kv_fits(config: CellConfig, cell: str) -> None:

@@ -67,8 +67,8 @@ def plan(catalog: Catalog, request: Request, device_type: str, check_data: bool)
 
 
 def start_record(cell: Cell, run_id: str, device_type: str) -> CellRecord:
-    return CellRecord(run_id, cell.id, cell.model, cell.method, cell.variant, cell.track, cell.experiment,
-                      cell.config.to_dict(), cell.fingerprint(device_type))
+    return CellRecord(run_id, cell.id, cell.model, cell.method, cell.variant, cell.setting, cell.track,
+                      cell.experiment, cell.config.to_dict(), cell.fingerprint(device_type))
 
 
 class ModelStore:

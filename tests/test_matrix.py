@@ -17,6 +17,7 @@ from ptq.config import TRACKS, Layer, parse_override, route_params
 from ptq.errors import ConfigError
 from ptq.gates import BaselineStore
 from ptq.matrix import Catalog, Cell, Selection
+from ptq.dependencies import dependencies
 from ptq.engine import BlockStep, Stage
 from ptq.methods.awq import AwqParams
 from ptq.methods.gptq import GptqParams
@@ -432,3 +433,50 @@ def test_bad_pipeline_and_bad_params_are_usage_errors_on_the_command_line(pytest
         assert result.ret == pytest.ExitCode.USAGE_ERROR, output
         assert message in output and "Traceback" not in output
         assert collected_ids(result) == []
+
+
+# ------------------------------------------------------------------------ experiment sweeps
+
+
+def test_a_sweep_gives_each_method_cell_once_per_entry_and_the_baseline_once(catalog: Catalog) -> None:
+    study = BENCH / "experiments" / "sq-gptq-study.yaml"
+    cells = {cell.id: cell for cell in catalog.cells(Selection(experiments=(study,)), "cpu")}
+    assert len(cells) == 1 + 4 * 3
+    fp = cells["smollm2-135m-fp16-B-sq-gptq-study"]
+    assert fp.setting is None and fp.config.act is None
+    w4a8 = cells["smollm2-135m-smoothquant+gptq-c4-B-w4a8-sq-gptq-study"]
+    assert w4a8.setting == "w4a8" and {"w4a8", "smoothquant", "gptq"} <= w4a8.keywords
+    assert (w4a8.config.weight.bits, w4a8.config.weight.symmetric, w4a8.config.weight.granularity) == (
+        4, False, "channel")
+    assert (w4a8.config.act.bits, w4a8.config.act.symmetric, w4a8.config.act.granularity) == (8, False, "token")
+    assert cells["smollm2-135m-gptq-c4-B-w4a16-sq-gptq-study"].config.act is None
+    assert cells["smollm2-135m-rtn-B-w8a8-sq-gptq-study"].config.weight.bits == 8
+    assert w4a8.config.eval.datasets == ("wikitext2", "c4")
+    assert w4a8.config.zero_shot.tasks == fp.config.zero_shot.tasks == ("boolq", "piqa", "winogrande")
+
+
+def test_a_sweep_entry_cannot_change_what_the_baseline_reads(catalog: Catalog, tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("experiment: {name: bad, methods: [fp16, rtn], tracks: [A]}\n"
+                    "sweep:\n  short: {eval: {seqlen: 128}}\n")
+    with pytest.raises(ConfigError, match=r"sweep.short sets \['eval'\]: a sweep varies what methods read"):
+        catalog.cells(Selection(experiments=(path,)), "cpu")
+    path.write_text("experiment: {name: ok, methods: [fp16, rtn, gptq], tracks: [A]}\n"
+                    "sweep:\n  w3: {weight: {bits: 3}, per_method: {gptq: {gates: {max_ppl_ratio: 9}}}}\n"
+                    "  w2: {weight: {bits: 2}}\n")
+    cells = {cell.id: cell for cell in catalog.cells(Selection(experiments=(path,)), "cpu")}
+    assert cells["smollm2-135m-gptq-c4-A-w3-ok"].config.gates.max_ppl_ratio == 9
+    assert cells["smollm2-135m-gptq-c4-A-w2-ok"].config.gates.max_ppl_ratio == 1.48
+    assert cells["smollm2-135m-rtn-A-w2-ok"].config.weight.bits == 2
+
+
+def test_cells_that_differ_only_in_activations_share_their_weights(catalog: Catalog) -> None:
+    study = BENCH / "experiments" / "sq-gptq-study.yaml"
+    cells = {cell.id: cell for cell in catalog.cells(Selection(experiments=(study,)), "cpu")}
+    keys = {}
+    for setting in ("w4a16", "w4a8", "w8a8"):
+        cell = cells[f"smollm2-135m-gptq-c4-B-{setting}-sq-gptq-study"]
+        deps = dependencies(cell.config, tuple(stage.module for stage in cell.pipeline.stages), "cpu")
+        keys[setting] = (deps.weights_key, deps.metrics_key)
+    assert keys["w4a16"][0] == keys["w4a8"][0] != keys["w8a8"][0]
+    assert keys["w4a16"][1] != keys["w4a8"][1]

@@ -40,6 +40,7 @@ def make_record(cell_id: str = "tiny-rtn-A", status: str = "passed", ppl: float 
         "model": model,
         "method": method,
         "variant": None,
+        "setting": None,
         "track": track,
         "experiment": "default",
         "status": status,

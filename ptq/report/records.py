@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 # 2: a cell's method variant, and how the cache served it; 3: pipelines (config.method.stages,
-# metrics.stage_seconds, data.quantized: what was quantized where, bits per weight as run)
+# metrics.stage_seconds, data.quantized: what was quantized where, bits per weight as run) and
+# the experiment's sweep entry (`setting`)
 SCHEMA_VERSION = 3
 PACKAGES = ("ptq-bench", "torch", "transformers", "accelerate", "datasets", "lm_eval", "gguf", "numpy")
 STATUSES = ("passed", "failed", "skipped")
@@ -37,6 +38,7 @@ RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "model": str,
     "method": str,
     "variant": (str, type(None)),
+    "setting": (str, type(None)),
     "track": str,
     "experiment": (str, type(None)),
     "status": str,
@@ -66,6 +68,7 @@ class CellRecord:
     model: str
     method: str
     variant: str | None
+    setting: str | None  # the experiment's sweep entry
     track: str
     experiment: str | None
     config: dict[str, Any]
