@@ -183,6 +183,23 @@ def test_gptq_hessian_no_dampening_fixes_raises(eigenvalues: list[float]) -> Non
         solve_with_hessian(hessian_with_spectrum(eigenvalues))
 
 
+@pytest.mark.parametrize("params", ({}, {"act_order": True}, {"act_order": True, "static_groups": True}))
+def test_stacked_rows_sharing_a_hessian_solve_as_each_layer_alone(params: dict) -> None:
+    """GPTQ's rows are independent given H: q, k and v (one input) solve in one stacked call."""
+    x = inputs("ill-conditioned")
+    stats = GPTQ(COLS)
+    stats.add_batch(x.unsqueeze(0))
+    layers = [gaussian_weight(seed, (rows, COLS)) for seed, rows in ((10, 64), (11, 16), (12, 16))]
+    spec = QuantSpec(4, False, "group", GROUP)
+    stacked = stats.quantize(torch.cat(layers), spec, GptqParams(**params))
+    start = 0
+    for weight in layers:
+        alone = stats.quantize(weight, spec, GptqParams(**params))
+        torch.testing.assert_close(stacked.weight[start:start + len(weight)], alone.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(stacked.row_losses[start:start + len(weight)], alone.row_losses)
+        start += len(weight)
+
+
 @pytest.mark.parametrize(("bad", "message"), (({"percdamp": 0}, "percdamp must be > 0"),
                                               ({"percdamp": -0.01}, "percdamp must be > 0"),
                                               ({"blocksize": 0}, "blocksize must be > 0")))

@@ -41,8 +41,12 @@ class GptqParams:
 @dataclass(frozen=True)
 class GptqResult:
     weight: torch.Tensor  # fake-quantized, in the input's dtype
-    loss: float  # sum of the per-column losses (w - q)^2 / d^2 / 2, as the reference reports
+    row_losses: torch.Tensor  # per row, the sum over columns of (w - q)^2 / d^2 / 2, the reference's loss
     damp_used: float  # the dampening that made H positive definite (> percdamp means a fallback)
+
+    @property
+    def loss(self) -> float:
+        return self.row_losses.sum().item()
 
 
 class GPTQ:
@@ -104,14 +108,14 @@ class GPTQ:
                 d = Hinv1[i, i]
                 q = fake_quantize_with(w.unsqueeze(1), scale, zero, spec).flatten()
                 Q[:, column] = q
-                losses += (w - q) ** 2 / d**2 / 2
                 err = (w - q) / d
                 W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
                 Err1[:, i] = err
+            losses += Err1.pow(2).sum(dim=1) / 2  # (w - q)^2 / d^2 / 2 per column, summed
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
-        return GptqResult(Q.to(weight.dtype), losses.sum().item(), damp_used)
+        return GptqResult(Q.to(weight.dtype), losses, damp_used)
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
@@ -161,17 +165,23 @@ class Gptq(Stage):
             stats = {first: GPTQ(linear.in_features, linear.weight.device) for first, linear in firsts.items()}
             step.runner.feed_inputs(firsts, lambda name, _i, x: stats[name].add_batch(x))
             for names in groups:
-                for name in names:
-                    self._quantize(step, name, linears[name], stats[names[0]])
+                self._quantize(step, {name: linears[name] for name in names}, stats[names[0]])
 
-    def _quantize(self, step: BlockStep, name: str, linear: nn.Linear, stats: GPTQ) -> None:
-        solved = stats.quantize(linear.weight, self.specs.weight, self.params)
-        short = name.rsplit(".", 1)[-1]
-        self.losses[short] = self.losses.get(short, 0.0) + solved.loss
+    def _quantize(self, step: BlockStep, linears: dict[str, nn.Linear], stats: GPTQ) -> None:
+        """One solve for linears that share a Hessian: their rows stacked (rows are independent
+        in GPTQ, so this is each layer's own solve, with one factorization and one column loop)."""
+        solved = stats.quantize(torch.cat([linear.weight for linear in linears.values()]), self.specs.weight,
+                                self.params)
         if solved.damp_used != self.params.percdamp:
-            step.result.fallbacks.append(f"block {step.index} {name}: Hessian not positive definite at percdamp "
-                                         f"{self.params.percdamp}, quantized with {solved.damp_used}")
-        step.quantized(name, solved.weight, self.specs.weight)
+            step.result.fallbacks.append(f"block {step.index} {', '.join(linears)}: Hessian not positive definite "
+                                         f"at percdamp {self.params.percdamp}, quantized with {solved.damp_used}")
+        start = 0
+        for name, linear in linears.items():
+            rows = slice(start, start + linear.out_features)
+            short = name.rsplit(".", 1)[-1]
+            self.losses[short] = self.losses.get(short, 0.0) + solved.row_losses[rows].sum().item()
+            step.quantized(name, solved.weight[rows], self.specs.weight)
+            start = rows.stop
 
     def after_blocks(self, step: ModelStep) -> None:
         step.result.notes.append("GPTQ loss summed over blocks: "
