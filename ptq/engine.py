@@ -29,6 +29,7 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 from transformers.cache_utils import Cache
 
 from ptq import progress
@@ -77,6 +78,12 @@ class BlockBatch:
     kwargs: dict[str, Any]  # what the model passes its blocks: mask, rotary embeddings, ...
 
 
+def _copied(output: Any) -> Any:
+    """A module output with its tensors cloned: a replayed output must not share memory that the
+    block could change in place."""
+    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
+
+
 def first_tensor(output: Any) -> torch.Tensor:
     """The hidden states of a module output that may be a tuple (attention, older decoder blocks)."""
     return output[0] if isinstance(output, tuple) else output
@@ -114,43 +121,90 @@ def capture_block_inputs(model: nn.Module, adapter: ArchAdapter, tokens: torch.T
 
 
 class BlockRunner:
-    """Runs one block over the calibration batches, with hooks on chosen submodules."""
+    """Runs one block over the calibration batches, with hooks on chosen submodules.
+
+    A stage may declare children of the block final (`freeze`): their weights will not change
+    again and neither will their inputs (everything before them in the block is final too), so
+    the next pass through them records their outputs, and later passes replay those instead of
+    computing them (GPTQ's true-sequential passes re-run the attention otherwise). The engine
+    forgets them when the next stage starts, as it may change the block."""
 
     def __init__(self, block: nn.Module, batches: list[BlockBatch]) -> None:
         self.block = block
         self.batches = batches
+        self._frozen: set[str] = set()
+        self._replays: dict[str, list[Any]] = {}  # child -> its output per batch
+
+    def freeze(self, children: set[str]) -> None:
+        self._frozen |= children
+
+    def thaw(self) -> None:
+        self._frozen.clear()
+        self._replays.clear()
+
+    @contextmanager
+    def _passing(self) -> Iterator[list[int]]:
+        """A pass over the batches: frozen children replay what they recorded, or record it;
+        yields the index of the batch being run (to set)."""
+        position = [0]
+        recording = {name: [] for name in self._frozen - set(self._replays)}
+        patched = [self.block.get_submodule(name) for name in self._replays]
+        for name, module in zip(self._replays, patched):
+            outputs = self._replays[name]
+            module.forward = lambda *_args, _outputs=outputs, **_kwargs: _copied(_outputs[position[0]])
+
+        def recorder(name: str) -> Callable:
+            def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+                if len(recording[name]) == position[0]:  # once per batch
+                    recording[name].append(_copied(output))
+            return hook
+
+        handles = [self.block.get_submodule(name).register_forward_hook(recorder(name)) for name in recording]
+        try:
+            yield position
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in patched:
+                del module.forward
+        self._replays.update({name: outputs for name, outputs in recording.items()
+                              if len(outputs) == len(self.batches)})
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
-        return [first_tensor(self.block(batch.hidden, **batch.kwargs)) for batch in self.batches]
+        outputs = []
+        with self._passing() as position:
+            for position[0], batch in enumerate(self.batches):
+                outputs.append(first_tensor(self.block(batch.hidden, **batch.kwargs)))
+        return outputs
 
     @torch.no_grad()
     def feed_inputs(self, modules: dict[str, nn.Module], consume: Callable[[str, int, torch.Tensor], None]) -> None:
         """Call `consume(name, batch_index, input)` for the input of each named module on every batch.
         Each forward stops as soon as all of them have been reached (later modules are not run)."""
         seen: set[str] = set()
-        current = 0
+        with self._passing() as position:
 
-        def hook_for(name: str) -> Callable:
-            def hook(module: nn.Module, args: tuple) -> None:
-                consume(name, current, args[0])
-                seen.add(name)
-                if len(seen) == len(modules):
-                    raise _Stop
+            def hook_for(name: str) -> Callable:
+                def hook(module: nn.Module, args: tuple) -> None:
+                    consume(name, position[0], args[0])
+                    seen.add(name)
+                    if len(seen) == len(modules):
+                        raise _Stop
 
-            return hook
+                return hook
 
-        handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
-        try:
-            for current, batch in enumerate(self.batches):
-                seen.clear()
-                try:
-                    self.block(batch.hidden, **batch.kwargs)
-                except _Stop:
-                    pass
-        finally:
-            for handle in handles:
-                handle.remove()
+            handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
+            try:
+                for position[0], batch in enumerate(self.batches):
+                    seen.clear()
+                    try:
+                        self.block(batch.hidden, **batch.kwargs)
+                    except _Stop:
+                        pass
+            finally:
+                for handle in handles:
+                    handle.remove()
 
     def inputs_of(self, modules: dict[str, nn.Module]) -> dict[str, list[torch.Tensor]]:
         """The inputs of each named module, one tensor per batch."""
@@ -292,6 +346,8 @@ def _walk(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | No
         block_step = BlockStep(index, block, f"{step.adapter.blocks}.{index}", step.adapter, runner, step.result,
                                float_runner)
         for stage in stages:
+            if runner is not None:
+                runner.thaw()  # what the previous stage froze, this one may change
             with _timed(seconds, stage.name):
                 stage.on_block(block_step)
         if runner is not None:

@@ -509,6 +509,38 @@ def test_awq_that_changes_nothing_then_gptq_is_gptq_exactly(catalog: Catalog, mo
     assert any("scales and clipping only" in note for note in chained.notes)
 
 
+def test_replaying_final_children_changes_nothing_and_saves_attention_passes(
+        catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTQ freezes self_attn once o_proj is quantized: the down_proj pass and the block's output
+    pass replay its recorded outputs. Same weights and the same propagated activations, bit for bit."""
+
+    def run(freeze: bool) -> tuple[QuantResult, int, list[torch.Tensor]]:
+        calls, seen = [], []
+        if not freeze:
+            monkeypatch.setattr(BlockRunner, "freeze", lambda self, children: None)
+        handles = [layer.self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+                   for layer in model.model.layers]
+        handles.append(model.model.layers[1].register_forward_pre_hook(  # block 1's inputs: block 0's outputs
+            lambda _m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+        try:
+            result = run_pipeline(catalog, model, calibration, "gptq")
+        finally:
+            for handle in handles:
+                handle.remove()
+            monkeypatch.undo()
+        return result, len(calls), seen
+
+    replayed, replayed_calls, replayed_inputs = run(freeze=True)
+    plain, plain_calls, plain_inputs = run(freeze=False)
+    for name, linear in LLAMA.quantizable_linears(plain.model).items():
+        assert torch.equal(replayed.model.get_submodule(name).weight, linear.weight), name
+    assert len(replayed_inputs) == len(plain_inputs) and all(
+        torch.equal(a, b) for a, b in zip(replayed_inputs, plain_inputs))
+    # per block and batch, attention runs for o_proj's, gate/up's, down's and the output pass
+    # (4 passes); replayed, down's and the output pass take the recorded outputs (2 passes)
+    assert plain_calls == 2 * replayed_calls == 2 * 2 * 4  # blocks x batches x passes
+
+
 @pytest.mark.parametrize("method", ("gptq", "awq", "awq+gptq"))
 def test_calibrated_methods_beat_rtn_on_a_tiny_llama(model: LlamaForCausalLM, quantized_models: dict,
                                                      method: str) -> None:

@@ -160,12 +160,18 @@ class Gptq(Stage):
         sequential = step.adapter.sequential
         # The linears of one sequential group read the same input: one Hessian serves the group.
         rounds = [[group] for group in sequential] if self.params.true_sequential else [list(sequential)]
+        done: set[str] = set()
         for groups in rounds:
             firsts = {names[0]: linears[names[0]] for names in groups}
             stats = {first: GPTQ(linear.in_features, linear.weight.device) for first, linear in firsts.items()}
             step.runner.feed_inputs(firsts, lambda name, _i, x: stats[name].add_batch(x))
             for names in groups:
                 self._quantize(step, {name: linears[name] for name in names}, stats[names[0]])
+                done.update(names)
+            # In execution order, a child whose linears are all quantized has final weights and
+            # final inputs: later passes (the next groups', the block's outputs) replay it.
+            step.runner.freeze({child for child in {name.split(".")[0] for name in linears}
+                                if all(name in done for name in linears if name.split(".")[0] == child)})
 
     def _quantize(self, step: BlockStep, linears: dict[str, nn.Linear], stats: GPTQ) -> None:
         """One solve for linears that share a Hessian: their rows stacked (rows are independent
