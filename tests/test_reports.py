@@ -178,14 +178,16 @@ def configured(record: dict[str, Any], dtype: str = "float32", **metrics: Any) -
     }
     record["data"] = {"eval": {"wikitext2": {"split": "test", "tokens": 300000}}, "calibration": None}
     record["environment"] = {"device": "cpu", "device_name": "x86_64", "torch_threads": 2,
-                             "packages": {"torch": "2.13.0"}, "git_commit": "0123456789abcdef", "git_dirty": False}
+                             "packages": {"torch": "2.13.0"}, "git_commit": "0123456789abcdef",
+                             "git_dirty": False}
     if record["metrics"]:
         record["metrics"]["eval"] = {"wikitext2": {"windows": 32, "seqlen": 512, "tokens_scored": 16352}}
     return with_metrics(record, **metrics)
 
 
 def kv(bytes_per_token: float, passkey: float = 1.0) -> dict[str, Any]:
-    return {"kv": {"bytes_per_token": bytes_per_token, "float_bytes_per_token": 46080, "bits_per_element": 8.5},
+    return {"kv": {"bytes_per_token": bytes_per_token, "float_bytes_per_token": 46080,
+                   "bits_per_element": 8.5},
             "passkey": {"accuracy": passkey}, "decode_tokens_per_s": 10.0, "bits_per_weight": 32.0,
             "quant_seconds": 4e-5}
 
@@ -253,7 +255,8 @@ def test_summary_says_what_ran_on_what_and_how_long() -> None:
     items = dict(run_summary(run_records(), "run-9"))
     assert items["Cells"].startswith("9 (7 passed, 1 failed, 1 skipped); by track A 2, C 7")
     # first start 00:00:00, last start 00:13:20 plus 60 s: 14 min 20 s; 9 cells of 60 s: 9 min
-    assert "14 min 20 s from the first cell's start" in items["Run"] and "(9 min 00 s of cell time)" in items["Run"]
+    assert "14 min 20 s from the first cell's start" in items["Run"]
+    assert "(9 min 00 s of cell time)" in items["Run"]
     assert items["Full precision"] == "m: dequantized Q4_1, not the original bf16 weights"
     assert items["Dtype"] == "float32"
     assert items["Perplexity"] == ("wikitext2 test split (300,000 tokens): 32 windows of 512 tokens, "
@@ -280,6 +283,7 @@ def test_glossary_explains_every_header_shown_and_each_track() -> None:
         table = make_table(group, LABEL)
         assert set(table.headers) | {header for header, _ in table.constant} <= set(terms)
     assert "eval tok/s (sim.)" in terms and "not a deployment" in terms["(sim.)"]
+    assert "in float32" in terms["float (fp32)"] and "registered as fp16" in terms["float (fp32)"]
 
 
 def test_markdown_and_terminal_carry_the_summary_and_the_glossary(tmp_path: Path) -> None:
@@ -288,7 +292,8 @@ def test_markdown_and_terminal_carry_the_summary_and_the_glossary(tmp_path: Path
     md = (tmp_path / "leaderboard.md").read_text()
     terminal = render_terminal(records, "run-9")
     for text in (md, terminal):
-        assert "Full precision" in text and "dequantized Q4_1" in text and "7 passed, 1 failed, 1 skipped" in text
+        assert "Full precision" in text and "dequantized Q4_1" in text
+        assert "7 passed, 1 failed, 1 skipped" in text
         assert TRACK_TEXT["C"] in text and "Same in every row: " in text and "(sim.)" in text
     assert md.index("**Run:**") < md.index("## Track A") < md.index("## Glossary")
 
@@ -324,7 +329,8 @@ def test_the_quantization_chart_draws_no_zero_length_bar() -> None:
     ([0.0, 1e-6], 0.001),  # floored
     ([0.0], 0.01),
 ])
-def test_the_excess_axis_turns_linear_below_the_smallest_nonzero_value(values: list[float], threshold: float) -> None:
+def test_the_excess_axis_turns_linear_below_the_smallest_nonzero_value(values: list[float],
+                                                                        threshold: float) -> None:
     assert symlog_threshold(values) == pytest.approx(threshold)
 
 
@@ -341,7 +347,7 @@ def test_labels_are_placed_without_covering_each_other_or_any_point() -> None:
     boxes = place_labels(anchors, sizes, bounds, (line,))
     assert all(box is not None for box in boxes)
     for index, box in enumerate(boxes):
-        assert box[2] - box[0] == pytest.approx(sizes[index][0]) and box[3] - box[1] == pytest.approx(sizes[index][1])
+        assert (box[2] - box[0], box[3] - box[1]) == pytest.approx(sizes[index])
         assert bounds[0] <= box[0] and box[2] <= bounds[2] and bounds[1] <= box[1] and box[3] <= bounds[3]
         assert not boxes_overlap(box, line)
         for x, y in anchors:  # no label covers a point (its marker's square)

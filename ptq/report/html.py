@@ -30,11 +30,12 @@ TEXT_COLUMNS = ("label", "cell", "status", "reason", "verdict")  # left-aligned;
 WARNING_ITEMS = ("Full precision",)  # summary items shown as a warning: they qualify every number
 
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em auto; padding: 0 1em; max-width: 1200px; color: #1f2933;
-       line-height: 1.4; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; padding: 0 1em; max-width: 1200px;
+       color: #1f2933; line-height: 1.4; }
 h1 { margin-bottom: 0.1em; } h1 + p { margin-top: 0; color: #52606d; }
 h2 { margin: 1.4em 0 0.3em; border-bottom: 1px solid #e4e7eb; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.2em 1em; margin: 0.5em 0; font-size: 0.9em; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.2em 1em; margin: 0.5em 0;
+     font-size: 0.9em; }
 dt { font-weight: 600; } dd { margin: 0; }
 dd.warning, dt.warning { background: #fff3c4; }
 table { border-collapse: collapse; margin: 0.3em 0 0.2em; font-size: 0.85em; }
@@ -65,10 +66,12 @@ def _attributes(key: str, title: str) -> str:
 def _table(headers: list[str], cells: list[list[str]], classes: list[str], keys: list[str],
            titles: list[str] | None = None) -> str:
     titles = titles or [""] * len(headers)
-    head = "".join(f"<th{_attributes(key, title)}>{escape(h)}</th>" for h, title, key in zip(headers, titles, keys))
-    opening = [f'<td class="text {key}">' if key in TEXT_COLUMNS else "<td>" for key in keys]
-    body = "".join(f'<tr class="{escape(cls)}">' + "".join(f"{td}{escape(c)}</td>" for c, td in zip(row, opening))
-                   + "</tr>" for row, cls in zip(cells, classes))
+    head = "".join(f"<th{_attributes(key, title)}>{escape(header)}</th>"
+                   for header, title, key in zip(headers, titles, keys))
+    starts = [f'<td class="text {key}">' if key in TEXT_COLUMNS else "<td>" for key in keys]
+    body = "".join(f'<tr class="{escape(cls)}">'
+                   + "".join(f"{start}{escape(cell)}</td>" for cell, start in zip(row, starts)) + "</tr>"
+                   for row, cls in zip(cells, classes))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -123,8 +126,8 @@ def render_html(records: list[dict[str, Any]], run_id: str, comparison: tuple[st
     if notes := notes_of(records):
         parts += ["<h2>Notes</h2>", _list(notes)]
     if cached := cached_cells(records):
-        parts += ["<h2>Cache</h2>", f"<p>Metrics of {len(cached)} of {len(records)} cells are from the on-disk "
-                  f"cache, as measured on the run that stored them: {escape(', '.join(cached))}.</p>"]
+        parts += ["<h2>Cache</h2>", f"<p>Metrics of {len(cached)} of {len(records)} cells are from the "
+                  f"on-disk cache, as measured on the run that stored them: {escape(', '.join(cached))}.</p>"]
     if comparison is not None:
         source, comparisons = comparison
         headers, cells = comparison_cells(comparisons)

@@ -126,41 +126,48 @@ SIMULATION_NOTE = (
     "(Track C) are quantized and dequantized in float as they flow, so tokens/s and memory measure this "
     "simulation on this hardware, not a deployment with low-bit kernels.")
 
-CELL = Column("cell", "cell", str, "the cell id: model-method[-variant][-calibration set]-track[-experiment]; "
-              "its record is runs/<run id>/<cell id>.json", keep=True)
-LABEL = Column("label", "cell", str, "method[-variant][-calibration set] of the cell (the model and track are in "
-               "the headings); the float baseline (method fp16) is named by the dtype it ran in", keep=True)
+CELL = Column("cell", "cell", str, "the cell id: model-method[-variant][-calibration set]-track"
+              "[-experiment]; its record is runs/<run id>/<cell id>.json", keep=True)
+LABEL = Column("label", "cell", str, "method[-variant][-calibration set] of the cell (the model and track "
+               "are in the headings); the float baseline (method fp16) is named by the dtype it ran in",
+               keep=True)
 COLUMNS: tuple[Column, ...] = (
     CELL,
-    Column("status", "status", str, "passed, failed (the method raised or a quality gate failed: see reason) "
-           "or skipped"),
-    Column("ppl_wikitext2", "PPL wikitext2", _number(2), "perplexity on WikiText-2 test windows (lower is better)",
-           keep=True),
-    Column("ppl_delta", "Δ FP", _number(2, signed=True), "PPL minus the float baseline's PPL (same model and "
-           "evaluation)"),
+    Column("status", "status", str,
+           "passed, failed (the method raised or a quality gate failed: see reason) or skipped"),
+    Column("ppl_wikitext2", "PPL wikitext2", _number(2),
+           "perplexity on WikiText-2 test windows (lower is better)", keep=True),
+    Column("ppl_delta", "Δ FP", _number(2, signed=True),
+           "PPL minus the float baseline's PPL (same model and evaluation)"),
     Column("ppl_ratio", "× FP", _number(3), "PPL divided by the float baseline's PPL"),
-    Column("bits_per_weight", "bits/weight", _number(3), "stored bits per weight of the blocks' linear layers: "
-           "code bits plus 16-bit scales (and zero points) per group; float cells count their dtype", optional=True),
-    Column("kv_bytes_per_token", "KV B/token", _number(0), "bytes the KV cache stores per token, all layers: "
-           "codes, scales, zero points and any full-precision window, after the decoding probe", optional=True),
-    Column("kv_float_bytes_per_token", "float KV B/token", _number(0), "the same for a float cache in the "
-           "model's dtype", optional=True),
-    Column("kv_bits_per_element", "KV bits/elem", _number(2), "KV-cache bits per stored key or value element, "
-           "overheads included (a float32 cache: 32)", optional=True),
-    Column("passkey_accuracy", "passkey", _number(2), "fraction of passkey trials answered exactly: a five-digit "
-           "key hidden in filler text, answered greedily through the cache", optional=True),
-    Column("decode_tokens_per_s", "decode tok/s" + SIMULATED, _number(1), "greedy decoding tokens per second "
-           "through the cache after a prompt (simulated, see below)", optional=True),
-    Column("quant_seconds", "quant s", _number(1), "seconds the quantization step took, calibration included, "
-           "evaluation excluded"),
-    Column("eval_tokens_per_s", "eval tok/s" + SIMULATED, _number(0), "tokens per second of the perplexity "
-           "evaluation (simulated, see below)"),
-    Column("peak_memory_mb", "peak MB", _number(0), "peak memory of the process during the cell, the loaded "
-           "float model included (RSS on CPU, allocated memory on GPU), in MiB"),
-    Column("peak_added_over_float", "added/float", _number(2), "peak memory added during the cell over its start, "
-           "as a multiple of the float model's size"),
-    Column("reason", "reason", lambda value: (value or "").replace("\n", " ")[:120], "why the cell failed or was "
-           "skipped"),
+    Column("bits_per_weight", "bits/weight", _number(3),
+           "stored bits per weight of the blocks' linear layers: code bits plus 16-bit scales (and zero "
+           "points) per group; float cells count their dtype", optional=True),
+    Column("kv_bytes_per_token", "KV B/token", _number(0),
+           "bytes the KV cache stores per token, all layers: codes, scales, zero points and any "
+           "full-precision window, after the decoding probe", optional=True),
+    Column("kv_float_bytes_per_token", "float KV B/token", _number(0),
+           "the same for a float cache in the model's dtype", optional=True),
+    Column("kv_bits_per_element", "KV bits/elem", _number(2),
+           "KV-cache bits per stored key or value element, overheads included (a float32 cache: 32)",
+           optional=True),
+    Column("passkey_accuracy", "passkey", _number(2),
+           "fraction of passkey trials answered exactly: a five-digit key hidden in filler text, answered "
+           "greedily through the cache", optional=True),
+    Column("decode_tokens_per_s", "decode tok/s" + SIMULATED, _number(1),
+           "greedy decoding tokens per second through the cache after a prompt (simulated, see below)",
+           optional=True),
+    Column("quant_seconds", "quant s", _number(1),
+           "seconds the quantization step took, calibration included, evaluation excluded"),
+    Column("eval_tokens_per_s", "eval tok/s" + SIMULATED, _number(0),
+           "tokens per second of the perplexity evaluation (simulated, see below)"),
+    Column("peak_memory_mb", "peak MB", _number(0),
+           "peak memory of the process during the cell, the loaded float model included (RSS on CPU, "
+           "allocated memory on GPU), in MiB"),
+    Column("peak_added_over_float", "added/float", _number(2),
+           "peak memory added during the cell over its start, as a multiple of the float model's size"),
+    Column("reason", "reason", lambda value: (value or "").replace("\n", " ")[:120],
+           "why the cell failed or was skipped"),
 )
 ACCURACY_DESCRIPTION = ("zero-shot accuracy in percent through lm-eval, per task (acc <task>) and their mean "
                         "(acc avg)")
@@ -173,8 +180,8 @@ def visible_columns(rows: list[dict[str, Any]]) -> list[Column]:
     accuracy_keys = list(dict.fromkeys(key for row in rows for key in row if key.startswith(ACC_PREFIX)))
     accuracy_keys.sort(key=lambda key: key == f"{ACC_PREFIX}avg")  # the average last
     percent = _number(1)
-    accuracy = [Column(key, key, lambda value: percent(None if value is None else 100 * value), ACCURACY_DESCRIPTION)
-                for key in accuracy_keys]
+    accuracy = [Column(key, key, lambda value: percent(None if value is None else 100 * value),
+                       ACCURACY_DESCRIPTION) for key in accuracy_keys]
     at = next(i for i, c in enumerate(columns) if c.key == "ppl_ratio") + 1
     return columns[:at] + accuracy + columns[at:]
 
@@ -208,8 +215,8 @@ def make_table(rows: list[dict[str, Any]], first: Column = CELL) -> Table:
                 constant.append((column.header, present[0]))
         elif any(values):
             shown.append((column, values))
-    return Table([column for column, _ in shown], [list(cells) for cells in zip(*(values for _, values in shown))],
-                 constant)
+    cells = [list(row) for row in zip(*(values for _, values in shown))]
+    return Table([column for column, _ in shown], cells, constant)
 
 
 def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -31,8 +31,8 @@ def render_leaderboard(records: list[dict[str, Any]], run_id: str,
     if notes := notes_of(records):
         md += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     if cached := cached_cells(records):
-        md += ["## Cache", "", f"Metrics of {len(cached)} of {len(records)} cells are from the on-disk cache, "
-               f"as measured on the run that stored them: {', '.join(cached)}.", ""]
+        md += ["## Cache", "", f"Metrics of {len(cached)} of {len(records)} cells are from the on-disk "
+               f"cache, as measured on the run that stored them: {', '.join(cached)}.", ""]
     if comparison is not None:
         source, comparisons = comparison
         md += ["## Comparison", "", render_comparison(comparisons, source), ""]

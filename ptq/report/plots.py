@@ -66,6 +66,10 @@ def _overlaps(a: Box, b: Box) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+def _inside(box: Box, bounds: Box) -> bool:
+    return bounds[0] <= box[0] and box[2] <= bounds[2] and bounds[1] <= box[1] and box[3] <= bounds[3]
+
+
 def _candidates(x: float, y: float, width: float, height: float) -> list[Box]:
     """Boxes of a label around its point (x, y), nearest first, each on the far side of a point
     at distance clearance + r in one of the directions."""
@@ -91,8 +95,7 @@ def place_labels(anchors: list[tuple[float, float]], sizes: list[tuple[float, fl
     placed: list[Box | None] = []
     for (x, y), (width, height) in zip(anchors, sizes):
         box = next((box for box in _candidates(x, y, width, height)
-                    if bounds[0] <= box[0] and box[2] <= bounds[2] and bounds[1] <= box[1] and box[3] <= bounds[3]
-                    and not any(_overlaps(box, other) for other in taken)), None)
+                    if _inside(box, bounds) and not any(_overlaps(box, other) for other in taken)), None)
         placed.append(box)
         if box is not None:
             taken.append(box)
@@ -125,7 +128,8 @@ def _label_points(axes: Axes, texts: list[str], xys: list[tuple[float, float]],
     for ends in segments:
         (x0, y0), (x1, y1) = (axes.transData.transform(end) for end in ends)
         lines.append((min(x0, x1) - 1.5, min(y0, y1) - 1.5, max(x0, x1) + 1.5, max(y0, y1) + 1.5))
-    boxes = place_labels(anchors, sizes, (frame[0] + 2, frame[1] + 2, frame[2] - 2, frame[3] - 2), tuple(lines))
+    inner = (frame[0] + 2, frame[1] + 2, frame[2] - 2, frame[3] - 2)
+    boxes = place_labels(anchors, sizes, inner, tuple(lines))
     unplaced = []
     for text, xy, (x, y), box in zip(texts, xys, anchors, boxes):
         if box is None:
@@ -153,7 +157,8 @@ def _figure(width: float, height: float) -> Figure:
 
 def _measured(rows: list[dict[str, Any]], *keys: str) -> list[dict[str, Any]]:
     """Passed rows that have every one of `keys`."""
-    return [row for row in rows if row["status"] == "passed" and all(row.get(key) is not None for key in keys)]
+    return [row for row in rows
+            if row["status"] == "passed" and all(row.get(key) is not None for key in keys)]
 
 
 def not_shown(rows: list[dict[str, Any]], shown: list[dict[str, Any]], missing: str) -> str:
@@ -203,8 +208,8 @@ def _excess_axis(axes: Axes, values: list[float]) -> None:
     axes.set_yscale("symlog", linthresh=threshold, linscale=0.4)
     top = 10.0 ** math.ceil(math.log10(max(max(values), threshold * 10)))
     bottom = -10.0 ** math.ceil(math.log10(-min(values))) if min(values) < -threshold else -threshold / 2
-    ticks = [t for t in (0.0, *(10.0 ** k for k in range(round(math.log10(threshold)), round(math.log10(top)) + 1)))
-             if t <= top]
+    decades = range(round(math.log10(threshold)), round(math.log10(top)) + 1)
+    ticks = [0.0, *(10.0 ** k for k in decades)]
     ticks += [-t for t in ticks if 0 < t <= -bottom and min(values) < 0]
     axes.set_yticks(sorted(ticks))
     axes.yaxis.set_major_formatter(FuncFormatter(_percent))
@@ -213,7 +218,8 @@ def _excess_axis(axes: Axes, values: list[float]) -> None:
     axes.set_ylabel("PPL above the float baseline")
 
 
-def _pareto_panel(axes: Axes, rows: list[dict[str, Any]], x_key: str, vertical: tuple[float, ...] = ()) -> list[str]:
+def _pareto_panel(axes: Axes, rows: list[dict[str, Any]], x_key: str,
+                  vertical: tuple[float, ...] = ()) -> list[str]:
     """Each cell's PPL excess over float (`_excess_axis`) against `x_key` (log 2 when it spans
     more than LOG_SCALE_ABOVE), each point labelled, the Pareto front as a red staircase, dashed
     vertical lines at `vertical`. Returns the labels that found no room."""
@@ -223,8 +229,8 @@ def _pareto_panel(axes: Axes, rows: list[dict[str, Any]], x_key: str, vertical: 
     others = [i for i in range(len(rows)) if i not in front]
     if others:
         axes.scatter([xs[i] for i in others], [ys[i] for i in others], color=OTHER, zorder=3, label="cell")
-    axes.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color=FRONT, zorder=3, drawstyle="steps-post",
-              label="Pareto front")
+    axes.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color=FRONT, zorder=3,
+              drawstyle="steps-post", label="Pareto front")
     if max(xs) / min(xs) > LOG_SCALE_ABOVE:
         axes.set_xscale("log", base=2)
         axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
@@ -266,15 +272,15 @@ def _unlabelled(texts: list[str]) -> str:
     return f"no room for the label of {', '.join(texts)}" if texts else ""
 
 
-EXCESS_NOTE = ("The y axis is each cell's PPL above its float baseline (same model and evaluation) in percent, "
-               "linear near 0 and logarithmic beyond, so that cells 0.1% and 800% worse than float are both "
-               "readable; the float baseline sits at \"float\".")
+EXCESS_NOTE = ("Up the y axis: PPL above the float baseline of the same model and evaluation, in percent, "
+               "linear near 0 and logarithmic beyond, so that cells 0.1% and 800% worse are both readable.")
 
 
 def ppl_vs_bits(rows: list[dict[str, Any]]) -> Plot | None:
     # a track whose cells all store weights alike (Track C: float weights) has nothing to trade off
     measured = by_track(_measured(rows, "ppl_ratio", "bits_per_weight"))
-    tracks = {track: group for track, group in measured.items() if len({row["bits_per_weight"] for row in group}) > 1}
+    tracks = {track: group for track, group in measured.items()
+              if len({row["bits_per_weight"] for row in group}) > 1}
     if not tracks:
         return None
     every = by_track(rows)
@@ -290,21 +296,21 @@ def ppl_vs_bits(rows: list[dict[str, Any]]) -> Plot | None:
         omitted += [f"Track {track}: {note}"] if note else []
     _legend_right(axes)
     figure.subplots_adjust(wspace=0.3)
-    caption = ("Bits per weight of the decoder blocks' linear layers (embeddings and LM head stay float): the code "
-               "bits plus one scale, and one zero point when asymmetric, per group, each assumed stored at 16 bits. "
-               "Float cells count the weights as they ran (32 bits: float32 on CPU). Track B also quantizes "
-               "activations, which this axis does not show; a track whose cells all store weights alike (Track C) "
-               "has no panel. The red staircase is each track's Pareto front: no other cell has both fewer bits and "
-               f"a lower PPL. Axes spanning more than {LOG_SCALE_ABOVE:g}x are in log scale. {EXCESS_NOTE} "
-               + ("Passed cells only; " + "; ".join(omitted) + "." if omitted else "Every cell of these tracks is shown."))
+    caption = ("Bits per weight of the decoder blocks' linear layers: code bits plus a 16-bit scale (and "
+               "zero point when asymmetric) per group; float cells count their dtype (32 for float32); "
+               "embeddings and LM head stay float. Track B's activation quantization is not on this axis; "
+               "Track C, whose weights all stay float, has no panel. Red: each track's Pareto front (no "
+               f"other cell has both fewer bits and a lower PPL). {EXCESS_NOTE} "
+               + ("Passed cells only; " + "; ".join(omitted) + "." if omitted
+                  else "Every cell of these tracks is shown."))
     return Plot("ppl_vs_bits.png", "PPL vs bits per weight", caption, _png(figure))
 
 
 def timed_cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The bars of the quantization-time chart, by method then cell: passed cells whose
     quantization did work (at least NO_WORK_SECONDS), so that no bar has zero length."""
-    return sorted((row for row in _measured(rows, "quant_seconds") if row["quant_seconds"] >= NO_WORK_SECONDS),
-                  key=lambda row: (row["method"], row["cell"]))
+    worked = [row for row in _measured(rows, "quant_seconds") if row["quant_seconds"] >= NO_WORK_SECONDS]
+    return sorted(worked, key=lambda row: (row["method"], row["cell"]))
 
 
 def quant_seconds(rows: list[dict[str, Any]]) -> Plot | None:
@@ -320,8 +326,8 @@ def quant_seconds(rows: list[dict[str, Any]]) -> Plot | None:
     log = max(seconds) / min(seconds) > 30
     axes.barh(positions, seconds, color=[colours[row["method"]] for row in measured], height=0.6)
     for position, value in zip(positions, seconds):
-        axes.annotate(f"{value:.1f} s", (value, position), textcoords="offset points", xytext=(3, 0), va="center",
-                      fontsize=7)
+        axes.annotate(f"{value:.1f} s", (value, position), textcoords="offset points", xytext=(3, 0),
+                      va="center", fontsize=7)
     axes.set_yticks(positions, [f"{row['label']} ({row['track']})" for row in measured], fontsize=7)
     axes.set_ylim(len(measured) - 0.5, -0.5)
     if log:
@@ -338,9 +344,9 @@ def quant_seconds(rows: list[dict[str, Any]]) -> Plot | None:
     note = not_shown(rows, measured, f"with no quantization work (< {NO_WORK_SECONDS:g} s)")
     if note:
         axes.set_title(note, fontsize=7, color="#9b2c2c", loc="left")
-    caption = ("Wall-clock seconds of each cell's quantization step (the method's calibration passes included; "
-               "drawing the calibration windows and evaluation excluded), coloured by method, track in brackets. "
-               "Float baselines and KV-cache methods, which quantize while the model runs, do no work here. "
+    caption = ("Wall-clock seconds of each cell's quantization step (calibration passes included, "
+               "evaluation excluded), coloured by method, track in brackets. Float baselines and KV-cache "
+               "methods, which quantize while the model runs, do no work here. "
                + (f"{note[0].upper()}{note[1:]}." if note else "Every cell is shown."))
     return Plot("quant_seconds.png", "Quantization time per cell", caption, _png(figure))
 
@@ -360,9 +366,9 @@ def kv_bytes_vs_ppl(rows: list[dict[str, Any]]) -> Plot | None:
     note = not_shown(track_c, measured, "without KV metrics")
     _panel_note(axes, [note, _unlabelled(unplaced)])
     _legend_right(axes)
-    caption = ("Track C cells: KV-cache bytes per token (metrics.kv.bytes_per_token, all layers, measured from what "
-               "the cache stores) against PPL; dashed: the float cache's bytes per token. The red staircase is the "
-               f"Pareto front: no other cell has both fewer bytes and a lower PPL. {EXCESS_NOTE} "
+    caption = ("KV-cache bytes per token over all layers, measured from what the cache stores (log 2 "
+               "scale); dashed: a float cache. Red: the Pareto front (no other cell has both fewer bytes and "
+               f"a lower PPL). {EXCESS_NOTE} "
                + (f"Passed cells only; {note}." if note else "Every Track C cell is shown."))
     return Plot("kv_bytes_vs_ppl.png", "KV bytes per token vs PPL (Track C)", caption, _png(figure))
 

@@ -23,6 +23,7 @@ from ptq.report.leaderboard import (
     track_descriptions,
     visible_columns,
 )
+from ptq.report.records import STATUSES
 
 Item = tuple[str, str]  # (label, text)
 
@@ -63,7 +64,7 @@ def _run(records: list[dict[str, Any]], run_id: str) -> str:
 
 
 def _cells(records: list[dict[str, Any]]) -> str:
-    counts = {status: sum(r["status"] == status for r in records) for status in ("passed", "failed", "skipped")}
+    counts = {status: sum(r["status"] == status for r in records) for status in STATUSES}
     per_track = {track: sum(r["track"] == track for r in records) for track in _tracks(records).split(", ")}
     cached = len(cached_cells(records))
     return (f"{len(records)} ({', '.join(f'{n} {status}' for status, n in counts.items())}); "
@@ -77,8 +78,8 @@ def _model(record: dict[str, Any]) -> str:
     where = {"pypi": f"PyPI package {source.get('package')}, {source.get('file')}",
              "hub": f"hub {source.get('id')}", "local": f"local {source.get('path')}"}.get(source.get("kind"))
     size = nested(record, "metrics", "model_float_bytes")
-    parts = [model.get("family"), f"{size / 1e6:.0f} MB in {model.get('dtype')}" if size else model.get("dtype"),
-             where]
+    weights = f"{size / 1e6:.0f} MB in {model.get('dtype')}" if size else model.get("dtype")
+    parts = [model.get("family"), weights, where]
     described = ", ".join(part for part in parts if part)
     return f"{record['model']} ({described})" if described else record["model"]
 
@@ -89,8 +90,8 @@ def _evaluation(record: dict[str, Any]) -> str | None:
     parts = []
     for name, result in evaluated.items():
         data = nested(record, "data", "eval", name) or {}
-        text = f"{name} {data.get('split', '')} split ({data['tokens']:,} tokens)" if "tokens" in data else name
-        parts.append(f"{text}: {result['windows']} windows of {result['seqlen']} tokens, "
+        size = f" {data.get('split', '')} split ({data['tokens']:,} tokens)" if data.get("tokens") else ""
+        parts.append(f"{name}{size}: {result['windows']} windows of {result['seqlen']} tokens, "
                      f"{result['tokens_scored']:,} tokens scored")
     return "; ".join(parts) or None
 
@@ -101,8 +102,8 @@ def _kv_probes(record: dict[str, Any]) -> str | None:
         return None
     return (f"perplexity by chunked prefill of {probes['prefill_chunk']} tokens through the cache; "
             f"passkey at {', '.join(str(n) for n in probes['passkey_lengths'])} tokens, "
-            f"{probes['passkey_trials']} trials each; greedy decoding of {probes['decode_tokens']} tokens after a "
-            f"{probes['decode_prompt']}-token prompt")
+            f"{probes['passkey_trials']} trials each; greedy decoding of {probes['decode_tokens']} tokens "
+            f"after a {probes['decode_prompt']}-token prompt")
 
 
 def _calibration(record: dict[str, Any]) -> str | None:
@@ -110,7 +111,8 @@ def _calibration(record: dict[str, Any]) -> str | None:
     config = nested(record, "config", "calib")
     if not calib or not config:
         return None
-    return f"{config['dataset']}, {config['n_samples']} windows of {config['seqlen']} tokens (seed {config['seed']})"
+    return (f"{config['dataset']}, {config['n_samples']} windows of {config['seqlen']} tokens "
+            f"(seed {config['seed']})")
 
 
 def _zero_shot(record: dict[str, Any]) -> str | None:
@@ -138,7 +140,8 @@ def _software(record: dict[str, Any]) -> str | None:
     if env.get("python"):
         parts.append(f"Python {env['python']}")
     if env.get("git_commit"):
-        parts.append(f"commit {env['git_commit'][:10]}{' (uncommitted changes)' if env.get('git_dirty') else ''}")
+        dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
+        parts.append(f"commit {env['git_commit'][:10]}{dirty}")
     return ", ".join(parts) or None
 
 
@@ -174,9 +177,11 @@ def glossary(records: list[dict[str, Any]], rows: list[dict[str, Any]], first: C
             continue
         term = ", ".join(c.header for c in accuracy) if column in accuracy else column.header
         items.append((term, column.description))
-    for dtype in sorted({nested(r, "config", "model", "dtype") or "" for r in records if r["method"] == BASELINE_METHOD}):
-        items.append((baseline_label(dtype), f"the float baseline: the model as loaded{f', in {dtype}' if dtype else ''} "
-                      f"(its method is registered as {BASELINE_METHOD}, the name its cell ids keep)"))
+    baselines = [r for r in records if r["method"] == BASELINE_METHOD]
+    for dtype in sorted({nested(r, "config", "model", "dtype") or "" for r in baselines}):
+        where = f", in {dtype}" if dtype else ""
+        items.append((baseline_label(dtype), f"the float baseline: the model as loaded{where} (its method is "
+                      f"registered as {BASELINE_METHOD}, the name its cell ids keep)"))
     if any(column.header.endswith(SIMULATED) for column in columns):
         items.append((SIMULATED.strip(), SIMULATION_NOTE))
     return items
