@@ -263,7 +263,7 @@ def test_summary_says_what_ran_on_what_and_how_long() -> None:
                                    "16,352 tokens scored")
     assert "passkey at 1024, 2048 tokens, 3 trials each" in items["KV probes"]
     assert items["Hardware"].startswith("cpu (x86_64), 2 torch threads")
-    assert items["Software"] == "torch 2.13.0, commit 0123456789"
+    assert items["Software"] == "torch 2.13.0" and items["Code"] == "0123456789"
 
 
 def test_a_setting_that_differs_between_tracks_is_given_per_track() -> None:

@@ -31,7 +31,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from ptq.report.leaderboard import by_track
 
 DPI = 110
-LOG_SCALE_ABOVE = 4.0  # an axis spanning more than this factor is drawn in log scale
+FIGURE_WIDTH = 7.0  # inches: at DPI, narrow enough for an 800 px page to show it unscaled
+LEGEND_BELOW = 42.0  # pixels from the axes' bottom to the legend's top: room for tick labels and x label
 NO_WORK_SECONDS = 0.05  # quantization time below this is no work (float cells, KV caches made at run time)
 LABEL_FONT = 7  # points
 MARKER_CLEARANCE = 5.0  # pixels kept free around every point's centre (the markers' radius plus a margin)
@@ -220,9 +221,9 @@ def _excess_axis(axes: Axes, values: list[float]) -> None:
 
 def _pareto_panel(axes: Axes, rows: list[dict[str, Any]], x_key: str,
                   vertical: tuple[float, ...] = ()) -> list[str]:
-    """Each cell's PPL excess over float (`_excess_axis`) against `x_key` (log 2 when it spans
-    more than LOG_SCALE_ABOVE), each point labelled, the Pareto front as a red staircase, dashed
-    vertical lines at `vertical`. Returns the labels that found no room."""
+    """Each cell's PPL excess over float (`_excess_axis`) against `x_key` (log 2 scale), each point
+    labelled, the Pareto front as a red staircase, dashed vertical lines at `vertical`. Returns the
+    labels that found no room."""
     xs = [row[x_key] for row in rows]
     ys = [excess_percent(row) for row in rows]
     front = pareto_front(list(zip(xs, ys)))
@@ -231,13 +232,9 @@ def _pareto_panel(axes: Axes, rows: list[dict[str, Any]], x_key: str,
         axes.scatter([xs[i] for i in others], [ys[i] for i in others], color=OTHER, zorder=3, label="cell")
     axes.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color=FRONT, zorder=3,
               drawstyle="steps-post", label="Pareto front")
-    if max(xs) / min(xs) > LOG_SCALE_ABOVE:
-        axes.set_xscale("log", base=2)
-        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
-        axes.set_xlim(*_log_limits(xs))
-    else:
-        pad = (max(xs) - min(xs)) * 0.08 or 1.0
-        axes.set_xlim(min(xs) - pad, max(xs) + pad)
+    axes.set_xscale("log", base=2)  # bits and bytes: halving is the step that matters
+    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    axes.set_xlim(*_log_limits(xs))
     _excess_axis(axes, ys)
     axes.grid(True, which="major", alpha=0.3)
     low, high = axes.get_ylim()
@@ -257,15 +254,19 @@ def _plain_log(axis: Any) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _panel_note(axes: Axes, parts: list[str]) -> None:
-    """What the panel leaves out or could not label, under its x label."""
-    if parts := [part for part in parts if part]:
-        axes.text(0.0, -0.2, "; ".join(parts), transform=axes.transAxes, ha="left", va="top", fontsize=7,
-                  color="#9b2c2c", wrap=True)
+def _panel_title(axes: Axes, title: str, notes: list[str]) -> None:
+    """The panel's title on the left; on the right, in red, what it leaves out or could not label."""
+    axes.set_title(title, loc="left", fontsize=11)
+    if text := "; ".join(note for note in notes if note):
+        axes.set_title(text, loc="right", fontsize=7, color="#9b2c2c")
 
 
-def _legend_right(axes: Axes) -> None:
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+def _legend_below(axes: Axes, handles: list[Any] | None = None) -> None:
+    """The legend (of `handles`, else of the axes' labelled artists) in one row under the x label,
+    where it covers nothing."""
+    handles = handles or axes.get_legend_handles_labels()[0]
+    axes.legend(handles=handles, fontsize=8, loc="upper center", ncol=len(handles), frameon=False,
+                bbox_to_anchor=(0.5, -LEGEND_BELOW / axes.bbox.height))
 
 
 def _unlabelled(texts: list[str]) -> str:
@@ -284,18 +285,17 @@ def ppl_vs_bits(rows: list[dict[str, Any]]) -> Plot | None:
     if not tracks:
         return None
     every = by_track(rows)
-    figure = _figure(5.2 * len(tracks) + 1.6, 4.0)
+    figure = _figure(FIGURE_WIDTH, 3.4 * len(tracks) + 0.6)
+    figure.subplots_adjust(hspace=0.45)  # before any label is placed: it moves the axes
+    panels = [figure.add_subplot(len(tracks), 1, panel) for panel in range(1, len(tracks) + 1)]
     omitted = []
-    for panel, (track, group) in enumerate(tracks.items(), start=1):
-        axes = figure.add_subplot(1, len(tracks), panel)
+    for axes, (track, group) in zip(panels, tracks.items()):
         unplaced = _pareto_panel(axes, group, "bits_per_weight")
-        axes.set_title(f"Track {track}")
         axes.set_xlabel("bits per weight (block linears)")
         note = not_shown(every[track], group, "without bits per weight")
-        _panel_note(axes, [note, _unlabelled(unplaced)])
+        _panel_title(axes, f"Track {track}", [note, _unlabelled(unplaced)])
         omitted += [f"Track {track}: {note}"] if note else []
-    _legend_right(axes)
-    figure.subplots_adjust(wspace=0.3)
+    _legend_below(panels[-1])
     caption = ("Bits per weight of the decoder blocks' linear layers: code bits plus a 16-bit scale (and "
                "zero point when asymmetric) per group; float cells count their dtype (32 for float32); "
                "embeddings and LM head stay float. Track B's activation quantization is not on this axis; "
@@ -319,7 +319,7 @@ def quant_seconds(rows: list[dict[str, Any]]) -> Plot | None:
         return None
     methods = sorted({row["method"] for row in measured})
     colours = {method: f"C{index % 10}" for index, method in enumerate(methods)}
-    figure = _figure(7.0, 0.9 + 0.3 * len(measured))
+    figure = _figure(FIGURE_WIDTH, 0.9 + 0.3 * len(measured))
     axes = figure.add_subplot(1, 1, 1)
     positions = list(range(len(measured)))
     seconds = [row["quant_seconds"] for row in measured]
@@ -339,8 +339,7 @@ def quant_seconds(rows: list[dict[str, Any]]) -> Plot | None:
     axes.set_xlabel("quantization seconds" + (" (log scale)" if log else ""))
     axes.grid(True, axis="x", alpha=0.3)
     if len(methods) > 1:
-        axes.legend(handles=[Patch(color=colours[method], label=method) for method in methods], fontsize=8,
-                    loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        _legend_below(axes, [Patch(color=colours[method], label=method) for method in methods])
     note = not_shown(rows, measured, f"with no quantization work (< {NO_WORK_SECONDS:g} s)")
     if note:
         axes.set_title(note, fontsize=7, color="#9b2c2c", loc="left")
@@ -356,16 +355,15 @@ def kv_bytes_vs_ppl(rows: list[dict[str, Any]]) -> Plot | None:
     measured = _measured(track_c, "ppl_ratio", "kv_bytes_per_token")
     if not measured:
         return None
-    figure = _figure(7.2, 4.4)
+    figure = _figure(FIGURE_WIDTH, 4.2)
     axes = figure.add_subplot(1, 1, 1)
     float_bytes = sorted({row["kv_float_bytes_per_token"] for row in measured
                           if row.get("kv_float_bytes_per_token") is not None})
     unplaced = _pareto_panel(axes, measured, "kv_bytes_per_token", tuple(float_bytes))
-    axes.set_title("Track C")
     axes.set_xlabel("KV-cache bytes per token (all layers)")
     note = not_shown(track_c, measured, "without KV metrics")
-    _panel_note(axes, [note, _unlabelled(unplaced)])
-    _legend_right(axes)
+    _panel_title(axes, "Track C", [note, _unlabelled(unplaced)])
+    _legend_below(axes)
     caption = ("KV-cache bytes per token over all layers, measured from what the cache stores (log 2 "
                "scale); dashed: a float cache. Red: the Pareto front (no other cell has both fewer bytes and "
                f"a lower PPL). {EXCESS_NOTE} "

@@ -139,10 +139,14 @@ def _software(record: dict[str, Any]) -> str | None:
     parts = [f"{name} {packages[name]}" for name in ("torch", "transformers") if packages.get(name)]
     if env.get("python"):
         parts.append(f"Python {env['python']}")
-    if env.get("git_commit"):
-        dirty = " (uncommitted changes)" if env.get("git_dirty") else ""
-        parts.append(f"commit {env['git_commit'][:10]}{dirty}")
     return ", ".join(parts) or None
+
+
+def _commit(record: dict[str, Any]) -> str | None:
+    env = record["environment"]
+    if not env.get("git_commit"):
+        return None
+    return env["git_commit"][:10] + (" with uncommitted changes" if env.get("git_dirty") else "")
 
 
 def run_summary(records: list[dict[str, Any]], run_id: str) -> list[Item]:
@@ -161,6 +165,7 @@ def run_summary(records: list[dict[str, Any]], run_id: str) -> list[Item]:
         ("Zero-shot", by_value(records, _zero_shot)),
         ("Hardware", by_value(records, _hardware)),
         ("Software", by_value(records, _software)),
+        ("Code", by_value(records, _commit)),
     ]
     return [(label, text) for label, text in items if text]
 
