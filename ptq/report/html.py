@@ -12,7 +12,6 @@ from typing import Any
 from ptq.report.compare import Comparison
 from ptq.report.leaderboard import (
     LABEL,
-    TRACK_ORDER,
     Table,
     by_track,
     cached_cells,
@@ -24,7 +23,8 @@ from ptq.report.leaderboard import (
     track_descriptions,
 )
 from ptq.report.plots import Plot
-from ptq.report.summary import duration, glossary, run_summary
+from ptq.report.records import STATUSES
+from ptq.report.summary import duration, glossary, run_summary, span, tracks_of
 
 TEXT_COLUMNS = ("label", "cell", "status", "reason", "verdict")  # left-aligned; the others are numbers
 WARNING_ITEMS = ("Full precision",)  # summary items shown as a warning: they qualify every number
@@ -92,14 +92,13 @@ def _definitions(items: list[tuple[str, str]]) -> str:
 
 
 def _headline(records: list[dict[str, Any]], run_id: str) -> str:
-    """One line under the title: models, tracks, outcome, time."""
+    """One line under the title: models, tracks, outcome, when and how long."""
     models = ", ".join(sorted({r["model"] for r in records}))
-    tracks = " ".join(sorted({r["track"] for r in records}, key=lambda track: TRACK_ORDER.get(track, 9)))
-    counts = ", ".join(f"{n} {status}" for status in ("passed", "failed", "skipped")
+    counts = ", ".join(f"{n} {status}" for status in STATUSES
                        if (n := sum(r["status"] == status for r in records)))
-    seconds = sum(r["wall_seconds"] for r in records)
-    return (f"{escape(models)} · tracks {escape(tracks)} · {len(records)} cells: {escape(counts)} · "
-            f"{escape(duration(seconds))} of cell time · run {escape(run_id)}")
+    started, seconds = span(records)
+    return escape(f"{models} · tracks {' '.join(tracks_of(records))} · {len(records)} cells: {counts} · "
+                  f"run {run_id}, {started:%Y-%m-%d}, {duration(seconds)}")
 
 
 def render_html(records: list[dict[str, Any]], run_id: str, comparison: tuple[str, list[Comparison]] | None,

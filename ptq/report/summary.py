@@ -28,8 +28,9 @@ from ptq.report.records import STATUSES
 Item = tuple[str, str]  # (label, text)
 
 
-def _tracks(records: list[dict[str, Any]]) -> str:
-    return ", ".join(sorted({r["track"] for r in records}, key=lambda t: TRACK_ORDER.get(t, 9)))
+def tracks_of(records: list[dict[str, Any]]) -> list[str]:
+    """The tracks the records are of, in A, B, C order."""
+    return sorted({r["track"] for r in records}, key=lambda track: TRACK_ORDER.get(track, 9))
 
 
 def by_value(records: list[dict[str, Any]], value_of: Callable[[dict[str, Any]], str | None]) -> str | None:
@@ -41,7 +42,7 @@ def by_value(records: list[dict[str, Any]], value_of: Callable[[dict[str, Any]],
             groups.setdefault(value, []).append(record)
     if len(groups) <= 1:
         return next(iter(groups), None)
-    return "; ".join(f"{value} ({_tracks(group)})" for value, group in groups.items())
+    return "; ".join(f"{value} ({', '.join(tracks_of(group))})" for value, group in groups.items())
 
 
 def duration(seconds: float) -> str:
@@ -54,18 +55,24 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def _run(records: list[dict[str, Any]], run_id: str) -> str:
+def span(records: list[dict[str, Any]]) -> tuple[datetime, float]:
+    """When the first cell started, and the seconds from then to the last cell's end."""
     starts = [datetime.fromisoformat(r["started"]) for r in records]
     ends = [start + timedelta(seconds=r["wall_seconds"]) for start, r in zip(starts, records)]
+    return min(starts), (max(ends) - min(starts)).total_seconds()
+
+
+def _run(records: list[dict[str, Any]], run_id: str) -> str:
+    started, seconds = span(records)
     experiments = sorted({r["experiment"] or "(none)" for r in records})
-    return (f"{run_id}, experiment {', '.join(experiments)}; started {min(starts):%Y-%m-%d %H:%M %Z}; "
-            f"{duration((max(ends) - min(starts)).total_seconds())} from the first cell's start to the last "
-            f"cell's end ({duration(sum(r['wall_seconds'] for r in records))} of cell time)")
+    return (f"{run_id}, experiment {', '.join(experiments)}; started {started:%Y-%m-%d %H:%M %Z}; "
+            f"{duration(seconds)} from the first cell's start to the last cell's end "
+            f"({duration(sum(r['wall_seconds'] for r in records))} of cell time)")
 
 
 def _cells(records: list[dict[str, Any]]) -> str:
     counts = {status: sum(r["status"] == status for r in records) for status in STATUSES}
-    per_track = {track: sum(r["track"] == track for r in records) for track in _tracks(records).split(", ")}
+    per_track = {track: sum(r["track"] == track for r in records) for track in tracks_of(records)}
     cached = len(cached_cells(records))
     return (f"{len(records)} ({', '.join(f'{n} {status}' for status, n in counts.items())}); "
             f"by track {', '.join(f'{track} {n}' for track, n in per_track.items())}; "
