@@ -306,6 +306,8 @@ def test_html_opens_with_the_summary_and_names_the_baseline_by_dtype(tmp_path: P
     assert ">fp16<" not in html and ">m-fp16-A<" not in html
     assert 'title="perplexity on WikiText-2' in html  # headers explain themselves on hover
     assert html.count('<p class="track">') == 2
+    # reasons go in a list under their table, not in a column that widens every row
+    assert "<li><b>kv-hf-hqq-int4</b> failed: gate failed</li>" in html and ">reason</th>" not in html
 
 
 def test_every_figure_counts_the_cells_it_leaves_out() -> None:

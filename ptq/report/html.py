@@ -26,26 +26,30 @@ from ptq.report.plots import Plot
 from ptq.report.records import STATUSES
 from ptq.report.summary import duration, glossary, run_summary, span, tracks_of
 
-TEXT_COLUMNS = ("label", "cell", "status", "reason", "verdict")  # left-aligned; the others are numbers
+TEXT_COLUMNS = ("label", "cell", "status", "verdict")  # left-aligned; the others are numbers
+IN_LISTS = ("reason",)  # columns given as a list under each table instead
 WARNING_ITEMS = ("Full precision",)  # summary items shown as a warning: they qualify every number
+REASON_CHARS = 400  # of a failed or skipped cell's reason, under its table
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; padding: 0 1em; max-width: 1200px;
        color: #1f2933; line-height: 1.4; }
 h1 { margin-bottom: 0.1em; } h1 + p { margin-top: 0; color: #52606d; }
 h2 { margin: 1.4em 0 0.3em; border-bottom: 1px solid #e4e7eb; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.2em 1em; margin: 0.5em 0;
+dl { display: grid; grid-template-columns: fit-content(14em) 1fr; gap: 0.2em 1em; margin: 0.5em 0;
      font-size: 0.9em; }
 dt { font-weight: 600; } dd { margin: 0; }
 dd.warning, dt.warning { background: #fff3c4; }
 table { border-collapse: collapse; margin: 0.3em 0 0.2em; font-size: 0.85em; }
 th, td { border: 1px solid #cbd2d9; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; }
 th { background: #f0f4f8; white-space: normal; vertical-align: bottom; cursor: help; }
-.text { text-align: left; } td.reason { white-space: normal; min-width: 12em; }
+.text { text-align: left; }
+div.table { overflow-x: auto; }  /* the last resort of a table too wide even so: it scrolls, not the page */
 tr.failed td { background: #fde8e8; }
 tr.skipped td { color: #7b8794; }
 p.track { margin: 0; color: #52606d; font-size: 0.9em; }
 p.constant { margin: 0 0 0.5em; color: #52606d; font-size: 0.8em; }
+ul.reasons { margin: 0.2em 0 0.5em; padding-left: 1.2em; font-size: 0.8em; color: #9b2c2c; }
 figure { margin: 1.5em 0; }
 figure img { max-width: 100%; }
 figcaption { font-size: 0.85em; color: #52606d; max-width: 900px; }
@@ -63,21 +67,35 @@ def _attributes(key: str, title: str) -> str:
     return text + (f' title="{escape(title)}"' if title else "")
 
 
+def _breakable(header: str) -> str:
+    """A header that may wrap after "/" and "_" too (bits/weight, acc arc_challenge), not only at spaces."""
+    return escape(header).replace("/", "/<wbr>").replace("_", "_<wbr>")
+
+
 def _table(headers: list[str], cells: list[list[str]], classes: list[str], keys: list[str],
            titles: list[str] | None = None) -> str:
     titles = titles or [""] * len(headers)
-    head = "".join(f"<th{_attributes(key, title)}>{escape(header)}</th>"
+    head = "".join(f"<th{_attributes(key, title)}>{_breakable(header)}</th>"
                    for header, title, key in zip(headers, titles, keys))
     starts = [f'<td class="text {key}">' if key in TEXT_COLUMNS else "<td>" for key in keys]
     body = "".join(f'<tr class="{escape(cls)}">'
                    + "".join(f"{start}{escape(cell)}</td>" for cell, start in zip(row, starts)) + "</tr>"
                    for row, cls in zip(cells, classes))
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _track_table(table: Table, statuses: list[str]) -> str:
     return _table(table.headers, table.cells, statuses, [c.key for c in table.columns],
                   [c.description for c in table.columns])
+
+
+def _reasons(rows: list[dict[str, Any]]) -> str:
+    """Why the failed and skipped rows of a table failed or were skipped, under it: a reason is too
+    long for a column that would widen every row."""
+    items = [f"<li><b>{escape(row['label'])}</b> {escape(row['status'])}: "
+             f"{escape(' '.join((row['reason'] or 'no reason recorded').split())[:REASON_CHARS])}</li>"
+             for row in rows if row["status"] != "passed"]
+    return f'<ul class="reasons">{"".join(items)}</ul>' if items else ""
 
 
 def _list(items: list[str]) -> str:
@@ -108,14 +126,15 @@ def render_html(records: list[dict[str, Any]], run_id: str, comparison: tuple[st
     parts = ["<h1>ptq-bench leaderboard</h1>", f"<p>{_headline(records, run_id)}</p>",
              "<h2>Summary</h2>", _definitions(run_summary(records, run_id))]
     for track, group in by_track(rows).items():
-        table = make_table(group, LABEL)
+        table = make_table(group, LABEL, IN_LISTS)
         parts.append(f"<h2>Track {escape(track)}</h2>")
         if track in descriptions:
             parts.append(f'<p class="track">{escape(descriptions[track])}</p>')
         parts.append(_track_table(table, [row["status"] for row in group]))
         if note := constant_line(table):
             parts.append(f'<p class="constant">{escape(note)}</p>')
-    parts += ["<h2>Glossary</h2>", _definitions(glossary(records, rows, LABEL))]
+        parts.append(_reasons(group))
+    parts += ["<h2>Glossary</h2>", _definitions(glossary(records, rows, LABEL, IN_LISTS))]
     if plots:
         parts.append("<h2>Figures</h2>")
     for plot in plots:

@@ -201,9 +201,11 @@ class Table:
         return [column.header for column in self.columns]
 
 
-def make_table(rows: list[dict[str, Any]], first: Column = CELL) -> Table:
-    """The table of `rows`, its first column `first` (the cell id, or `LABEL`'s short name)."""
-    columns = [first if column is CELL else column for column in visible_columns(rows)]
+def make_table(rows: list[dict[str, Any]], first: Column = CELL, leave_out: tuple[str, ...] = ()) -> Table:
+    """The table of `rows`, its first column `first` (the cell id, or `LABEL`'s short name), without
+    the columns of keys `leave_out` (shown elsewhere)."""
+    columns = [first if column is CELL else column for column in visible_columns(rows)
+               if column.key not in leave_out]
     shown, constant = [], []
     for column in columns:
         values = [column.format(row.get(column.key)) for row in rows]

@@ -177,12 +177,14 @@ def run_summary(records: list[dict[str, Any]], run_id: str) -> list[Item]:
     return [(label, text) for label, text in items if text]
 
 
-def glossary(records: list[dict[str, Any]], rows: list[dict[str, Any]], first: Column = CELL) -> list[Item]:
+def glossary(records: list[dict[str, Any]], rows: list[dict[str, Any]], first: Column = CELL,
+             leave_out: tuple[str, ...] = ()) -> list[Item]:
     """What the tracks are (from the records' track config) and what each column some row has a
-    value in means, the accuracy columns as one item, then what "simulated" means if shown."""
+    value in means (first column `first`, without the columns of keys `leave_out`), the accuracy
+    columns as one item, the float baseline's name, then what "simulated" means if shown."""
     items = [(f"Track {track}", text) for track, text in track_descriptions(records).items()]
     columns = [first if column.key == CELL.key else column for column in visible_columns(rows)
-               if any(column.format(row.get(column.key)) for row in rows)]
+               if column.key not in leave_out and any(column.format(row.get(column.key)) for row in rows)]
     accuracy = [column for column in columns if column.key.startswith(ACC_PREFIX)]
     for column in columns:
         if column in accuracy[1:]:
