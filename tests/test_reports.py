@@ -29,6 +29,7 @@ from ptq.report.markdown import render_terminal
 from ptq.report.plots import (
     MARKER_CLEARANCE,
     NO_WORK_SECONDS,
+    not_shown,
     pareto_front,
     place_labels,
     render_plots,
@@ -371,3 +372,11 @@ def test_merge_keeps_the_run_id_the_records_share(tmp_path: Path) -> None:
         write_record(record, folder)
     assert report_main(["merge", str(folder), "--reports-dir", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "leaderboard.md").read_text().startswith("# Leaderboard (run run-1)\n")
+
+
+def test_not_shown_names_few_cells_and_counts_many() -> None:
+    statuses = ["passed", "failed", "skipped", "skipped", "skipped", "skipped", "passed"]
+    rows = [{"cell": f"c{i}", "label": f"l{i}", "status": status} for i, status in enumerate(statuses)]
+    expected = "not shown: 1 failed (l1); 4 skipped; 1 cell without X (l6)"
+    assert not_shown(rows, rows[:1], "without X") == expected
+    assert not_shown(rows[:1], rows[:1], "without X") == ""

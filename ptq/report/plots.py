@@ -292,7 +292,7 @@ def ppl_vs_bits(rows: list[dict[str, Any]]) -> Plot | None:
     for axes, (track, group) in zip(panels, tracks.items()):
         unplaced = _pareto_panel(axes, group, "bits_per_weight")
         axes.set_xlabel("bits per weight (block linears)")
-        note = not_shown(every[track], group, "without bits per weight")
+        note = not_shown(every[track], group, "without bits per weight or a float PPL")
         _panel_title(axes, f"Track {track}", [note, _unlabelled(unplaced)])
         omitted += [f"Track {track}: {note}"] if note else []
     _legend_below(panels[-1])
@@ -361,7 +361,7 @@ def kv_bytes_vs_ppl(rows: list[dict[str, Any]]) -> Plot | None:
                           if row.get("kv_float_bytes_per_token") is not None})
     unplaced = _pareto_panel(axes, measured, "kv_bytes_per_token", tuple(float_bytes))
     axes.set_xlabel("KV-cache bytes per token (all layers)")
-    note = not_shown(track_c, measured, "without KV metrics")
+    note = not_shown(track_c, measured, "without KV metrics or a float PPL")
     _panel_title(axes, "Track C", [note, _unlabelled(unplaced)])
     _legend_below(axes)
     caption = ("KV-cache bytes per token over all layers, measured from what the cache stores (log 2 "
