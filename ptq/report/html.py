@@ -58,6 +58,10 @@ figcaption { font-size: 0.85em; color: #52606d; max-width: 900px; }
   table { font-size: 0.75em; }
   th, td { padding: 0.2em 0.3em; }
 }
+@media (min-width: 1150px) {  /* wide: the caption beside its figure, which stays at its drawn size */
+  figure { display: flex; gap: 1.5em; align-items: flex-start; }
+  figcaption { max-width: 26em; padding-top: 2em; }
+}
 @media (max-width: 600px) { dl { grid-template-columns: 1fr; } dd { margin: 0 0 0.4em 1em; } }
 """
 
