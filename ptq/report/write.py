@@ -10,13 +10,8 @@ from typing import Any
 
 from ptq.report.compare import Comparison
 from ptq.report.html import render_html
-from ptq.report.leaderboard import (
-    baselines_of,
-    leaderboard_payload,
-    leaderboard_rows,
-    notes_of,
-    render_leaderboard,
-)
+from ptq.report.leaderboard import leaderboard_payload, leaderboard_rows
+from ptq.report.markdown import render_leaderboard
 from ptq.report.plots import render_plots
 from ptq.report.records import atomic_write
 
@@ -40,7 +35,7 @@ def write_reports(records: list[dict[str, Any]], reports_dir: Path, run_id: str,
     texts = {
         "leaderboard.md": render_leaderboard(records, run_id, comparison, figures),
         "leaderboard.json": json.dumps(leaderboard_payload(records, run_id, comparison), indent=2, default=str) + "\n",
-        "leaderboard.html": render_html(rows, run_id, baselines_of(records), notes_of(records), comparison, plots),
+        "leaderboard.html": render_html(records, run_id, comparison, plots),
     }
     for name, text in texts.items():
         atomic_write(reports_dir / name, text)
