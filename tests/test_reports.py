@@ -21,11 +21,13 @@ from ptq.report.leaderboard import (
     by_track,
     leaderboard_rows,
     make_table,
+    methods_as_run,
     render_table,
     render_tracks,
+    sweep_tables,
     visible_columns,
 )
-from ptq.report.markdown import render_terminal
+from ptq.report.markdown import render_leaderboard, render_terminal
 from ptq.report.plots import (
     MARKER_CLEARANCE,
     NO_WORK_SECONDS,
@@ -380,3 +382,39 @@ def test_not_shown_names_few_cells_and_counts_many() -> None:
     expected = "not shown: 1 failed (l1); 4 skipped; 1 cell without X (l6)"
     assert not_shown(rows, rows[:1], "without X") == expected
     assert not_shown(rows[:1], rows[:1], "without X") == ""
+
+
+def study_record(cell_id: str, method: str, setting: str | None, stages: list[str], ppl: float, c4: float,
+                 boolq: float) -> dict:
+    record = make_record(cell_id, ppl=ppl, model="m", method=method, track="B")
+    record["setting"], record["experiment"] = setting, "study"
+    record["metrics"]["ppl"]["c4"] = c4
+    record["metrics"]["fp_ppl"]["c4"] = 12.0
+    record["metrics"]["zero_shot"] = {"tasks": {"boolq": {"acc": boolq, "acc_stderr": 0.05}}, "average": None,
+                                      "limit": 100}
+    record["config"]["method"] = {"name": method, "stages": [{"name": n, "params": {}, "added": n == "rtn"}
+                                                             for n in stages]}
+    record["metrics"]["stage_seconds"] = {n: 1.5 for n in stages} | {"engine": 0.5}
+    return record
+
+
+def test_a_sweep_is_laid_out_like_the_study_with_a_column_per_stage() -> None:
+    records = [study_record("m-fp16-B-study", "fp16", None, ["fp16"], 10.0, 12.0, 0.7),
+               study_record("m-smoothquant+gptq-c4-B-w4a8-study", "smoothquant+gptq", "w4a8",
+                            ["smoothquant", "gptq"], 11.5, 13.5, 0.65),
+               study_record("m-gptq-c4-B-w8a8-study", "gptq", "w8a8", ["gptq"], 10.1, 12.1, 0.71),
+               study_record("m-smoothquant-c4-B-w8a8-study", "smoothquant", "w8a8", ["smoothquant", "rtn"], 10.2,
+                            12.2, 0.69)]
+    (table,) = sweep_tables(leaderboard_rows(records)).values()
+    assert table.headers == ["setting", "smoothquant", "gptq", "PPL wikitext2", "PPL c4", "acc boolq", "acc avg"]
+    assert [row[:3] for row in table.cells] == [["float", "", ""], ["w8a8", "o", "x"], ["w8a8", "x", "o"],
+                                                ["w4a8", "o", "o"]]
+    assert table.cells[3][3:] == ["11.50", "13.50", "65.0", ""]  # no average of one task
+    rows = {row["cell"]: row for row in leaderboard_rows(records)}
+    assert rows["m-smoothquant+gptq-c4-B-w4a8-study"]["stages"] == "smoothquant 1.5 + gptq 1.5, walk 0.5"
+    assert rows["m-gptq-c4-B-w8a8-study"]["stages"] is None  # one stage: its time is quant s
+    assert methods_as_run(records) == ["smoothquant+gptq: smoothquant() then gptq()", "gptq: gptq()",
+                                       "smoothquant: smoothquant() then rtn() (added: nothing else rounds the "
+                                       "weights)"]
+    text = render_leaderboard(records, "r")
+    assert "## study" in text and "## Methods as run" in text and "PPL c4" in text

@@ -19,7 +19,9 @@ from ptq.report.leaderboard import (
     constant_line,
     leaderboard_rows,
     make_table,
+    methods_as_run,
     notes_of,
+    sweep_tables,
     track_descriptions,
 )
 from ptq.report.plots import Plot
@@ -138,6 +140,12 @@ def render_html(records: list[dict[str, Any]], run_id: str, comparison: tuple[st
         if note := constant_line(table):
             parts.append(f'<p class="constant">{escape(note)}</p>')
         parts.append(_reasons(group))
+    for experiment, table in sweep_tables(rows).items():
+        parts += [f"<h2>{escape(experiment)}</h2>", "<p>The experiment's cells as a study lays them out: a row "
+                  "per setting of its sweep and method, o where a stage ran.</p>",
+                  _table(table.headers, table.cells, [""] * len(table.cells), ["label"] + [""] * (len(table.headers) - 1))]
+    if methods := methods_as_run(records):
+        parts += ["<h2>Methods as run</h2>", _list(methods)]
     parts += ["<h2>Glossary</h2>", _definitions(glossary(records, rows, LABEL, IN_LISTS))]
     if plots:
         parts.append("<h2>Figures</h2>")

@@ -63,14 +63,52 @@ def cell_label(record: dict[str, Any], one_model: bool) -> str:
     return name if one_model else f"{model} {name}"
 
 
+PPL_PREFIX = "ppl "  # row keys "ppl <dataset>": perplexity on each evaluated dataset
+
+
+def stages_of(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stages the cell's pipeline ran (name, params, added), from its resolved configuration."""
+    return list(nested(record, "config", "method", "stages") or [])
+
+
+def stage_times(record: dict[str, Any]) -> str | None:
+    """Seconds per stage of a pipeline of several stages ("awq 35.2 + gptq 61.0, walk 20.1");
+    None for one stage (its time is the quant seconds)."""
+    seconds = nested(record, "metrics", "stage_seconds") or {}
+    stages = stages_of(record)
+    if len(stages) < 2 or not seconds:
+        return None
+    text = " + ".join(f"{stage['name']} {seconds.get(stage['name'], 0.0):.1f}" for stage in stages)
+    return text + (f", walk {seconds['engine']:.1f}" if "engine" in seconds else "")
+
+
+def methods_as_run(records: list[dict[str, Any]]) -> list[str]:
+    """Each method (pipeline) of the records with its stages and their parameters, once."""
+    described: dict[str, str] = {}
+    for record in records:
+        stages = stages_of(record)
+        if record["method"] == BASELINE_METHOD or not stages:
+            continue
+        parts = []
+        for stage in stages:
+            params = ", ".join(f"{key}={value}" for key, value in (stage.get("params") or {}).items())
+            parts.append(f"{stage['name']}({params})" + (" (added: nothing else rounds the weights)"
+                                                          if stage.get("added") else ""))
+        described.setdefault(record["method"], " then ".join(parts))
+    return [f"{method}: {text}" for method, text in described.items()]
+
+
 def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flat rows, ordered by model, track, then quality (failed and skipped cells last)."""
+    """Flat rows, ordered by model, track, then quality (failed and skipped cells last). The
+    differences to the float baseline are on the first evaluated dataset (the gated one)."""
     rows = []
     one_model = len({record["model"] for record in records}) == 1
     for record in records:
         metrics = record["metrics"]
-        ppl = metrics.get("ppl", {}).get("wikitext2")
-        fp_ppl = metrics.get("fp_ppl", {}).get("wikitext2")
+        ppls = metrics.get("ppl", {})
+        first = next(iter(ppls), "wikitext2")
+        ppl = ppls.get(first)
+        fp_ppl = metrics.get("fp_ppl", {}).get(first)
         kv = metrics.get("kv", {})
         rows.append({
             "cell": record["cell_id"],
@@ -78,11 +116,15 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "model": record["model"],
             "method": record["method"],
             "variant": record.get("variant"),
+            "setting": record.get("setting"),
+            "stage_names": [stage["name"] for stage in stages_of(record) if not stage.get("added")],
             "track": record["track"],
             "experiment": record["experiment"],
             "status": record["status"],
-            "ppl_wikitext2": ppl,
-            "fp_ppl_wikitext2": fp_ppl,
+            "ppl_wikitext2": ppls.get("wikitext2"),
+            **{f"{PPL_PREFIX}{name}": value for name, value in ppls.items() if name != "wikitext2"},
+            "fp_ppl_wikitext2": metrics.get("fp_ppl", {}).get("wikitext2"),
+            "stages": stage_times(record),
             "ppl_delta": _difference(ppl, fp_ppl),
             "ppl_ratio": metrics.get("ppl_ratio"),
             "bits_per_weight": metrics.get("bits_per_weight"),
@@ -138,7 +180,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("ppl_wikitext2", "PPL wikitext2", _number(2),
            "perplexity on WikiText-2 test windows (lower is better)", keep=True),
     Column("ppl_delta", "Δ FP", _number(2, signed=True),
-           "PPL minus the float baseline's PPL (same model and evaluation)"),
+           "PPL minus the float baseline's PPL (same model and evaluation; on the first PPL dataset)"),
     Column("ppl_ratio", "× FP", _number(3), "PPL divided by the float baseline's PPL"),
     Column("bits_per_weight", "bits/weight", _number(3),
            "stored bits per weight of the blocks' linear layers: code bits plus 16-bit scales (and zero "
@@ -159,6 +201,8 @@ COLUMNS: tuple[Column, ...] = (
            optional=True),
     Column("quant_seconds", "quant s", _number(1),
            "seconds the quantization step took, calibration included, evaluation excluded"),
+    Column("stages", "stage s", str, "seconds per stage of a pipeline of several methods, and of the block "
+           "walk's own forwards (capture, propagation)", optional=True),
     Column("eval_tokens_per_s", "eval tok/s" + SIMULATED, _number(0),
            "tokens per second of the perplexity evaluation (simulated, see below)"),
     Column("peak_memory_mb", "peak MB", _number(0),
@@ -183,7 +227,11 @@ def visible_columns(rows: list[dict[str, Any]]) -> list[Column]:
     accuracy = [Column(key, key, lambda value: percent(None if value is None else 100 * value),
                        ACCURACY_DESCRIPTION) for key in accuracy_keys]
     at = next(i for i, c in enumerate(columns) if c.key == "ppl_ratio") + 1
-    return columns[:at] + accuracy + columns[at:]
+    datasets = list(dict.fromkeys(key.removeprefix(PPL_PREFIX) for row in rows for key in row
+                                  if key.startswith(PPL_PREFIX) and row[key] is not None))
+    perplexities = [Column(f"{PPL_PREFIX}{name}", f"PPL {name}", _number(2),
+                           f"perplexity on the {name} evaluation windows (lower is better)") for name in datasets]
+    return columns[:at] + perplexities + accuracy + columns[at:]
 
 
 @dataclass(frozen=True)
@@ -310,3 +358,34 @@ def leaderboard_payload(records: list[dict[str, Any]], run_id: str,
         source, comparisons = comparison
         payload["comparison"] = {"source": source, "cells": [c.to_dict() for c in comparisons]}
     return payload
+
+
+def sweep_tables(rows: list[dict[str, Any]]) -> dict[str, Table]:
+    """Per experiment with a sweep (e.g. sq-gptq-study), its cells as the study lays them out: a row
+    per setting and method in the order they ran, a column per stage saying whether it ran
+    (o / x), then every perplexity and accuracy; the float baseline first."""
+    tables = {}
+    for experiment in dict.fromkeys(row["experiment"] for row in rows if row.get("setting")):
+        group = [row for row in rows if row["experiment"] == experiment]
+        settings = list(dict.fromkeys(row["setting"] for row in group if row.get("setting")))
+        pipelines = sorted({row["method"] for row in group if row["method"] != BASELINE_METHOD},
+                           key=lambda method: -method.count("+"))
+        stages = list(dict.fromkeys(name for method in pipelines for name in method.split("+")))
+
+        def flags(row: dict[str, Any]) -> tuple[bool, ...]:  # the study's order: x x, o x, x o, o o
+            return tuple(name in row["method"].split("+") for name in reversed(stages))
+
+        ordered = sorted(group, key=lambda row: (row.get("setting") is not None,
+                                                 settings.index(row["setting"]) if row.get("setting") else -1,
+                                                 flags(row)))
+        measures = [c for c in visible_columns(group)
+                    if c.key == "ppl_wikitext2" or c.key.startswith((PPL_PREFIX, ACC_PREFIX))]
+        headers = ["setting", *stages, *(c.header for c in measures)]
+        cells = [[row.get("setting") or row["label"].split(" · ")[0],
+                  *("" if row["method"] == BASELINE_METHOD else "o" if flag else "x"
+                    for flag in reversed(flags(row))),
+                  *(c.format(row.get(c.key)) for c in measures)] for row in ordered]
+        columns = [Column(header, header, str, "") for header in headers]
+        tables[experiment] = Table(columns, cells, [])
+    return tables
+

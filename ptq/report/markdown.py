@@ -6,12 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from ptq.report.compare import Comparison
+from tabulate import tabulate
+
 from ptq.report.leaderboard import (
     cached_cells,
     leaderboard_rows,
+    methods_as_run,
     notes_of,
     render_comparison,
     render_tracks,
+    sweep_tables,
     track_descriptions,
 )
 from ptq.report.summary import glossary, run_summary
@@ -26,7 +30,14 @@ def render_leaderboard(records: list[dict[str, Any]], run_id: str,
     rows = leaderboard_rows(records)
     md = [f"# Leaderboard (run {run_id})", ""]
     md += [f"- **{label}:** {text}" for label, text in run_summary(records, run_id)] + [""]
-    md += [render_tracks(rows, track_descriptions(records)), "", "## Glossary", ""]
+    md += [render_tracks(rows, track_descriptions(records)), ""]
+    for experiment, table in sweep_tables(rows).items():
+        md += [f"## {experiment}", "", "The experiment's cells as a study lays them out: a row per setting of "
+               "its sweep and method, o where a stage ran.", "",
+               tabulate(table.cells, headers=table.headers, tablefmt="github", disable_numparse=True), ""]
+    if methods := methods_as_run(records):
+        md += ["## Methods as run", ""] + [f"- {line}" for line in methods] + [""]
+    md += ["## Glossary", ""]
     md += [f"- **{term}:** {text}" for term, text in glossary(records, rows)] + [""]
     if notes := notes_of(records):
         md += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
