@@ -243,6 +243,8 @@ class ExperimentHeader:
     methods: tuple[str, ...] | None = None
     tracks: tuple[Literal["A", "B", "C"], ...] | None = None
     calib_datasets: tuple[Literal["c4", "wikitext2"], ...] | None = None  # one cell per set, calibrated methods
+    variants: dict[str, list[str]] | None = None  # per method, the variants to run (default: all)
+    method_tracks: dict[str, list[str]] | None = None  # per method, the tracks it runs on here (default: all)
 
 
 # How a layer may spell the sections that differ from the built CellConfig.

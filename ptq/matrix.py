@@ -241,6 +241,21 @@ class Catalog:
         header = build(ExperimentHeader, header_layer.data, header_layer.provenance)
         for name in header.methods or ():
             self.pipeline(name)
+        for method, tracks in (header.method_tracks or {}).items():
+            where = header_layer.provenance.get(("method_tracks", method), str(path))
+            if method not in (header.methods or ()):
+                raise ConfigError(f"{where}: method_tracks.{method}: not one of the experiment's methods")
+            unsupported = sorted(set(tracks) - self.pipeline(method).tracks)
+            if unsupported or not tracks:
+                raise ConfigError(f"{where}: method_tracks.{method}: {method} runs on tracks "
+                                  f"{sorted(self.pipeline(method).tracks)}, not {unsupported or tracks}")
+        for method, names in (header.variants or {}).items():
+            known = self.methods[method].variants if method in self.methods else {}
+            unknown = [name for name in names if name not in known]
+            if unknown or not names:
+                where = header_layer.provenance.get(("variants", method), str(path))
+                raise ConfigError(f"{where}: variants.{method}: unknown variants {unknown or names} "
+                                  f"(known: {', '.join(known) or f'none, or no method {method!r}'})")
         settings = layer.without("experiment", "per_method", "sweep")
         check_layer(settings, self.schemas)
         sweep = {}
@@ -283,16 +298,18 @@ class Catalog:
         return "; ".join(f"{stage.name}: {', '.join(f.name for f in dataclasses.fields(stage.params)) or 'none'}"
                          for stage in pipeline.stages)
 
-    def variants(self, pipeline: Pipeline) -> dict[str | None, Layer | None]:
+    def variants(self, pipeline: Pipeline, chosen: dict[str, list[str]] | None = None) -> dict[str | None, Layer | None]:
         """The cells a pipeline gives per model and track: one per variant of the (one) stage that
-        has variants, else one."""
+        has variants (those `chosen` for it, when given), else one."""
         with_variants = [stage.name for stage in pipeline.stages if self.methods[stage.name].variants]
         if len(with_variants) > 1:
             raise ConfigError(f"pipeline {pipeline.name}: {' and '.join(with_variants)} both have variants; "
                               "a pipeline takes the variants of one stage at most")
         if not with_variants:
             return {None: None}
-        return dict(self.methods[with_variants[0]].variants)
+        variants = self.methods[with_variants[0]].variants
+        names = (chosen or {}).get(with_variants[0], list(variants))
+        return {name: variants[name] for name in names}
 
     def cell_config(self, model: str, pipeline: Pipeline, track: str, top: tuple[Layer, ...], device_type: str,
                     variant: Layer | None = None, routed: set[str] | None = None) -> tuple[CellConfig, Pipeline]:
@@ -414,6 +431,9 @@ class Catalog:
                 if not pipeline.tracks & set(tracks):
                     raise ConfigError(f"method {pipeline.name} supports tracks {sorted(pipeline.tracks)}, "
                                       f"none of the requested {list(tracks)}")
+        # The experiment's choice of tracks and variants per method goes with its choice of methods.
+        restrict = ExperimentHeader("", method_tracks={}, variants={}) if header is None or selection.methods \
+            else dataclasses.replace(header, method_tracks=header.method_tracks or {}, variants=header.variants or {})
         # An experiment may sweep calibration sets: each becomes a layer under the CLI overrides.
         calib_layers: list[tuple[Layer, ...]] = [()]
         if header is not None and header.calib_datasets:
@@ -423,10 +443,11 @@ class Catalog:
         for model in models:
             for track in tracks:
                 for pipeline in pipelines:
-                    if track not in pipeline.tracks:
+                    only = restrict.method_tracks.get(pipeline.name)
+                    if track not in pipeline.tracks or (only is not None and track not in only):
                         continue
                     for setting, setting_layers in self._settings(experiment, pipeline).items():
-                        for variant, variant_layer in self.variants(pipeline).items():
+                        for variant, variant_layer in self.variants(pipeline, restrict.variants).items():
                             for calib in calib_layers if pipeline.calibrated else [()]:
                                 top = setting_layers + calib + selection.overrides
                                 where = f"{model} x {pipeline.name}{'-' + variant if variant else ''} x track {track}"

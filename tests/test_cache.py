@@ -163,14 +163,15 @@ def test_tree_sha256_follows_names_and_contents(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def cells() -> dict[str, Cell]:
     catalog = Catalog(BENCH)
-    experiments = (BENCH / "experiments" / "default.yaml", BENCH / "experiments" / "track-a.yaml")
+    experiments = tuple(BENCH / "experiments" / f"{name}.yaml" for name in ("default", "track-a", "track-c"))
     return {cell.id: cell for cell in catalog.cells(Selection(experiments=experiments), "cpu")}
 
 
 @pytest.fixture
 def fake_texts(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[str, str], str]:
     """Texts by (dataset, split), as their sha256: the keys read nothing else of them."""
-    shas = {("wikitext2", "test"): "t" * 64, ("c4", "calibration"): "c" * 64, ("wikitext2", "validation"): "v" * 64}
+    shas = {("wikitext2", "test"): "t" * 64, ("c4", "calibration"): "c" * 64, ("wikitext2", "validation"): "v" * 64,
+            ("c4", "test"): "e" * 64}
     monkeypatch.setattr(ptq.dependencies, "load_text",
                         lambda dataset, split: SimpleNamespace(sha256=shas[dataset, split]))
     return shas
@@ -216,7 +217,19 @@ def test_the_fp_baseline_has_one_key_whichever_cell_it_serves(cells: dict[str, C
     assert served == {keys(cells["smollm2-135m-fp16-A"])[1], keys(cells["smollm2-135m-fp16-C"])[1]}
     assert keys(cells["smollm2-135m-fp16-A"]) == keys(cells["smollm2-135m-fp16-B"]) != keys(cells["smollm2-135m-fp16-C"])
     assert len({keys(cells[f"smollm2-135m-rtn-{track}"]) for track in "AB"}) == 2
-    assert len({keys(cells[f"smollm2-135m-kv-rtn-{variant}-C"]) for variant in ("int8", "int4", "int2")}) == 3
+    assert len({keys(cells[f"smollm2-135m-kv-rtn-{variant}-C-track-c"]) for variant in ("int8", "int4", "int2")}) == 3
+
+
+def test_cells_that_differ_only_in_activations_share_their_weights(fake_texts: dict) -> None:
+    catalog = Catalog(BENCH)
+    study = BENCH / "experiments" / "sq-gptq-study.yaml"
+    cells = {cell.id: cell for cell in catalog.cells(Selection(experiments=(study,)), "cpu")}
+    shared = {}
+    for setting in ("w4a16", "w4a8", "w8a8"):
+        cell = cells[f"smollm2-135m-gptq-c4-B-{setting}-sq-gptq-study"]
+        shared[setting] = keys(cell)
+    assert shared["w4a16"][0] == shared["w4a8"][0] != shared["w8a8"][0]
+    assert shared["w4a16"][1] != shared["w4a8"][1]
 
 
 def test_calibrated_keys_follow_the_calibration_settings_and_text(cells: dict[str, Cell], fake_texts: dict) -> None:
@@ -334,7 +347,7 @@ def test_corrupt_cached_weights_are_rebuilt_not_used(tiny_run: SimpleNamespace) 
 def test_only_pure_weight_replacements_store_weights(tiny_run: SimpleNamespace) -> None:
     """Track B's weights are stored (its quantized activations are re-applied from the config);
     a quantized KV cache and the float baseline have no weights to store."""
-    for cell_id, weights in (("smollm2-135m-rtn-B", "miss"), ("smollm2-135m-kv-rtn-int8-C", "none"),
+    for cell_id, weights in (("smollm2-135m-rtn-B", "miss"), ("smollm2-135m-kv-rtn-int8-C-track-c", "none"),
                              ("smollm2-135m-fp16-A", "none")):
         outcome, _ = tiny_run.run(cell_id, tiny_run.store)
         assert outcome.cache == {"metrics": "miss", "weights": weights}, cell_id

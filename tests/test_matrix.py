@@ -17,7 +17,6 @@ from ptq.config import TRACKS, Layer, parse_override, route_params
 from ptq.errors import ConfigError
 from ptq.gates import BaselineStore
 from ptq.matrix import Catalog, Cell, Selection
-from ptq.dependencies import dependencies
 from ptq.engine import BlockStep, Stage
 from ptq.methods.awq import AwqParams
 from ptq.methods.gptq import GptqParams
@@ -35,10 +34,13 @@ pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 DEFAULT = BENCH / "experiments" / "default.yaml"
+TRACK_C = BENCH / "experiments" / "track-c.yaml"
 KV_CELLS = ["kv-rtn-int8", "kv-rtn-int4", "kv-rtn-int2", "kivi-int4", "kivi-int2", "kv-hf-quanto-int4",
             "kv-hf-quanto-int2", "kv-hf-hqq-int4"]
-DEFAULT_ORDER = ([f"smollm2-135m-{m}-{t}" for t in "AB" for m in ("fp16", "rtn")]
-                 + [f"smollm2-135m-{m}-C" for m in ["fp16", *KV_CELLS]])
+# the headline methods of each track (issue: a first run that shows every track's)
+DEFAULT_ORDER = [f"smollm2-135m-{cell}" for cell in (
+    "fp16-A", "rtn-A", "gptq-c4-A", "awq-c4-A", "fp16-B", "rtn-B", "smoothquant-c4-B", "fp16-C", "kv-rtn-int4-C",
+    "kivi-int2-C")]
 DEFAULT_IDS = set(DEFAULT_ORDER)
 
 
@@ -87,16 +89,18 @@ def test_registering_a_name_twice_is_refused(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_default_experiment_gives_the_default_cells(default_cells: dict[str, Cell]) -> None:
     assert set(default_cells) == DEFAULT_IDS
-    assert len(default_cells) == 13
+    assert len(default_cells) == 10
 
 
 def test_cell_ids_are_model_method_variant_track(default_cells: dict[str, Cell]) -> None:
     for cell_id, cell in default_cells.items():
         variant = f"-{cell.variant}" if cell.variant else ""
-        assert cell_id == f"{cell.model}-{cell.method}{variant}-{cell.track}"
+        calib = f"-{cell.config.calib.dataset}" if cell.calibrated else ""
+        assert cell_id == f"{cell.model}-{cell.method}{variant}{calib}-{cell.track}"
         assert (cell.config.model.name, cell.config.method.name, cell.config.track.name) == (
             cell.model, cell.method, cell.track)
         extra = {cell.variant, f"{cell.method}-{cell.variant}"} if cell.variant else set()
+        extra |= {cell.config.calib.dataset} if cell.calibrated else set()
         assert cell.keywords == {cell.model, cell.method, cell.track, cell_id, "small", "default"} | extra
 
 
@@ -159,7 +163,27 @@ def test_rtn_track_b_is_w8a8_per_channel_per_token(default_cells: dict[str, Cell
     assert config.kv is None
 
 
-def test_kv_variants_set_their_own_layout(default_cells: dict[str, Cell]) -> None:
+def test_an_experiment_picks_variants_and_tracks_per_method(default_cells: dict[str, Cell], catalog: Catalog,
+                                                           tmp_path: Path) -> None:
+    assert {cell.id for cell in default_cells.values() if cell.variant} == {
+        "smollm2-135m-kv-rtn-int4-C", "smollm2-135m-kivi-int2-C"}
+    assert {cell.track for cell in default_cells.values() if cell.method == "gptq"} == {"A"}
+    path = tmp_path / "bad.yaml"
+    path.write_text("experiment: {name: bad, methods: [kivi], variants: {kivi: [int3]}}\n")
+    with pytest.raises(ConfigError, match=r"variants.kivi: unknown variants \['int3'\] \(known: int4, int2\)"):
+        catalog.cells(Selection(experiments=(path,)), "cpu")
+    path.write_text("experiment: {name: bad, methods: [awq], method_tracks: {awq: [B]}}\n")
+    with pytest.raises(ConfigError, match=r"method_tracks.awq: awq runs on tracks \['A'\], not \['B'\]"):
+        catalog.cells(Selection(experiments=(path,)), "cpu")
+
+
+@pytest.fixture(scope="module")
+def track_c_cells(catalog: Catalog) -> dict[str, Cell]:
+    return {cell.id.removesuffix("-track-c"): cell for cell in catalog.cells(Selection(experiments=(TRACK_C,)), "cpu")}
+
+
+def test_kv_variants_set_their_own_layout(track_c_cells: dict[str, Cell]) -> None:
+    default_cells = track_c_cells
     int8 = default_cells["smollm2-135m-kv-rtn-int8-C"].config
     assert int8.weight is None and int8.act is None
     for spec in (int8.kv.key, int8.kv.value):
@@ -198,7 +222,7 @@ def test_fp16_cells_of_one_model_differ_only_by_track(default_cells: dict[str, C
 
 def test_overrides_reach_every_cell(catalog: Catalog) -> None:
     cells = catalog.cells(Selection(experiments=(DEFAULT,), overrides=(parse_override("eval.max_windows=2"),)), "cpu")
-    assert len(cells) == 13 and all(cell.config.eval.max_windows == 2 for cell in cells)
+    assert len(cells) == 10 and all(cell.config.eval.max_windows == 2 for cell in cells)
 
 
 @pytest.fixture
@@ -227,16 +251,18 @@ def test_track_without_yaml_is_an_error(tmp_path: Path) -> None:
     (bench / "tracks" / "C.yaml").unlink()
     catalog = Catalog(bench)
     assert len(catalog.cells(Selection(tracks=("A", "B"), experiments=(bench / "experiments" / "default.yaml",)),
-                             "cpu")) == 4
+                             "cpu")) == 7
     with pytest.raises(ConfigError, match="track C has no YAML"):
         catalog.cells(Selection(experiments=(bench / "experiments" / "default.yaml",)), "cpu")
 
 
-def test_committed_baselines_match_the_default_cells(default_cells: dict[str, Cell]) -> None:
+def test_committed_baselines_match_the_default_cells(default_cells: dict[str, Cell],
+                                                     track_c_cells: dict[str, Cell]) -> None:
     """bench/baselines.json holds an entry for every default cell under its current CPU fingerprint
     (a config change without regenerating baselines would fail every baseline gate)."""
     store = BaselineStore(BENCH / "baselines.json")
-    for cell_id, cell in default_cells.items():
+    for cell in [*default_cells.values(), *track_c_cells.values()]:
+        cell_id = cell.id
         entry = store.expected(cell_id, cell.fingerprint("cpu"))
         assert entry is not None, cell_id
         assert entry["ppl"]["wikitext2"] > 1
@@ -258,13 +284,17 @@ def collected_ids(result: pytest.RunResult) -> list[str]:
 
 @pytest.mark.parametrize(("args", "expected"), [
     (("-k", "rtn and A"), ["smollm2-135m-rtn-A"]),
-    (("-k", "A"), ["smollm2-135m-fp16-A", "smollm2-135m-rtn-A"]),
-    (("-k", "a"), ["smollm2-135m-fp16-A", "smollm2-135m-rtn-A"]),  # whole names, any case
-    (("-k", "not C"), [f"smollm2-135m-{m}-{t}" for t in "AB" for m in ("fp16", "rtn")]),
+    (("-k", "A and not c4"), ["smollm2-135m-fp16-A", "smollm2-135m-rtn-A"]),
+    (("-k", "A"), DEFAULT_ORDER[:4]),
+    (("-k", "a"), DEFAULT_ORDER[:4]),  # whole names, any case
+    (("-k", "not C"), DEFAULT_ORDER[:7]),
     (("-k", "rtn-B or fp16-C"), ["smollm2-135m-rtn-B", "smollm2-135m-fp16-C"]),  # substrings of the id
-    (("-k", "int2"), ["smollm2-135m-kv-rtn-int2-C", "smollm2-135m-kivi-int2-C", "smollm2-135m-kv-hf-quanto-int2-C"]),
-    (("-k", "kivi-int4"), ["smollm2-135m-kivi-int4-C"]),
+    (("-k", "c4"), ["smollm2-135m-gptq-c4-A", "smollm2-135m-awq-c4-A", "smollm2-135m-smoothquant-c4-B"]),
+    (("--experiment", "track-c", "-k", "int2"), [f"smollm2-135m-{m}-int2-C-track-c" for m in ("kv-rtn", "kivi",
+                                                                                              "kv-hf-quanto")]),
+    (("--experiment", "track-c", "-k", "kivi-int4"), ["smollm2-135m-kivi-int4-C-track-c"]),
     (("--tracks", "C", "--methods", "fp16", "kv-rtn"), [f"smollm2-135m-{m}-C" for m in ["fp16", *KV_CELLS[:3]]]),
+    (("--methods", "awq+gptq", "-k", "awq and gptq"), ["smollm2-135m-awq+gptq-c4-A"]),
     ((), DEFAULT_ORDER),
 ])
 def test_pytest_selects_cells(pytester: pytest.Pytester, tmp_path: Path, args: tuple[str, ...],
@@ -301,7 +331,7 @@ def test_collect_only_from_the_command_line(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     ids = re.findall(r"^bench/test_cells\.py::test_cell\[(.+)\]$", result.stdout, flags=re.M)
     assert ids == ["smollm2-135m-rtn-A"]
-    assert "1/13 tests collected (12 deselected)" in result.stdout
+    assert "1/10 tests collected (9 deselected)" in result.stdout
 
 
 # ---------------------------------------------------------------------------- pipelines
@@ -468,15 +498,3 @@ def test_a_sweep_entry_cannot_change_what_the_baseline_reads(catalog: Catalog, t
     assert cells["smollm2-135m-gptq-c4-A-w3-ok"].config.gates.max_ppl_ratio == 9
     assert cells["smollm2-135m-gptq-c4-A-w2-ok"].config.gates.max_ppl_ratio == 1.48
     assert cells["smollm2-135m-rtn-A-w2-ok"].config.weight.bits == 2
-
-
-def test_cells_that_differ_only_in_activations_share_their_weights(catalog: Catalog) -> None:
-    study = BENCH / "experiments" / "sq-gptq-study.yaml"
-    cells = {cell.id: cell for cell in catalog.cells(Selection(experiments=(study,)), "cpu")}
-    keys = {}
-    for setting in ("w4a16", "w4a8", "w8a8"):
-        cell = cells[f"smollm2-135m-gptq-c4-B-{setting}-sq-gptq-study"]
-        deps = dependencies(cell.config, tuple(stage.module for stage in cell.pipeline.stages), "cpu")
-        keys[setting] = (deps.weights_key, deps.metrics_key)
-    assert keys["w4a16"][0] == keys["w4a8"][0] != keys["w8a8"][0]
-    assert keys["w4a16"][1] != keys["w4a8"][1]
