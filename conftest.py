@@ -1,5 +1,6 @@
-"""Wires the benchmark into pytest: options, the cell matrix, `-k` on cell names, and the
-leaderboard written from all cells' records (also under xdist).
+"""Wires the benchmark into pytest: options (checked before any cell runs: a mistake is a usage
+error), the cell matrix, `-k` on cell names, SIGTERM taken as Ctrl-C, and the leaderboard
+written from all cells' records (also under xdist; marked as such when the run was interrupted).
 
 The fixtures themselves live in fixtures/ (devices, models, recording).
 """

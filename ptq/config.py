@@ -1,11 +1,8 @@
 """Benchmark configuration: typed, validated at load, merged in a fixed precedence.
 
 Every YAML file is a *layer*: a partial `CellConfig` (plus a few file-specific keys).
-A cell's configuration is the deep merge, low to high precedence, of
-
-    defaults < device profile < model < method < method's device profile
-             < method's per-track block < track < experiment < experiment's per-method block
-             < --override (CLI)
+A cell's configuration is the deep merge of its layers, low to high precedence; the order
+is in README.md ("Configuration") and is built by `ptq.matrix.Catalog.cell_config`.
 
 Each layer is checked against the schema when its file is read, so an unknown key or a
 wrong type is reported with the file, the key path and the line. A cell runs a pipeline of

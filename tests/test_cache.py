@@ -7,8 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
@@ -116,6 +114,7 @@ def test_clear_empties_the_store(tmp_path: Path) -> None:
     store = CacheStore(tmp_path / "cache")
     store.store("metrics", "a" * 64, {}, write_payload("hello"))
     store.store("weights", "b" * 64, {}, write_payload("hello"))
+    (tmp_path / "cache" / "weights" / ".tmp-bbbbbbbbbbbb-12345678").mkdir()  # a build a killed run left
     store.clear()
     assert not (tmp_path / "cache").exists()
     assert store.lookup("metrics", "a" * 64).status == "miss"
@@ -404,14 +403,3 @@ def test_a_second_run_hits_the_cache_and_gives_identical_metrics(workspace: Path
     assert off.returncode == 0, off.stdout[-3000:]
     assert records(workspace, "off")["tiny-llama-rtn-A-tiny"]["cache"] == {
         "metrics": "off", "weights": "off", "fp_baseline": "off"}
-
-
-def test_cache_clear_empties_the_cache_dir(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    CacheStore(cache).store("metrics", "a" * 64, {}, write_payload("hello"))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "--cache-clear", "-o",
-         f"cache_dir={tmp_path / 'pytest-cache'}", "--cache-dir", str(cache), "--reports-dir", str(tmp_path / "r")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert not cache.exists()
