@@ -142,8 +142,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[CELLS] = []
     catalog = None
     try:
-        if config.option.keyword.strip():  # here, not only at collection: under xdist workers collect,
-            compile_keyword(config.option.keyword.lstrip())  # where an error is an internal one
+        # -k is checked here, before xdist starts workers: an error where they collect is an internal one
+        if config.option.keyword.strip():
+            compile_keyword(config.option.keyword.lstrip())
         if not _wants_matrix(config):
             return
         if controller:  # where records, the leaderboard and the cache go, before any cell runs

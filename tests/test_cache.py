@@ -69,7 +69,8 @@ def test_a_failing_writer_leaves_no_entry_and_says_why(tmp_path: Path) -> None:
 
     store = CacheStore(tmp_path)
     # the caller keeps its result and records the problem (see ptq.cell)
-    assert store.store("metrics", "a" * 64, {}, fail) == f"metrics entry {'a' * 12} not stored (OSError: disk full)"
+    problem = store.store("metrics", "a" * 64, {}, fail)
+    assert problem == f"metrics entry {'a' * 12} not stored (OSError: disk full)"
     assert store.lookup("metrics", "a" * 64).status == "miss"
     assert list((tmp_path / "metrics").iterdir()) == []
 

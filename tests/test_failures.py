@@ -106,7 +106,8 @@ def test_1_cache_clear_removes_only_cache_entries_and_never_when_collecting(ws: 
 
 @pytest.mark.parametrize("kind", ["relative", "absolute", "300-characters"])
 def test_2_run_id_must_be_a_file_name(ws: Path, kind: str) -> None:
-    run_id = {"relative": "../../escaped", "absolute": str(ws / "absolute"), "300-characters": "r" * 300}[kind]
+    run_ids = {"relative": "../../escaped", "absolute": str(ws / "absolute"), "300-characters": "r" * 300}
+    run_id = run_ids[kind]
     result = run_bench(ws, "--methods", "fp16", "--tracks", "A", "--run-id", run_id)
     output = usage_error(result)
     assert f"--run-id {run_id!r}" in output and "1 to 100 letters" in output

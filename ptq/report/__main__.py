@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from ptq.errors import PtqError
-from ptq.report.write import write_reports
 from ptq.report.records import check_folder, validate_record
+from ptq.report.write import write_reports
 
 
 def read_record(path: Path) -> dict:
