@@ -1,5 +1,6 @@
-"""Wires the benchmark into pytest: options, the cell matrix, `-k` on cell names, and the
-leaderboard written from all cells' records (also under xdist).
+"""Wires the benchmark into pytest: options (checked before any cell runs: a mistake is a usage
+error), the cell matrix, `-k` on cell names, SIGTERM taken as Ctrl-C, and the leaderboard
+written from all cells' records (also under xdist; marked as such when the run was interrupted).
 
 The fixtures themselves live in fixtures/ (devices, models, recording).
 """
@@ -9,10 +10,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,14 +28,15 @@ from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, cell_of, compile_keywo
 from ptq.report.compare import Comparison, compare_rows, load_rows
 from ptq.report.leaderboard import leaderboard_rows, render_comparison
 from ptq.report.markdown import render_terminal
-from ptq.report.records import REPORT_PROPERTY
-from ptq.report.write import write_reports
+from ptq.report.records import REPORT_PROPERTY, check_folder, check_run_id
+from ptq.report.write import interrupted_note, write_reports
 from ptq.session import Request, plan
 
 pytest_plugins = ["fixtures.devices", "fixtures.models", "fixtures.recording"]
 
 ROOT = Path(__file__).parent
 CELLS = pytest.StashKey[list[Cell]]()
+SIGTERM_HANDLER = pytest.StashKey[Any]()  # the handler ours replaced, restored at the end
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -102,22 +107,53 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         config.option.dist = "no"
 
 
+def _sigterm_as_interrupt(config: pytest.Config) -> None:
+    """SIGTERM (how Slurm and `kill` stop a job) ends a process at once by default: no leaderboard.
+    Taken as Ctrl-C instead, pytest finishes the session: the leaderboard of the cells that
+    finished, marked as interrupted. Later SIGTERMs are ignored while it is written."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt("SIGTERM")
+
+    config.stash[SIGTERM_HANDLER] = signal.signal(signal.SIGTERM, interrupt)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if SIGTERM_HANDLER in config.stash:
+        signal.signal(signal.SIGTERM, config.stash[SIGTERM_HANDLER])
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
-    if not hasattr(config, "workerinput"):
-        run_id = config.getoption("run_id") or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    controller = not hasattr(config, "workerinput")
+    option = config.getoption
+    if controller:
+        run_id = option("run_id") or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
         config.ptq_run = {"run_id": run_id, "command_line": [sys.executable, "-m", "pytest", *config.invocation_params.args]}
-        config.pluginmanager.register(LeaderboardCollector(config), "ptq-leaderboard")
-        if config.getoption("cacheclear", False):  # pytest's own --cache-clear (absent with -p no:cacheprovider)
-            CacheStore(cache_dir(config.getoption("cache_dir"))).clear()
     else:
         config.ptq_run = json.loads(config.workerinput["ptq_run"])
-    if not _wants_matrix(config):
-        config.stash[CELLS] = []
-        return
+    _sigterm_as_interrupt(config)
+    if controller:
+        collector = LeaderboardCollector(config)
+        config.pluginmanager.register(collector, "ptq-leaderboard")
+    config.stash[CELLS] = []
     catalog = None
-    option = config.getoption
     try:
+        # -k is checked here, before xdist starts workers: an error where they collect is an internal one
+        if config.option.keyword.strip():
+            compile_keyword(config.option.keyword.lstrip())
+        if not _wants_matrix(config):
+            return
+        if controller:  # where records, the leaderboard and the cache go, before any cell runs
+            check_run_id(config.ptq_run["run_id"])
+            check_folder(Path(option("reports_dir")), "--reports-dir")
+            if not option("no_cache"):
+                check_folder(cache_dir(option("cache_dir")), "--cache-dir")
+            collector.previous = load_rows(Path(option("compare"))) if option("compare") else None
         catalog = Catalog(Path(option("bench_dir")))
         request = Request(option("models") and tuple(option("models")), option("methods") and tuple(option("methods")),
                           option("tracks") and tuple(option("tracks")), tuple(option("experiment")),
@@ -127,6 +163,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except PtqError as exc:
         raise _usage_error(f"ptq-bench: {exc}", catalog) from None
     config.ptq_catalog = catalog
+    # pytest's own --cache-clear (absent with -p no:cacheprovider) also empties ours, once the run is
+    # known to be valid, and never for a run that only lists the cells
+    if controller and option("cacheclear", False) and not config.option.collectonly:
+        CacheStore(cache_dir(option("cache_dir"))).clear()
 
 
 def pytest_configure_node(node) -> None:  # xdist controller: hand the run id to each worker
@@ -193,10 +233,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     from _pytest.mark import KeywordMatcher
 
-    try:
-        compiled = compile_keyword(expression)
-    except PtqError as exc:
-        raise pytest.UsageError(f"ptq-bench: {exc}") from None
+    compiled = compile_keyword(expression)  # valid: checked at configure time
     kept, dropped = [], []
     for item in items:
         cell = cell_of(item)
@@ -215,28 +252,34 @@ class LeaderboardCollector:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
+        self.previous: list[dict] | None = None  # the rows of --compare, read and checked at the start
         self.records: list[dict] = []
         self.regressions: list[Comparison] = []
+        self.interrupted: str | None = None  # what stopped the run early (SIGTERM, Ctrl-C, -x), if anything
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for name, value in report.user_properties:
             if name == REPORT_PROPERTY:
                 self.records.append(json.loads(value))
 
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo) -> None:
+        self.interrupted = str(excinfo.value) or "Ctrl-C"
+
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if not self.records:
             return
+        self.interrupted = self.interrupted or session.shouldstop or session.shouldfail or None
         comparison = None
-        if self.config.getoption("compare"):
+        if self.previous is not None:
             source = self.config.getoption("compare")
-            comparisons = compare_rows(leaderboard_rows(self.records), load_rows(Path(source)),
+            comparisons = compare_rows(leaderboard_rows(self.records), self.previous,
                                        self.config.getoption("compare_tol"))
             comparison = (source, comparisons)
             self.regressions = [c for c in comparisons if c.verdict == "worse"]
             if self.regressions:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
         write_reports(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"],
-                      comparison)
+                      comparison, self.interrupted)
         if self.config.getoption("update_baselines"):
             store = BaselineStore(Path(self.config.getoption("bench_dir")) / "baselines.json")
             store.update_passed(self.records)
@@ -246,6 +289,8 @@ class LeaderboardCollector:
         if not self.records:
             return
         terminalreporter.write_sep("=", "ptq-bench leaderboard")
+        if self.interrupted:
+            terminalreporter.write_line(interrupted_note(self.interrupted, self.records), red=True)
         terminalreporter.write_line(render_terminal(self.records, self.config.ptq_run["run_id"]))
         reports = Path(self.config.getoption("reports_dir"))
         terminalreporter.write_line(f"written: {reports / 'leaderboard.md'} (and .json, .html, plots/), records in "

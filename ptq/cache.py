@@ -5,8 +5,13 @@ the key's inputs in clear, the sha256 of every payload file and the format versi
 key is the sha256 of a canonical JSON of the inputs, so anything that determines a result
 belongs in its inputs. An entry is built in a temporary folder, its manifest written last,
 then renamed into place: a reader sees a whole entry or none. Reading checks the manifest
-and every payload hash; an entry that fails (partial, corrupt, other format) is removed and
-reported as such, never used.
+and every payload hash; an entry that fails (partial, corrupt, other format, not a folder) is
+removed and reported as such, never used. An entry that cannot be written (a full disk) is
+reported too, and the result it would have held is kept by the caller.
+
+Only what is recognisably the store's is ever removed: under each kind folder, entries named as
+keys and temporary builds. `clear` leaves anything else, so a cache folder pointed at a folder
+of other files deletes none of them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -28,6 +34,9 @@ FORMAT_VERSION = 1
 CACHE_DIR_ENV = "PTQ_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/ptq-bench"
 MANIFEST = "manifest.json"
+KINDS = ("metrics", "weights")  # the store's folders under its root
+# An entry's folder name (its key), or that of an entry being built (see CacheStore.store).
+ENTRY_NAME = re.compile(r"[0-9a-f]{64}|\.tmp-[0-9a-f]{12}-[0-9a-f]{8}")
 
 # hit: used; miss: absent, built; rebuilt: present but invalid, removed and built again;
 # off: caching disabled; none: nothing to store for this stage (see ptq.cell).
@@ -76,7 +85,7 @@ class CacheStore:
         self.root = root
 
     def _entry(self, kind: str, key: str) -> Path:
-        assert self.root is not None
+        assert self.root is not None and kind in KINDS and ENTRY_NAME.fullmatch(key), (kind, key)
         return self.root / kind / key
 
     def lookup(self, kind: str, key: str) -> Lookup:
@@ -88,17 +97,20 @@ class CacheStore:
         problem = _verify(entry, key)
         if problem is None:
             return Lookup("hit", entry)
-        shutil.rmtree(entry)
+        _remove(entry)
         return Lookup("rebuilt", None, f"{kind} entry {key[:12]} {problem}; removed and rebuilt")
 
-    def store(self, kind: str, key: str, inputs: dict[str, Any], write: Callable[[Path], None]) -> None:
-        """Let `write` fill a fresh folder with the payload files, then seal it with its manifest."""
+    def store(self, kind: str, key: str, inputs: dict[str, Any], write: Callable[[Path], None]) -> str | None:
+        """Let `write` fill a fresh folder with the payload files, then seal it with its manifest.
+        Returns None, or why the entry could not be stored (the file system refused it)."""
         if self.root is None:
-            return
+            return None
         entry = self._entry(kind, key)
+        if entry.parent.exists() and not entry.parent.is_dir():  # a file where the kind folder belongs
+            entry.parent.unlink()
         tmp = entry.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             write(tmp)
             files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             manifest = {"format_version": FORMAT_VERSION, "kind": kind, "key": key, "inputs": inputs, "files": files}
@@ -108,17 +120,46 @@ class CacheStore:
             except OSError:  # another process sealed the same entry first: identical inputs, keep theirs
                 if not entry.exists():
                     raise
+        except OSError as exc:
+            return f"{kind} entry {key[:12]} not stored ({type(exc).__name__}: {exc})"
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
+        return None
 
     def clear(self) -> None:
-        if self.root is not None and self.root.exists():
-            shutil.rmtree(self.root)
+        """Remove every entry (and entry being built) of every kind, then the kind folders and the
+        root if that leaves them empty. Files and folders the store did not make stay."""
+        if self.root is None or not self.root.is_dir():
+            return
+        for kind in KINDS:
+            folder = self.root / kind
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if ENTRY_NAME.fullmatch(entry.name):
+                    _remove(entry)
+            _remove_if_empty(folder)
+        _remove_if_empty(self.root)
+
+
+def _remove(entry: Path) -> None:
+    """An entry is a folder; a damaged one may be anything."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
+
+
+def _remove_if_empty(folder: Path) -> None:
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _verify(entry: Path, key: str) -> str | None:
     """None if `entry` is whole and intact, else what is wrong with it."""
+    if not entry.is_dir() or entry.is_symlink():
+        return "is not a folder"
     try:
         manifest = json.loads((entry / MANIFEST).read_text())
     except FileNotFoundError:

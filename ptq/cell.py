@@ -82,10 +82,12 @@ def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, loa
         stored = json.loads((found.path / "outcome.json").read_text())
         return CellOutcome(**stored, cache={"metrics": "hit", "weights": "skipped"})
     outcome = measure(config, pipeline, load(), store, deps)
-    store.store("metrics", deps.metrics_key, deps.metrics,
-                lambda folder: (folder / "outcome.json").write_text(json.dumps(outcome.stored(), indent=2)))
+    def write(folder: Path) -> None:
+        (folder / "outcome.json").write_text(json.dumps(outcome.stored(), indent=2))
+
+    unstored = store.store("metrics", deps.metrics_key, deps.metrics, write)
     outcome.cache["metrics"] = found.status
-    outcome.cache_problems += [found.problem] if found.problem else []
+    outcome.cache_problems += [problem for problem in (found.problem, unstored) if problem]
     return outcome
 
 
@@ -114,9 +116,10 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
             and result.pure_weights else None
         quantize_activations(result, loaded.adapter, config)
         evaluation = evaluate(result, loaded.tokenizer, loaded.device, config)
+    unstored = None
     if changed is not None:
         write = functools.partial(_write_weights, changed, result, quant_seconds, calibration_record)
-        store.store("weights", deps.weights_key, deps.weights, write)
+        unstored = store.store("weights", deps.weights_key, deps.weights, write)
     added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "stage_seconds": result.stage_seconds,
                "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
@@ -127,7 +130,7 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
     data = {"eval": evaluation.data, "calibration": calibration_record, "quantized": _quantized(result)}
     outcome = CellOutcome(metrics, data, result.notes, result.fallbacks + evaluation.fallbacks,
                           loaded.source.to_dict(), cache={"weights": found.status},
-                          cache_problems=[found.problem] if found.problem else [])
+                          cache_problems=[problem for problem in (found.problem, unstored) if problem])
     if found.status in ("miss", "rebuilt") and not result.pure_weights:  # nothing was stored
         outcome.cache["weights"] = "none"
     return outcome

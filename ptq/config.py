@@ -1,11 +1,8 @@
 """Benchmark configuration: typed, validated at load, merged in a fixed precedence.
 
 Every YAML file is a *layer*: a partial `CellConfig` (plus a few file-specific keys).
-A cell's configuration is the deep merge, low to high precedence, of
-
-    defaults < device profile < model < method < method's device profile
-             < method's per-track block < track < experiment < experiment's per-method block
-             < --override (CLI)
+A cell's configuration is the deep merge of its layers, low to high precedence; the order
+is in README.md ("Configuration") and is built by `ptq.matrix.Catalog.cell_config`.
 
 Each layer is checked against the schema when its file is read, so an unknown key or a
 wrong type is reported with the file, the key path and the line. A cell runs a pipeline of
@@ -35,6 +32,15 @@ TRACKS = ("A", "B", "C")
 
 
 # ----------------------------------------------------------------------------- schema
+
+
+def _at_least(config: Any, minimum: int, *names: str) -> None:
+    """Each named field, unless None, is at least `minimum`; the message starts with the field's
+    name, which is how `build` finds the file or override that set it."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,9 @@ class ModelConfig:
     # Attention head size, stated so KV group sizes are checked at collection, before any
     # load; the loaded model's config is checked against it.
     head_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "head_dim")
 
 
 @dataclass(frozen=True)
@@ -157,8 +166,8 @@ class KVEvalConfig:
     decode_tokens: int = 64  # decoded tokens timed (and counted in bytes per token)
 
     def __post_init__(self) -> None:
-        if self.prefill_chunk <= 0 or self.passkey_trials < 0 or self.decode_tokens <= 0 or self.decode_prompt <= 0:
-            raise ValueError("prefill_chunk, decode_prompt and decode_tokens must be > 0, passkey_trials >= 0")
+        _at_least(self, 1, "prefill_chunk", "decode_prompt", "decode_tokens")
+        _at_least(self, 0, "passkey_trials")
         if any(length < 128 for length in self.passkey_lengths):
             raise ValueError(f"passkey lengths must be at least 128 tokens, got {list(self.passkey_lengths)}")
 
@@ -174,6 +183,9 @@ class CalibConfig:
     # (GPTQ reference, llmc quant_out=True) or as it was in float.
     propagate: Literal["quantized", "float"] = "quantized"
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "n_samples", "seqlen", "batch_size")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -181,6 +193,12 @@ class EvalConfig:
     seqlen: int = 512
     max_windows: int | None = 32  # None: every window of the split
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen must be at least 2 tokens (one to predict from, one to predict), "
+                             f"got {self.seqlen}")
+        _at_least(self, 1, "max_windows", "batch_size")
 
 
 @dataclass(frozen=True)
@@ -196,10 +214,7 @@ class ZeroShotConfig:
     def __post_init__(self) -> None:
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks lists a task twice: {list(self.tasks)}")
-        for name in ("limit", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        _at_least(self, 1, "limit", "batch_size", "max_length")
 
 
 @dataclass(frozen=True)
@@ -210,6 +225,12 @@ class GateConfig:
     # many points, or by any amount within acc_drop_stderrs standard errors of the difference.
     max_acc_drop: float | None = None
     acc_drop_stderrs: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_ppl_ratio is not None and self.max_ppl_ratio <= 0:
+            raise ValueError(f"max_ppl_ratio must be positive (a budget of quantized PPL / FP PPL), "
+                             f"got {self.max_ppl_ratio}")
+        _at_least(self, 0, "baseline_rel_tol", "max_acc_drop", "acc_drop_stderrs")
 
 
 @dataclass(frozen=True)
@@ -279,17 +300,26 @@ class Layer:
 
 def read_yaml_layer(path: Path) -> Layer:
     """Parse a YAML mapping, remembering the line of every key; malformed files name their line."""
-    text = path.read_text()
-    loader = yaml.SafeLoader(text)
+    data = path.read_bytes()
     try:
-        root = loader.get_single_node()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text: byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start} (save the file as UTF-8)") from None
+    try:
+        loader = yaml.SafeLoader(text)  # checks the characters first: a control character is an error here
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
+        position = getattr(exc, "position", None)  # a ReaderError's (a character YAML does not allow)
+        line = mark.line + 1 if mark else text[:position].count("\n") + 1 if position is not None else None
+        where = f"{path}:{line}" if line else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{where}: malformed YAML: {problem}") from None
-    finally:
-        loader.dispose()
     if root is None:
         return Layer({}, {}, str(path))
     if not isinstance(root, yaml.MappingNode):

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ptq import hub
 from ptq.errors import DataUnavailable
 
 DATA_DIR_ENV = "PTQ_DATA_DIR"
@@ -116,16 +117,23 @@ def load_text(dataset: str, split: str) -> Text:
     root = data_dir()
     if root is not None and (root / spec.local_file).is_file():
         path = root / spec.local_file
-        return Text(dataset, split, tuple(spec.read_local(path)), spec.joiner, f"local:{path}")
+        try:
+            rows = spec.read_local(path)
+        except UnicodeDecodeError as exc:
+            raise DataUnavailable(f"{path} is not UTF-8 text at byte {exc.start} (a file cut inside a "
+                                  "character, or not this dataset's file): restore the original") from None
+        return Text(dataset, split, tuple(rows), spec.joiner, f"local:{path}")
+    where = f"{root / spec.local_file}" if root else f"$PTQ_DATA_DIR/{spec.local_file}"
+    missing = (f"{dataset}/{split} is not available: expected the file {where} "
+               f"(set {DATA_DIR_ENV} to a folder laid out like shared/data, see its README)")
+    if offline := hub.unreachable():
+        raise DataUnavailable(f"{missing}, and the hub is not used: {offline}")
     try:
         rows = spec.read_hub()
-    except Exception as exc:  # any hub failure (offline, missing package) becomes one actionable message
-        where = f"{root / spec.local_file}" if root else f"$PTQ_DATA_DIR/{spec.local_file}"
-        raise DataUnavailable(
-            f"{dataset}/{split} is not available: expected the file {where} "
-            f"(set {DATA_DIR_ENV} to a folder laid out like shared/data, see its README), "
-            f"and loading it from the hub failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        ) from None
+    except Exception as exc:  # any hub failure (missing package, unknown split): one actionable message
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataUnavailable(f"{missing}, and loading it from the hub failed "
+                              f"({type(exc).__name__}: {first_line})") from None
     return Text(dataset, split, tuple(rows), spec.joiner, "hub")
 
 

@@ -25,3 +25,7 @@ class UnsupportedModel(PtqError):
 
 class NonFiniteMetric(PtqError):
     """A metric came out NaN or infinite."""
+
+
+class BaselineFailed(PtqError):
+    """The FP baseline a cell is judged against could not be measured."""

@@ -13,11 +13,12 @@ import torch
 
 from ptq import progress
 from ptq.cache import CacheStore
+from ptq.calib import CALIB_SPLITS
 from ptq.cell import CellOutcome, LoadedModel, run_cached
 from ptq.config import ModelConfig, parse_override
 from ptq.data import load_text
 from ptq.dependencies import EVAL_SPLIT, fingerprint
-from ptq.errors import ConfigError, UnsupportedModel
+from ptq.errors import BaselineFailed, ConfigError, NonFiniteMetric, PtqError, UnsupportedModel
 from ptq.eval.lm_tasks import check_task_files, check_task_names
 from ptq.gates import BaselineStore, GateResult, cell_gates
 from ptq.kv import head_dim_of
@@ -51,17 +52,26 @@ def _experiment_path(value: str, catalog: Catalog) -> Path:
 
 def plan(catalog: Catalog, request: Request, device_type: str, check_data: bool) -> list[Cell]:
     """The cells of a request, checked as far as possible before any model loads: names,
-    configurations, zero-shot task names and, with `check_data`, the data files they read."""
+    configurations, zero-shot task names and, with `check_data`, the data files they read
+    (evaluation, calibration, zero-shot)."""
     selection = Selection(request.models, request.methods, request.tracks,
                           tuple(_experiment_path(value, catalog) for value in request.experiments),
                           tuple(parse_override(text) for text in request.overrides))
     cells = catalog.cells(selection, device_type)
-    cells = shard(cells, request.shard) if request.shard else cells
+    if request.shard:
+        selected = len(cells)
+        cells = shard(cells, request.shard)
+        if not cells:
+            raise ConfigError(f"--shard {request.shard}: this shard has no cells: the selection has "
+                              f"{selected} cell(s), so use at most {selected} shards")
     tasks = tuple(dict.fromkeys(task for cell in cells for task in cell.config.zero_shot.tasks))
     check_task_names(tasks)
     if check_data:
-        for dataset in sorted({d for cell in cells for d in cell.config.eval.datasets}):
-            load_text(dataset, EVAL_SPLIT)
+        splits = {(dataset, EVAL_SPLIT) for cell in cells for dataset in cell.config.eval.datasets}
+        splits |= {(cell.config.calib.dataset, CALIB_SPLITS[cell.config.calib.dataset])
+                   for cell in cells if cell.config.calib is not None}
+        for dataset, split in sorted(splits):
+            load_text(dataset, split)
         check_task_files(tasks)
     return cells
 
@@ -109,24 +119,39 @@ class Session:
         self.check_baselines = check_baselines  # off with --update-baselines
         self.require_baselines = require_baselines  # off for ad hoc configurations (--override)
         self.models = ModelStore(device)
-        self._fp_outcomes: dict[str, CellOutcome] = {}
+        # by baseline fingerprint: its outcome, or why it failed (each cell needing it fails with that)
+        self._fp_outcomes: dict[str, CellOutcome | str] = {}
         self._fp_pipeline = Pipeline((catalog.baseline,))
 
     def baseline(self, cell: Cell) -> CellOutcome:
+        """The FP baseline the cell is judged against, measured once per model and evaluation
+        setting; when it failed, every cell needing it fails with its reason, without measuring
+        it again."""
         key = fingerprint(cell.baseline_config, self.device.type)
         if key not in self._fp_outcomes:
             load = partial(self.models.get, cell.config.model)
-            self._fp_outcomes[key] = run_cached(cell.baseline_config, self._fp_pipeline, self.device, load,
-                                                self.cache)
-        return self._fp_outcomes[key]
+            try:
+                outcome: CellOutcome | str = run_cached(cell.baseline_config, self._fp_pipeline, self.device,
+                                                        load, self.cache)
+            except PtqError as exc:
+                outcome = f"the FP baseline of {cell.model} failed: {type(exc).__name__}: {exc}"
+            self._fp_outcomes[key] = outcome
+        found = self._fp_outcomes[key]
+        if isinstance(found, str):
+            raise BaselineFailed(found)
+        return found
 
     def run(self, cell: Cell, record: CellRecord) -> list[GateResult]:
         """Measure the cell into `record` and return the gates that failed."""
         baseline = self.baseline(cell)
         record.model_source = baseline.model_source
         load = partial(self.models.get, cell.config.model)
-        outcome = baseline if cell.pipeline.baseline else run_cached(cell.config, cell.pipeline, self.device,
-                                                                     load, self.cache)
+        try:
+            outcome = baseline if cell.pipeline.baseline else \
+                run_cached(cell.config, cell.pipeline, self.device, load, self.cache)
+        except NonFiniteMetric as exc:  # the float model's metrics are finite: the method's are not
+            raise NonFiniteMetric(f"{exc}; the FP baseline's are finite: check the method's scales and the "
+                                  "model dtype") from None
         metrics, fp_metrics = outcome.metrics, baseline.metrics
         first = next(iter(metrics["ppl"]))
         record.metrics = {**metrics, "fp_ppl": fp_metrics["ppl"], "ppl_ratio": metrics["ppl"][first] /

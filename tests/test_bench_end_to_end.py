@@ -41,15 +41,23 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-def run_bench(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+def bench_command(workspace: Path, *args: str) -> list[str]:
+    """`pytest bench` on the workspace's benchmark folder, reports and cache; later options win."""
+    return [sys.executable, "-m", "pytest", "bench", "-o", f"cache_dir={workspace / 'pytest-cache'}",
+            "--bench-dir", str(workspace / "bench"), "--reports-dir", str(workspace / "reports"),
+            "--cache-dir", str(workspace / "cache"), "--experiment", "tiny", *args]
+
+
+def bench_env(workspace: Path, **extra: str) -> dict[str, str]:
     # not the outer session's xdist variables: the run is its own session
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
-    env = {**inherited, "PTQ_DATA_DIR": str(workspace / "data"), "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "bench", "-p", "no:cacheprovider", "--bench-dir", str(workspace / "bench"),
-         "--reports-dir", str(workspace / "reports"), "--cache-dir", str(workspace / "cache"), "--experiment", "tiny",
-         *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return {**inherited, "PTQ_DATA_DIR": str(workspace / "data"), "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def run_bench(workspace: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run the benchmark on the workspace; `env` adds environment variables."""
+    return subprocess.run(bench_command(workspace, *args), cwd=ROOT, env=bench_env(workspace, **env),
+                          capture_output=True, text=True, timeout=600)
 
 
 def leaderboard(workspace: Path) -> dict[str, dict]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from ptq import hub
 from ptq.config import ModelConfig, SourceConfig
 from ptq.errors import ModelUnavailable
 
@@ -79,15 +80,20 @@ def load_model(
         kwargs["gguf_file"] = resolved.gguf_file
     if resolved.kind == "hub" and resolved.revision:
         kwargs["revision"] = resolved.revision
+    offline = hub.unreachable() if resolved.kind == "hub" else None
+    if offline:  # the local cache only: no request, so no minute of retries before the error
+        kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.location, **{k: v for k, v in kwargs.items() if k != "dtype"})
         model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
     except OSError as exc:
         if resolved.kind != "hub":
             raise
+        where = f"its local cache (the hub is not used: {offline})" if offline \
+            else "the Hugging Face hub or its local cache"
         raise ModelUnavailable(
-            f"cannot load {resolved.location}"
-            f"{'@' + resolved.revision if resolved.revision else ''} from the Hugging Face hub or its local cache "
+            f"cannot load {resolved.location}{'@' + resolved.revision if resolved.revision else ''} "
+            f"from {where} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]}). Run once with network access (and a token for "
             "gated models, `huggingface-cli login`) to fill the cache, or point the model YAML at a local path."
         ) from None

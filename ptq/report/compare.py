@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ptq.errors import ConfigError
+
 METRIC = "ppl_wikitext2"
 
 
@@ -41,4 +43,25 @@ def compare_rows(current: list[dict[str, Any]], previous: list[dict[str, Any]], 
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
-    return json.loads(path.read_text())["rows"]
+    """The rows of a previous run's leaderboard.json, checked (read before any cell runs, so a wrong
+    file stops the run at once rather than after every cell)."""
+    what = f"--compare {path}"
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: no such file; give the leaderboard.json of the run to compare "
+                          "with") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what}: cannot read it ({type(exc).__name__}: {exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what}: not JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    shape = f'a leaderboard.json: {{"rows": [{{"cell": "<id>", "{METRIC}": <number or null>, ...}}, ...]}}'
+    rows = payload.get("rows") if isinstance(payload, dict) else None
+    if not isinstance(rows, list):
+        raise ConfigError(f"{what}: not {shape}")
+    for index, row in enumerate(rows):
+        value = row.get(METRIC) if isinstance(row, dict) else None
+        if not (isinstance(row, dict) and isinstance(row.get("cell"), str)
+                and (value is None or isinstance(value, (int, float)) and not isinstance(value, bool))):
+            raise ConfigError(f"{what}: rows[{index}] is {json.dumps(row)[:200]}, not a row of {shape}")
+    return rows

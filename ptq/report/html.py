@@ -126,11 +126,14 @@ def _headline(records: list[dict[str, Any]], run_id: str) -> str:
 
 
 def render_html(records: list[dict[str, Any]], run_id: str, comparison: tuple[str, list[Comparison]] | None,
-                plots: list[Plot]) -> str:
+                plots: list[Plot], interrupted: str | None = None) -> str:
+    """The report as one page; `interrupted` (the note of a run stopped early) heads it."""
     rows = leaderboard_rows(records)
     descriptions = track_descriptions(records)
-    parts = ["<h1>ptq-bench leaderboard</h1>", f"<p>{_headline(records, run_id)}</p>",
-             "<h2>Summary</h2>", _definitions(run_summary(records, run_id))]
+    parts = ["<h1>ptq-bench leaderboard</h1>", f"<p>{_headline(records, run_id)}</p>"]
+    if interrupted:
+        parts.append(f'<p class="warning"><b>{escape(interrupted)}</b></p>')
+    parts += ["<h2>Summary</h2>", _definitions(run_summary(records, run_id))]
     for track, group in by_track(rows).items():
         table = make_table(group, LABEL, IN_LISTS)
         parts.append(f"<h2>Track {escape(track)}</h2>")

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ptq.errors import ConfigError
 
 # 2: a cell's method variant, and how the cache served it; 3: pipelines (config.method.stages,
 # metrics.stage_seconds, data.quantized: what was quantized where, bits per weight as run) and
@@ -100,6 +103,8 @@ class CellRecord:
 
 def validate_record(record: dict[str, Any]) -> None:
     """Raise ValueError unless `record` has exactly the schema's keys, with the right types."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record is a JSON object, not a {type(record).__name__}")
     keys, expected = set(record), set(RECORD_FIELDS)
     if keys != expected:
         raise ValueError(f"record keys differ from the schema: missing {sorted(expected - keys)}, "
@@ -147,6 +152,28 @@ def environment(repo: Path, device: torch.device, command_line: list[str]) -> di
         "xdist_worker": os.environ.get("PYTEST_XDIST_WORKER"),
         "command_line": command_line,
     }
+
+
+# A run id names the folder reports/runs/<run id>: one safe file-name component.
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_run_id(run_id: str) -> None:
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"--run-id {run_id!r}: a run id names the folder of its records (reports/runs/"
+                          "<run id>): 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or "
+                          "a digit")
+
+
+def check_folder(path: Path, option: str) -> None:
+    """`path` is a folder this process can write into, or can be made one (its first existing
+    ancestor is a writable folder)."""
+    path = path.expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {path}: {existing} is a file; {option} needs a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: {existing} is not writable by this user")
 
 
 def atomic_write(path: Path, text: str | bytes) -> None:
