@@ -67,6 +67,32 @@ class CellOutcome:
                 "model_source": self.model_source}
 
 
+@dataclass
+class CellCopy:
+    """The model a cell quantizes: its decoder blocks copied, the rest (embeddings, final norm, LM
+    head: what no stage rounds) shared with the loaded model, so a cell adds about the blocks'
+    size, not the model's. A stage that changes a shared module must replace its tensors (assign
+    a new parameter), never write into them: `check` finds an in-place write by the tensors'
+    version counters."""
+
+    model: nn.Module
+    shared: dict[str, torch.Tensor]
+    versions: dict[str, int]
+
+    @classmethod
+    def of(cls, model: nn.Module, adapter: ArchAdapter) -> CellCopy:
+        blocks = {id(t) for t in adapter.decoder_blocks(model).state_dict(keep_vars=True).values()}
+        shared = {name: t for name, t in model.state_dict(keep_vars=True).items() if id(t) not in blocks}
+        memo = {id(t): t for t in shared.values()}
+        return cls(copy.deepcopy(model, memo), shared, {name: t._version for name, t in shared.items()})
+
+    def check(self) -> None:
+        written = sorted(name for name, t in self.shared.items() if t._version != self.versions[name])
+        if written:
+            raise RuntimeError(f"a stage wrote in place into tensors shared with the loaded model: {written[:3]}; "
+                               "replace the module's parameter instead (the loaded model is now damaged)")
+
+
 def stage_modules(pipeline: Pipeline) -> tuple[str, ...]:
     return tuple(stage.module for stage in pipeline.stages)
 
@@ -100,7 +126,8 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
     calibration = calibration_set(loaded.tokenizer, config.calib) if pipeline.calibrated and found.path is None \
         else None
     with PeakMemory(loaded.device) as memory:
-        model = loaded.model if pipeline.baseline else copy.deepcopy(loaded.model)
+        work = None if pipeline.baseline else CellCopy.of(loaded.model, loaded.adapter)
+        model = loaded.model if work is None else work.model
         if found.path is not None:
             result, quant_seconds, calibration_record = _load_weights(found.path, model)
         else:
@@ -110,6 +137,8 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
                 torch.cuda.synchronize(loaded.device)
             quant_seconds = time.perf_counter() - start
             calibration_record = calibration.record if calibration else None
+        if work is not None:
+            work.check()  # the loaded model serves the next cells: nothing may have written into it
         # what the stages changed, before activation wrappers rename the linears (written after
         # the measurement: serializing them is not the cell's memory)
         changed = changed_tensors(loaded.model, model) if found.status in ("miss", "rebuilt") \
@@ -174,8 +203,9 @@ def _write_weights(changed: dict[str, torch.Tensor], result: QuantResult, quant_
 
 
 def _load_weights(folder: Path, model: nn.Module) -> tuple[QuantResult, float, dict[str, Any] | None]:
-    """The float copy `model` with the entry's tensors written in, and what the quantization run recorded."""
-    loaded = model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=False)
+    """The cell's copy `model` with the entry's tensors in place of its own (assigned, not written into:
+    some of its tensors are the loaded model's), and what the quantization run recorded."""
+    loaded = model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=False, assign=True)
     if loaded.unexpected_keys:  # the key covers the model and the code: this is a bug, not a stale entry
         raise RuntimeError(f"cached weights {folder} hold tensors the model lacks: {loaded.unexpected_keys[:5]}")
     stored = json.loads((folder / "result.json").read_text())

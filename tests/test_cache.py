@@ -417,3 +417,25 @@ def test_a_second_run_hits_the_cache_and_gives_identical_metrics(workspace: Path
     assert off.returncode == 0, off.stdout[-3000:]
     assert records(workspace, "off")["tiny-llama-rtn-A-tiny"]["cache"] == {
         "metrics": "off", "weights": "off", "fp_baseline": "off"}
+
+
+def test_a_cell_copies_the_blocks_and_shares_the_rest(tiny: SimpleNamespace) -> None:
+    from ptq.cell import CellCopy
+
+    adapter = adapter_for(tiny.model, "llama")
+    work = CellCopy.of(tiny.model, adapter)
+    assert work.model.model.embed_tokens.weight is tiny.model.model.embed_tokens.weight
+    assert work.model.lm_head.weight is tiny.model.lm_head.weight
+    original, copied = tiny.model.model.layers[0].mlp.up_proj.weight, work.model.model.layers[0].mlp.up_proj.weight
+    assert copied is not original and torch.equal(copied, original)
+    with torch.no_grad():
+        copied.mul_(2)  # the copy's own block: fine
+        work.check()
+        work.model.model.norm.weight = torch.nn.Parameter(work.model.model.norm.weight * 2)  # replaced: fine
+        work.check()
+        assert not torch.equal(work.model.model.norm.weight, tiny.model.model.norm.weight)
+        shared = work.model.model.embed_tokens.weight
+        shared.add_(0)  # written in place: the loaded model's tensor
+    with pytest.raises(RuntimeError, match=r"wrote in place into tensors shared with the loaded model: "
+                                           r"\['model.embed_tokens.weight'\]"):
+        work.check()
