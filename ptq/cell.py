@@ -27,6 +27,7 @@ from ptq.eval.memory import PeakMemory
 from ptq.eval.suite import evaluate
 from ptq.models.adapters import ArchAdapter
 from ptq.models.loading import ResolvedSource
+from ptq.models.placement import on_device
 from ptq.pipeline import quantize, quantize_activations
 from ptq.quant import QuantSpec
 from ptq.registry import Pipeline
@@ -144,7 +145,8 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
         changed = changed_tensors(loaded.model, model) if found.status in ("miss", "rebuilt") \
             and result.pure_weights else None
         quantize_activations(result, loaded.adapter, config)
-        evaluation = evaluate(result, loaded.tokenizer, loaded.device, config)
+        with on_device(result.model, loaded.device) as placement:
+            evaluation = evaluate(result, loaded.tokenizer, loaded.device, config)
     unstored = None
     if changed is not None:
         write = functools.partial(_write_weights, changed, result, quant_seconds, calibration_record)
@@ -156,7 +158,8 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
                "peak_added_over_float": added / loaded.float_bytes,
                "bits_per_weight": bits_per_weight(loaded.adapter.quantizable_linears(loaded.model),
                                                   result.weight_specs)}
-    data = {"eval": evaluation.data, "calibration": calibration_record, "quantized": _quantized(result)}
+    data = {"eval": evaluation.data, "calibration": calibration_record, "quantized": _quantized(result),
+            "placement": placement}
     outcome = CellOutcome(metrics, data, result.notes, result.fallbacks + evaluation.fallbacks,
                           loaded.source.to_dict(), cache={"weights": found.status},
                           cache_problems=[problem for problem in (found.problem, unstored) if problem])

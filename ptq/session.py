@@ -96,7 +96,7 @@ class ModelStore:
             self._loaded = None
             gc.collect()
             progress.report(f"loading {config.name}")
-            model, tokenizer, source = load_model(config, self.device)
+            model, tokenizer, source = load_model(config)
             if config.head_dim is not None and config.head_dim != head_dim_of(model.config):
                 raise UnsupportedModel(f"model {config.name}: its YAML states head_dim {config.head_dim}, the "
                                        f"loaded model has {head_dim_of(model.config)}")

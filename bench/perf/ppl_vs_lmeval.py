@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     device = torch.device("cpu")
-    config = Catalog(ROOT / "bench").cell_config(args.model, "fp16", "A", (), device.type)
-    model, tokenizer, source = load_model(config.model, device)
+    catalog = Catalog(ROOT / "bench")
+    config, _ = catalog.cell_config(args.model, catalog.pipeline("fp16"), "A", (), device.type)
+    model, tokenizer, source = load_model(config.model)
     text = load_text("wikitext2", "test")
     windows = windows_of(tokenize_once(tokenizer, text), args.seqlen, args.windows)
     ids = windows.reshape(1, -1)  # exactly the windows, as one token stream

@@ -71,9 +71,10 @@ def resolve_source(source: SourceConfig) -> ResolvedSource:
 
 
 def load_model(
-    config: ModelConfig, device: torch.device
+    config: ModelConfig
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ResolvedSource]:
-    """Load model and tokenizer in the configured dtype, in eval mode, on `device`."""
+    """Load model and tokenizer in the configured dtype, in eval mode, on the host (the compute
+    device gets one block at a time, or the model for an evaluation: ptq.models.placement)."""
     resolved = resolve_source(config.source)
     kwargs: dict[str, Any] = {"dtype": DTYPES[config.dtype]}
     if resolved.gguf_file:
@@ -101,4 +102,4 @@ def load_model(
         resolved = dataclasses.replace(resolved, commit=getattr(model.config, "_commit_hash", None))
     model.eval()
     model.requires_grad_(False)
-    return model.to(device), tokenizer, resolved
+    return model, tokenizer, resolved
