@@ -25,7 +25,7 @@ from ptq.cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, CacheStore, cache_dir
 from ptq.errors import PtqError
 from ptq.gates import BaselineStore
 from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, cell_of, compile_keyword
-from ptq.report.compare import Comparison, compare_rows, load_rows
+from ptq.report.compare import Comparison, compare_rows, load_rows, nothing_compared
 from ptq.report.leaderboard import leaderboard_rows, render_comparison
 from ptq.report.markdown import render_terminal
 from ptq.report.records import REPORT_PROPERTY, check_folder, check_run_id
@@ -256,6 +256,7 @@ class LeaderboardCollector:
         self.records: list[dict] = []
         self.regressions: list[Comparison] = []
         self.interrupted: str | None = None  # what stopped the run early (SIGTERM, Ctrl-C, -x), if anything
+        self.compared_nothing: str | None = None  # why --compare compared no cell (the session fails)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for name, value in report.user_properties:
@@ -276,7 +277,8 @@ class LeaderboardCollector:
                                        self.config.getoption("compare_tol"))
             comparison = (source, comparisons)
             self.regressions = [c for c in comparisons if c.verdict == "worse"]
-            if self.regressions:
+            self.compared_nothing = nothing_compared(comparisons)
+            if self.regressions or self.compared_nothing:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
         write_reports(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"],
                       comparison, self.interrupted)
@@ -298,3 +300,6 @@ class LeaderboardCollector:
         if self.regressions:
             terminalreporter.write_sep("=", f"regressions against {self.config.getoption('compare')}", red=True)
             terminalreporter.write_line(render_comparison(self.regressions, self.config.getoption("compare")))
+        if self.compared_nothing:
+            terminalreporter.write_sep("=", f"--compare {self.config.getoption('compare')}", red=True)
+            terminalreporter.write_line(self.compared_nothing)

@@ -69,3 +69,23 @@ def test_compare_marks_each_cell_and_flags_regressions_beyond_tolerance() -> Non
                {"cell": "new", "ppl_wikitext2": 12.0}]
     verdicts = {c.cell: c.verdict for c in compare_rows(current, previous, rel_tol=0.01)}
     assert verdicts == {"a": "same", "b": "worse", "c": "better", "d": "worse", "new": "new", "gone": "gone"}
+
+
+def test_compare_leaves_out_cells_whose_configuration_differs_and_fails_when_nothing_is_compared() -> None:
+    """Comparing runs with other evaluation settings flagged the FP baseline itself as 2.3% worse:
+    only cells under the same fingerprint are compared, the others say why."""
+    from ptq.report.compare import compare_rows, nothing_compared
+
+    previous = [{"cell": "fp", "ppl_wikitext2": 10.0, "fingerprint": "aaa"},
+                {"cell": "rtn", "ppl_wikitext2": 12.0, "fingerprint": "bbb"}]
+    current = [{"cell": "fp", "ppl_wikitext2": 10.23, "fingerprint": "xxx"},
+               {"cell": "rtn", "ppl_wikitext2": 12.0, "fingerprint": "bbb"}]
+    comparisons = {c.cell: c for c in compare_rows(current, previous, rel_tol=0.01)}
+    assert comparisons["fp"].verdict == "incomparable" and "fingerprint aaa before, xxx now" in comparisons["fp"].reason
+    assert comparisons["rtn"].verdict == "same"
+    assert nothing_compared(list(comparisons.values())) is None
+    only_other = compare_rows(current[:1], previous, rel_tol=0.01)
+    assert "no cell could be compared with the previous run: fp: its configuration differs" in nothing_compared(
+        only_other)
+    assert nothing_compared(compare_rows([{"cell": "x", "ppl_wikitext2": 1.0}], previous, 0.01)) == (
+        "no cell could be compared with the previous run: no cell of this run was in it")

@@ -112,6 +112,7 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         kv = metrics.get("kv", {})
         rows.append({
             "cell": record["cell_id"],
+            "fingerprint": record["config_fingerprint"],
             "label": cell_label(record, one_model),
             "model": record["model"],
             "method": record["method"],
@@ -321,7 +322,8 @@ def track_descriptions(records: list[dict[str, Any]]) -> dict[str, str]:
 def comparison_cells(comparisons: list[Comparison]) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells of a comparison with a previous run."""
     return ["cell", "verdict", "previous PPL", "PPL", "change"], [
-        [c.cell, c.verdict, _number(3)(c.previous), _number(3)(c.current), "" if c.change is None else f"{c.change:+.2%}"]
+        [c.cell, c.verdict if c.reason is None else f"{c.verdict}: {c.reason}", _number(3)(c.previous),
+         _number(3)(c.current), "" if c.change is None else f"{c.change:+.2%}"]
         for c in comparisons]
 
 
