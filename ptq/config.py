@@ -266,6 +266,9 @@ class ExperimentHeader:
     calib_datasets: tuple[Literal["c4", "wikitext2"], ...] | None = None  # one cell per set, calibrated methods
     variants: dict[str, list[str]] | None = None  # per method, the variants to run (default: all)
     method_tracks: dict[str, list[str]] | None = None  # per method, the tracks it runs on here (default: all)
+    # Calibrated cells once per calibration seed (setting seedN, joined to any sweep entry's name),
+    # so the report can give their mean and spread; data-free cells once.
+    seeds: tuple[int, ...] | None = None
 
 
 # How a layer may spell the sections that differ from the built CellConfig.

@@ -470,9 +470,15 @@ class Catalog:
             return (per_method[pipeline.name],) if pipeline.name in per_method else ()
 
         base = (experiment.settings,) + block(experiment.per_method)
-        if not experiment.sweep or pipeline.baseline:
-            return {None: base}
-        return {name: base + (entry.settings,) + block(entry.per_method) for name, entry in experiment.sweep.items()}
+        settings: dict[str | None, tuple[Layer, ...]] = {None: base}
+        if experiment.sweep and not pipeline.baseline:
+            settings = {name: base + (entry.settings,) + block(entry.per_method)
+                        for name, entry in experiment.sweep.items()}
+        if not (experiment.header.seeds and pipeline.calibrated):
+            return settings
+        return {"-".join(filter(None, (name, f"seed{seed}"))): layers + (
+                    Layer({"calib": {"seed": seed}}, {}, f"experiment {experiment.header.name} seeds"),)
+                for name, layers in settings.items() for seed in experiment.header.seeds}
 
 
 def _check_kv_fits(config: CellConfig, cell: str) -> None:

@@ -498,3 +498,11 @@ def test_a_sweep_entry_cannot_change_what_the_baseline_reads(catalog: Catalog, t
     assert cells["smollm2-135m-gptq-c4-A-w3-ok"].config.gates.max_ppl_ratio == 9
     assert cells["smollm2-135m-gptq-c4-A-w2-ok"].config.gates.max_ppl_ratio == 1.48
     assert cells["smollm2-135m-rtn-A-w2-ok"].config.weight.bits == 2
+
+
+def test_seeds_repeat_calibrated_cells_and_nothing_else(catalog: Catalog) -> None:
+    cells = {cell.id: cell for cell in catalog.cells(Selection(experiments=(BENCH / "experiments" / "seeds.yaml",),
+                                                                methods=("fp16", "rtn", "gptq")), "cpu")}
+    assert set(cells) == {"smollm2-135m-fp16-A-seeds", "smollm2-135m-rtn-A-seeds",
+                          *(f"smollm2-135m-gptq-c4-A-seed{s}-seeds" for s in (0, 1, 2))}
+    assert [cells[f"smollm2-135m-gptq-c4-A-seed{s}-seeds"].config.calib.seed for s in (0, 1, 2)] == [0, 1, 2]

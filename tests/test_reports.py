@@ -418,3 +418,19 @@ def test_a_sweep_is_laid_out_like_the_study_with_a_column_per_stage() -> None:
                                        "weights)"]
     text = render_leaderboard(records, "r")
     assert "## study" in text and "## Methods as run" in text and "PPL c4" in text
+
+
+def test_cells_repeated_over_seeds_get_their_mean_and_spread() -> None:
+    from ptq.report.leaderboard import seed_spread
+
+    records = []
+    for seed, ppl in ((0, 41.23), (1, 41.15), (2, 40.73)):
+        record = make_record(f"m-gptq-c4-A-seed{seed}-seeds", ppl=ppl, model="m", method="gptq", track="A")
+        record["setting"], record["experiment"] = f"seed{seed}", "seeds"
+        records.append(record)
+    spread = seed_spread(leaderboard_rows(records))
+    assert spread.headers == ["cell", "seeds", "PPL wikitext2"]
+    (row,) = spread.cells
+    assert row[0] == "gptq-A" and sorted(row[1].split(", ")) == ["0", "1", "2"]
+    assert row[2] == "41.04 ± 0.27"  # mean 41.037, sample sd 0.2687
+    assert seed_spread(leaderboard_rows([make_record()])) is None

@@ -21,6 +21,7 @@ from ptq.report.leaderboard import (
     make_table,
     methods_as_run,
     notes_of,
+    seed_spread,
     sweep_tables,
     track_descriptions,
 )
@@ -147,6 +148,11 @@ def render_html(records: list[dict[str, Any]], run_id: str, comparison: tuple[st
         parts += [f"<h2>{escape(experiment)}</h2>", "<p>The experiment's cells as a study lays them out: a row "
                   "per setting of its sweep and method, o where a stage ran.</p>",
                   _table(table.headers, table.cells, [""] * len(table.cells), ["label"] + [""] * (len(table.headers) - 1))]
+    if spread := seed_spread(rows):
+        parts += ["<h2>Spread over calibration seeds</h2>", "<p>Mean ± standard deviation over the seeds each "
+                  "cell ran with (experiment.seeds).</p>",
+                  _table(spread.headers, spread.cells, [""] * len(spread.cells),
+                         ["label"] + [""] * (len(spread.headers) - 1))]
     if methods := methods_as_run(records):
         parts += ["<h2>Methods as run</h2>", _list(methods)]
     parts += ["<h2>Glossary</h2>", _definitions(glossary(records, rows, LABEL, IN_LISTS))]

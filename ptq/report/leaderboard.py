@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -390,4 +392,33 @@ def sweep_tables(rows: list[dict[str, Any]]) -> dict[str, Table]:
         columns = [Column(header, header, str, "") for header in headers]
         tables[experiment] = Table(columns, cells, [])
     return tables
+
+
+SEED = re.compile(r"(?:^|-)seed(\d+)$")  # the seed part of a setting (experiment.seeds)
+
+
+def seed_spread(rows: list[dict[str, Any]]) -> Table | None:
+    """Cells repeated over calibration seeds (experiment.seeds): per cell without its seed, the mean
+    and the sample standard deviation of every perplexity over the seeds that passed."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row.get("setting") and SEED.search(row["setting"]) and row["status"] == "passed":
+            key = (row["model"], row["method"], row.get("variant"), row["track"], row["experiment"],
+                   SEED.sub("", row["setting"]))
+            groups.setdefault(key, []).append(row)
+    if not groups:
+        return None
+    keys = ["ppl_wikitext2", *dict.fromkeys(k for row in rows for k in row if k.startswith(PPL_PREFIX))]
+    headers = ["cell", "seeds", *(("PPL " + k.removeprefix(PPL_PREFIX).removeprefix("ppl_")) for k in keys)]
+    cells = []
+    for (model, method, variant, track, _experiment, setting), group in groups.items():
+        name = "-".join(filter(None, (method, variant, track, setting)))
+        values = []
+        for key in keys:
+            data = [row[key] for row in group if row.get(key) is not None]
+            values.append("" if not data else f"{statistics.mean(data):.2f} ± "
+                          f"{statistics.stdev(data) if len(data) > 1 else 0.0:.2f}")
+        cells.append([name if len({k[0] for k in groups}) == 1 else f"{model} {name}",
+                      ", ".join(SEED.search(row["setting"]).group(1) for row in group), *values])
+    return Table([Column(h, h, str, "") for h in headers], cells, [])
 

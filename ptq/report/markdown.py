@@ -15,6 +15,7 @@ from ptq.report.leaderboard import (
     notes_of,
     render_comparison,
     render_tracks,
+    seed_spread,
     sweep_tables,
     track_descriptions,
 )
@@ -35,6 +36,10 @@ def render_leaderboard(records: list[dict[str, Any]], run_id: str,
         md += [f"## {experiment}", "", "The experiment's cells as a study lays them out: a row per setting of "
                "its sweep and method, o where a stage ran.", "",
                tabulate(table.cells, headers=table.headers, tablefmt="github", disable_numparse=True), ""]
+    if spread := seed_spread(rows):
+        md += ["## Spread over calibration seeds", "", "Mean ± standard deviation over the seeds each cell ran "
+               "with (experiment.seeds).", "",
+               tabulate(spread.cells, headers=spread.headers, tablefmt="github", disable_numparse=True), ""]
     if methods := methods_as_run(records):
         md += ["## Methods as run", ""] + [f"- {line}" for line in methods] + [""]
     md += ["## Glossary", ""]
