@@ -25,3 +25,12 @@ class UnsupportedModel(PtqError):
 
 class NonFiniteMetric(PtqError):
     """A metric came out NaN or infinite."""
+
+
+class DataMismatch(PtqError):
+    """A local data file is not the file its data folder's SHA256SUMS lists (truncated or altered),
+    or it cannot be decoded."""
+
+
+class TooFewWindows(PtqError):
+    """The evaluation text holds fewer windows than the configuration asks to score."""
