@@ -155,6 +155,18 @@ class EvalConfig:
     seqlen: int = 512
     max_windows: int | None = 32  # None: every window of the split
     batch_size: int = 4
+    # A text with fewer than max_windows windows (a truncated file) fails the cell unless this is
+    # set; it decides whether a cell runs, not what it measures (not in the fingerprint).
+    allow_fewer_windows: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seqlen < 2:
+            raise ValueError(f"seqlen must be at least 2 tokens (one to predict from, one to predict), "
+                             f"got {self.seqlen}")
+        for name in ("max_windows", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -162,8 +174,11 @@ class ZeroShotConfig:
     """lm-eval tasks scored on the in-memory model; no tasks means no zero-shot evaluation."""
 
     tasks: tuple[str, ...] = ()  # lm-eval task names
-    limit: int | None = None  # examples per task, a seeded sample; None: every example
-    seed: int = 0  # of the sample
+    limit: int | None = None  # examples per task; None: every example
+    # Which `limit` examples: a seeded random sample (a better estimate of the whole task), or
+    # the first ones, as `lm_eval --limit N` scores them.
+    sampling: Literal["random", "first"] = "random"
+    seed: int = 0  # of the random sample
     batch_size: int = 8
     max_length: int | None = 2048  # tokens; longer requests are truncated from the left, as lm-eval does
 
@@ -214,6 +229,7 @@ class CellConfig:
         """The settings that determine the cell's metrics, as a plain dict (see `fingerprint`)."""
         payload = self.to_dict()
         payload.pop("gates")
+        payload["eval"].pop("allow_fewer_windows")  # whether a cell may run, not what it measures
         for section in ("method", "track"):  # prose does not change a metric
             payload[section].pop("description")
         for key in ("size", "needs_gpu", "baseline_note", "head_dim"):
@@ -222,6 +238,8 @@ class CellConfig:
             payload.pop("kv_eval")
         if not self.zero_shot.tasks:  # unused: cells without zero-shot keep their fingerprints
             payload.pop("zero_shot")
+        elif self.zero_shot.sampling == "random":  # added later: the default is what it meant before
+            payload["zero_shot"].pop("sampling")
         payload["device_type"] = device_type
         return payload
 

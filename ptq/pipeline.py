@@ -114,7 +114,8 @@ def evaluate(quantized: QuantizedModel, loaded: LoadedModel, config: CellConfig)
         while True:
             try:
                 results[dataset] = perplexity(quantized.model, ids, config.eval.seqlen, config.eval.max_windows, batch_size,
-                                              quantized.make_cache, chunk)
+                                              quantized.make_cache, chunk, config.eval.allow_fewer_windows,
+                                              f"{dataset}/{EVAL_SPLIT} ({text.origin})")
                 break
             except torch.OutOfMemoryError:
                 if batch_size == 1:

@@ -482,5 +482,5 @@ def test_yaml_for_an_unregistered_method(bench: Path) -> None:
 
 def test_invalid_device_profile(bench: Path) -> None:
     replace_text(bench / "defaults.yaml", "max_windows: 32}", "max_windows: many}")
-    with pytest.raises(ConfigError, match=r"defaults\.yaml:18: eval\.max_windows must be int"):
+    with pytest.raises(ConfigError, match=r"defaults\.yaml:19: eval\.max_windows must be int"):
         Catalog(bench)

@@ -26,6 +26,7 @@ from ptq.data import load_text
 from ptq.errors import ConfigError, DataUnavailable
 from ptq.eval.lm_tasks import (OFFLINE_TASKS, Local, build_tasks, check_task_files, check_task_names, local_files,
                                task_manager, wikitext_rows)
+from ptq.eval import zeroshot
 from ptq.eval.zeroshot import sample_indices, zero_shot
 from ptq.gates import accuracy_drop_gate, zero_shot_gates
 from ptq.matrix import Catalog, Selection
@@ -328,8 +329,8 @@ def test_zero_shot_metrics_schema(offline: Path, tiny_llama: tuple) -> None:
     model, tokenizer = tiny_llama
     config = ZeroShotConfig(tasks=("piqa", "boolq", "lambada_openai"), limit=2, seed=0, batch_size=2, max_length=64)
     metrics, data = zero_shot(model, tokenizer, config)
-    assert set(metrics) == {"tasks", "average", "limit", "seed", "seconds"}
-    assert metrics["limit"] == 2 and metrics["seed"] == 0
+    assert set(metrics) == {"tasks", "average", "limit", "sampling", "seed", "seconds"}
+    assert metrics["limit"] == 2 and metrics["sampling"] == "random" and metrics["seed"] == 0
     tasks = metrics["tasks"]
     assert list(tasks) == ["piqa", "boolq", "lambada_openai"]
     assert set(tasks["piqa"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "total", "limit"}
@@ -348,6 +349,19 @@ def test_zero_shot_metrics_schema(offline: Path, tiny_llama: tuple) -> None:
     # the same sample again: the same numbers
     again, _ = zero_shot(model, tokenizer, config)
     assert again["tasks"] == tasks
+
+
+def test_first_sampling_scores_the_first_documents_as_lm_eval_limit_does(
+        offline: Path, tiny_llama: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sampling: first` scores documents 0..limit-1 of each task (lm-eval's `--limit`), and says so."""
+    model, tokenizer = tiny_llama
+    config = ZeroShotConfig(tasks=("piqa", "arc_easy"), limit=2, sampling="first", batch_size=2, max_length=64)
+    first, _ = zero_shot(model, tokenizer, config)
+    assert first["sampling"] == "first" and [t["n"] for t in first["tasks"].values()] == [2, 2]
+    # the same scores as the random path told to pick documents 0 and 1
+    monkeypatch.setattr(zeroshot, "sample_indices", lambda total, limit, seed: list(range(limit)))
+    chosen, _ = zero_shot(model, tokenizer, dataclasses.replace(config, sampling="random"))
+    assert chosen["tasks"] == first["tasks"]
 
 
 def test_accuracy_gate_is_aware_of_the_standard_error() -> None:
@@ -384,6 +398,10 @@ def test_fingerprint_ignores_zero_shot_settings_without_tasks() -> None:
     assert unused.fingerprint("cpu") == config.fingerprint("cpu")
     used = dataclasses.replace(config, zero_shot=ZeroShotConfig(tasks=("piqa",)))
     assert used.fingerprint("cpu") != config.fingerprint("cpu")
+    # the sampling rule came later: its default keeps the fingerprints it had, `first` is another config
+    assert "sampling" not in used.fingerprint_payload("cpu")["zero_shot"]
+    first = dataclasses.replace(used, zero_shot=ZeroShotConfig(tasks=("piqa",), sampling="first"))
+    assert first.fingerprint("cpu") != used.fingerprint("cpu")
 
 
 def test_zero_shot_experiment_and_device_profiles() -> None:
@@ -399,15 +417,16 @@ def test_zero_shot_experiment_and_device_profiles() -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ("zero_shot: {tasks: [piqa, piqa]}", "tasks lists a task twice"),
-    ("zero_shot: {limit: 0}", "limit must be at least 1"),
+    ("zero_shot: {tasks: [piqa, piqa]}", "zero_shot: tasks lists a task twice"),
+    ("zero_shot: {limit: 0}", "zero_shot: limit must be at least 1"),
+    ("zero_shot: {sampling: last}", "zero_shot.sampling must be 'random' \\| 'first', got 'last'"),
 ])
 def test_invalid_zero_shot_settings(tmp_path: Path, text: str, message: str) -> None:
     bench = Path(shutil.copytree(ROOT / "bench", tmp_path / "bench"))
     (bench / "experiments" / "bad.yaml").write_text(
         f"experiment: {{name: bad, models: [smollm2-135m], methods: [fp16], tracks: [A]}}\n{text}\n")
     catalog = Catalog(bench)
-    with pytest.raises(ConfigError, match=rf"bad\.yaml:2: zero_shot: {message}"):
+    with pytest.raises(ConfigError, match=rf"bad\.yaml:2: {message}"):
         catalog.cells(Selection(experiments=(bench / "experiments" / "bad.yaml",)), "cpu")
 
 
