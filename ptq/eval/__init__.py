@@ -1,1 +1,2 @@
-"""Evaluators: perplexity (and, later, lm-eval tasks, passkey, speed probes)."""
+"""Evaluators: perplexity, KL divergence to the float model, decoding and passkey probes through a KV
+cache, zero-shot accuracy through lm-eval, peak memory."""
