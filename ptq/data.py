@@ -65,7 +65,8 @@ def listed_sha256(root: Path) -> dict[str, str]:
             continue
         match = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line.strip())
         if match is None:
-            raise DataMismatch(f"{path}:{number}: not a line of sha256sum output (\"<sha256>  <file>\"): {line!r}")
+            raise DataMismatch(f"{path}:{number}: not a line of sha256sum output "
+                               f"(\"<sha256>  <file>\"): {line!r}")
         sums[posixpath.normpath(match.group(2))] = match.group(1).lower()
     return sums
 
@@ -109,7 +110,8 @@ def json_lines(text: str, path: Path) -> list[dict[str, object]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DataMismatch(f"{path}:{number}: not a JSON line ({exc.msg}): restore the original") from None
+                raise DataMismatch(f"{path}:{number}: not a JSON line ({exc.msg}): "
+                                   "restore the original") from None
     return rows
 
 

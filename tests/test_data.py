@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -39,12 +40,13 @@ def sha256sum(root: Path, *relative: str) -> None:
 
 
 @pytest.fixture
-def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A data folder with WikiText-2 test and BoolQ, listed in SHA256SUMS; PTQ_DATA_DIR points at it."""
     root = tmp_path / "data"
     write_wikitext(root, words=50, lines=40)
     (root / "boolq").mkdir()
-    (root / "boolq" / "dev.jsonl").write_text('{"question": "is it", "title": "T", "answer": true, "passage": "p"}\n')
+    (root / "boolq" / "dev.jsonl").write_text(
+        '{"question": "is it", "title": "T", "answer": true, "passage": "p"}\n')
     sha256sum(root, "wikitext2/wiki.test.raw", "boolq/dev.jsonl")
     monkeypatch.setenv("PTQ_DATA_DIR", str(root))
     load_text.cache_clear()
@@ -123,8 +125,9 @@ def test_usage_error_before_any_model_loads(tmp_path: Path) -> None:
     sha256sum(root, "wikitext2/wiki.test.raw")
     truncate(root / "wikitext2" / "wiki.test.raw", 2000)
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_CURRENT"))}
-    run = subprocess.run([sys.executable, "-m", "pytest", "bench", "-p", "no:cacheprovider", "--bench-dir", str(bench),
-                          "--reports-dir", str(tmp_path / "reports"), "--no-cache", "--tracks", "A", "--methods", "fp16"],
+    run = subprocess.run([sys.executable, "-m", "pytest", "bench", "-p", "no:cacheprovider",
+                          "--bench-dir", str(bench), "--reports-dir", str(tmp_path / "reports"), "--no-cache",
+                          "--tracks", "A", "--methods", "fp16"],
                          cwd=ROOT, env={**inherited, "PTQ_DATA_DIR": str(root), "CUDA_VISIBLE_DEVICES": ""},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 4, run.stdout[-2000:] + run.stderr[-2000:]
@@ -138,8 +141,8 @@ def test_usage_error_before_any_model_loads(tmp_path: Path) -> None:
 def test_windows_fewer_than_configured_are_an_error_unless_allowed() -> None:
     ids = torch.arange(9 * 16).unsqueeze(0)  # 9 windows of 16
     assert windows_of(ids, 16, 4).shape == (4, 16) and windows_of(ids, 16, None).shape == (9, 16)
-    with pytest.raises(TooFewWindows, match=r"wikitext2/test has 144 tokens: 9 window\(s\) of 16, fewer than the 32 "
-                                            r".*eval\.allow_fewer_windows: true to score 9"):
+    with pytest.raises(TooFewWindows, match=r"wikitext2/test has 144 tokens: 9 window\(s\) of 16, fewer than "
+                                            r"the 32 .*eval\.allow_fewer_windows: true to score 9"):
         windows_of(ids, 16, 32, source="wikitext2/test")
     assert windows_of(ids, 16, 32, allow_fewer=True).shape == (9, 16)
     with pytest.raises(TooFewWindows, match=r"0 window\(s\) of 256"):  # none at all: allowed or not
@@ -159,15 +162,16 @@ def test_a_cell_scoring_fewer_windows_than_configured_fails(tiny: tuple[Path, Lo
     root, loaded = tiny
     monkeypatch.setenv("PTQ_DATA_DIR", str(root))
     load_text.cache_clear()
-    tokens = int(loaded.tokenizer(load_text("wikitext2", "test").text, return_tensors="pt").input_ids.shape[1])
-    cell = CellConfig(ModelConfig("tiny", "llama", SourceConfig("local", path="unused")), MethodConfig("fp16"),
-                      TrackConfig("A"), eval=EvalConfig(seqlen=64, max_windows=tokens // 64 + 5, batch_size=4))
+    tokens = loaded.tokenizer(load_text("wikitext2", "test").text, return_tensors="pt").input_ids.shape[1]
+    cell = CellConfig(ModelConfig("tiny", "llama", SourceConfig("local", path="unused")),
+                      MethodConfig("fp16"), TrackConfig("A"),
+                      eval=EvalConfig(seqlen=64, max_windows=tokens // 64 + 5, batch_size=4))
     try:
         with pytest.raises(TooFewWindows, match=rf"wikitext2/test \(local:{root}.*\) has {tokens} tokens"):
             evaluate(QuantizedModel(loaded.model), loaded, cell)
         allowed = dataclasses.replace(cell, eval=dataclasses.replace(cell.eval, allow_fewer_windows=True))
-        assert evaluate(QuantizedModel(loaded.model), loaded, allowed).metrics()["eval"]["wikitext2"]["windows"] \
-            == tokens // 64
+        metrics = evaluate(QuantizedModel(loaded.model), loaded, allowed).metrics()
+        assert metrics["eval"]["wikitext2"]["windows"] == tokens // 64
     finally:
         load_text.cache_clear()
 
@@ -198,7 +202,8 @@ def test_invalid_eval_settings_are_config_errors(override: str, message: str) ->
 
 def test_per_window_nll_is_each_windows_mean_and_gives_the_ppl(tiny: tuple[Path, LoadedModel]) -> None:
     _, loaded = tiny
-    ids = torch.randint(0, loaded.model.config.vocab_size, (1, 5 * 32), generator=torch.Generator().manual_seed(0))
+    vocab = loaded.model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, 5 * 32), generator=torch.Generator().manual_seed(0))
     result = perplexity(loaded.model, ids, 32, None, 2)  # batches of 2, 2 and 1 windows
     assert result.windows == 5 and len(result.window_nll) == 5
     with torch.inference_mode():

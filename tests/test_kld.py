@@ -76,12 +76,14 @@ def test_with_k_the_vocabulary_it_is_the_exact_kld(models: dict, windows: torch.
     assert result.window_kld == pytest.approx(exact.mean(dim=1).tolist(), rel=1e-4)
     assert result.min >= 0 and result.mean > 0
     with torch.inference_mode():  # the most likely next token of each model, compared directly
-        same = models["float"](windows).logits[:, :-1].argmax(-1) == models[other](windows).logits[:, :-1].argmax(-1)
+        top = [models[name](windows).logits[:, :-1].argmax(-1) for name in ("float", other)]
+    same = top[0] == top[1]
     assert result.top1_agreement == pytest.approx(same.double().mean().item())
 
 
 @pytest.mark.parametrize("k", (1, 4, 32))
-def test_below_the_vocabulary_it_is_a_nonnegative_lower_bound(models: dict, windows: torch.Tensor, k: int) -> None:
+def test_below_the_vocabulary_it_is_a_nonnegative_lower_bound(models: dict, windows: torch.Tensor,
+                                                               k: int) -> None:
     store = float_topk(models["float"], windows, k=k, batch_size=2)
     assert 0 < store.tail.exp().min() and store.tail.exp().max() < 1
     result = kl_divergence(models["rtn"], windows, store, batch_size=2)
@@ -96,11 +98,13 @@ def test_coarse_kld_by_hand() -> None:
     log = lambda *values: torch.tensor(values, dtype=torch.float64).log()  # noqa: E731
     kld = coarse_kld(log(0.5), log(0.5)[0], log(0.4), log(0.6)[0])
     assert kld.item() == pytest.approx(0.5 * math.log(0.5 / 0.4) + 0.5 * math.log(0.5 / 0.6), rel=1e-12)
-    no_tail = coarse_kld(log(0.5, 0.3, 0.2), torch.tensor(-math.inf), log(0.4, 0.4, 0.2), torch.tensor(-math.inf))
+    none = torch.tensor(-math.inf)
+    no_tail = coarse_kld(log(0.5, 0.3, 0.2), none, log(0.4, 0.4, 0.2), none)
     assert no_tail.item() == pytest.approx(0.5 * math.log(0.5 / 0.4) + 0.3 * math.log(0.3 / 0.4), rel=1e-12)
 
 
-def test_the_store_round_trips_through_safetensors(models: dict, windows: torch.Tensor, tmp_path: Path) -> None:
+def test_the_store_round_trips_through_safetensors(models: dict, windows: torch.Tensor,
+                                                   tmp_path: Path) -> None:
     store = float_topk(models["float"], windows, k=6)
     store.save(tmp_path / "fp.safetensors")
     loaded = TopKLogprobs.load(tmp_path / "fp.safetensors")

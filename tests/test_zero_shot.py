@@ -24,8 +24,8 @@ from ptq.config import (CellConfig, EvalConfig, GateConfig, MethodConfig, ModelC
                         ZeroShotConfig)
 from ptq.data import load_text
 from ptq.errors import ConfigError, DataUnavailable
-from ptq.eval.lm_tasks import (OFFLINE_TASKS, Local, build_tasks, check_task_files, check_task_names, local_files,
-                               task_manager, wikitext_rows)
+from ptq.eval.lm_tasks import (OFFLINE_TASKS, Local, build_tasks, check_task_files, check_task_names,
+                               local_files, task_manager, wikitext_rows)
 from ptq.eval import zeroshot
 from ptq.eval.zeroshot import sample_indices, zero_shot
 from ptq.gates import accuracy_drop_gate, zero_shot_gates
@@ -57,95 +57,103 @@ class Case:
 
 
 TEXT = datasets.Value("string")
+ARC_FEATURES = datasets.Features({"id": TEXT, "question": TEXT, "answerKey": TEXT,
+                                  "choices": datasets.Sequence({"text": TEXT, "label": TEXT})})
+SURGEON = "Sarah was a much better surgeon than Maria so _ always got the {} cases."
+ETHANOL = ("All biomass goes through at least some of these steps: it needs to be grown, collected, dried, "
+           "fermented, distilled, and burned.")
+HOUSE_TAX = "Property tax or 'house tax' is a local tax on buildings, along with appurtenant land."
+WIKI_RAW = (" \n = Alpha = \n \n Alpha is a @-@ letter . \n \n = = History = = \n \n"
+            " It was used ( long ago ) . \n \n = Beta = \n \n Beta 's page , with 1 @,@ 000 words . \n \n")
+
+
+def arc_v1(id_: str, stem: str, choices: list[tuple[str, str]], key: str) -> dict[str, Any]:
+    """One line of ARC-V1-Feb2018's JSON lines: choices as (label, text)."""
+    return {"id": id_, "question": {"stem": stem, "choices": [{"text": t, "label": l} for l, t in choices]},
+            "answerKey": key}
+
+
 # Each layout below is written from the dataset's own loading script (and card), never from
 # ptq.eval.lm_tasks; the source is named above each case.
 CASES: dict[str, Case] = {
-    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/piqa/piqa.py (baber/piqa is its parquet
-    # copy): valid.jsonl {goal, sol1, sol2} zipped with valid-labels.lst lines, label = ClassLabel(["0", "1"]).
+    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/piqa/piqa.py (baber/piqa is its
+    # parquet copy): valid.jsonl {goal, sol1, sol2} zipped with the lines of valid-labels.lst,
+    # label = ClassLabel(names=["0", "1"]).
     "piqa": Case(
         {"piqa/valid.jsonl": jsonl({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid"},
                                    {"goal": "Dry hair", "sol1": "use water", "sol2": "use a towel"},
                                    {"goal": "Cut bread", "sol1": "use a knife", "sol2": "use a spoon"}),
          "piqa/valid-labels.lst": "0\n1\n0\n"},
         ("baber/piqa", None),
-        datasets.Features({"goal": TEXT, "sol1": TEXT, "sol2": TEXT, "label": datasets.ClassLabel(names=["0", "1"])}),
+        datasets.Features({"goal": TEXT, "sol1": TEXT, "sol2": TEXT,
+                           "label": datasets.ClassLabel(names=["0", "1"])}),
         [{"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": "0"},
          {"goal": "Dry hair", "sol1": "use water", "sol2": "use a towel", "label": "1"},
          {"goal": "Cut bread", "sol1": "use a knife", "sol2": "use a spoon", "label": "0"}]),
-    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/ai2_arc/ai2_arc.py: ARC-V1-Feb2018 JSON lines
-    # {id, question: {stem, choices: [{text, label}]}, answerKey} -> {id, answerKey, question: stem,
-    # choices: {text: [...], label: [...]}}, labels and key as in the file: letters, or "1".."4" (NYSEDREGENTS).
+    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/ai2_arc/ai2_arc.py: ARC-V1-Feb2018
+    # {id, question: {stem, choices: [{text, label}]}, answerKey} -> {id, answerKey, question: the stem,
+    # choices: {text: [...], label: [...]}}, labels and key as in the file: letters, or "1".."4".
     "arc_easy": Case(
         {"arc_easy/ARC-Easy-Test.jsonl": jsonl(
-            {"id": "Mercury_1", "question": {"stem": "Which gas do plants take in?", "choices": [
-                {"text": "oxygen", "label": "A"}, {"text": "carbon dioxide", "label": "B"},
-                {"text": "helium", "label": "C"}, {"text": "neon", "label": "D"}]}, "answerKey": "B"},
-            {"id": "NYSEDREGENTS_2015_8_28", "question": {"stem": "All living and nonliving material is composed of",
-                                                          "choices": [{"text": "air", "label": "1"},
-                                                                      {"text": "elements", "label": "2"},
-                                                                      {"text": "water", "label": "3"},
-                                                                      {"text": "soil", "label": "4"}]},
-             "answerKey": "2"})},
+            arc_v1("Mercury_1", "Which gas do plants take in?",
+                   [("A", "oxygen"), ("B", "carbon dioxide"), ("C", "helium"), ("D", "neon")], "B"),
+            arc_v1("NYSEDREGENTS_2015_8_28", "All living and nonliving material is composed of",
+                   [("1", "air"), ("2", "elements"), ("3", "water"), ("4", "soil")], "2"))},
         ("allenai/ai2_arc", "ARC-Easy"),
-        datasets.Features({"id": TEXT, "question": TEXT,
-                           "choices": datasets.Sequence({"text": TEXT, "label": TEXT}), "answerKey": TEXT}),
+        ARC_FEATURES,
         [{"id": "Mercury_1", "answerKey": "B", "question": "Which gas do plants take in?",
           "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}},
-         {"id": "NYSEDREGENTS_2015_8_28", "answerKey": "2", "question": "All living and nonliving material is composed of",
+         {"id": "NYSEDREGENTS_2015_8_28", "answerKey": "2",
+          "question": "All living and nonliving material is composed of",
           "choices": {"text": ["air", "elements", "water", "soil"], "label": ["1", "2", "3", "4"]}}]),
-    # Same script; a five-choice row (label E) and a digit-keyed one whose key is the last choice.
+    # Same script; a digit-keyed row whose key is the last choice, and a five-choice row (label E).
     "arc_challenge": Case(
         {"arc_challenge/ARC-Challenge-Test.jsonl": jsonl(
-            {"id": "NYSEDREGENTS_2012_4_9", "question": {"stem": "Which object conducts electricity?", "choices": [
-                {"text": "a glass cup", "label": "1"}, {"text": "a rubber band", "label": "2"},
-                {"text": "a wooden spoon", "label": "3"}, {"text": "a steel nail", "label": "4"}]}, "answerKey": "4"},
-            {"id": "Mercury_7", "question": {"stem": "What melts ice fastest?", "choices": [
-                {"text": "heat", "label": "A"}, {"text": "cold", "label": "B"}, {"text": "dark", "label": "C"},
-                {"text": "wind", "label": "D"}, {"text": "shade", "label": "E"}]}, "answerKey": "A"})},
+            arc_v1("NYSEDREGENTS_2012_4_9", "Which object conducts electricity?",
+                   [("1", "a glass cup"), ("2", "a rubber band"), ("3", "a wooden spoon"),
+                    ("4", "a steel nail")], "4"),
+            arc_v1("Mercury_7", "What melts ice fastest?",
+                   [("A", "heat"), ("B", "cold"), ("C", "dark"), ("D", "wind"), ("E", "shade")], "A"))},
         ("allenai/ai2_arc", "ARC-Challenge"),
-        datasets.Features({"id": TEXT, "question": TEXT,
-                           "choices": datasets.Sequence({"text": TEXT, "label": TEXT}), "answerKey": TEXT}),
+        ARC_FEATURES,
         [{"id": "NYSEDREGENTS_2012_4_9", "answerKey": "4", "question": "Which object conducts electricity?",
           "choices": {"text": ["a glass cup", "a rubber band", "a wooden spoon", "a steel nail"],
                       "label": ["1", "2", "3", "4"]}},
          {"id": "Mercury_7", "answerKey": "A", "question": "What melts ice fastest?",
-          "choices": {"text": ["heat", "cold", "dark", "wind", "shade"], "label": ["A", "B", "C", "D", "E"]}}]),
-    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/super_glue/super_glue.py (aps/super_glue is its
-    # parquet copy) reads SuperGLUE's BoolQ/val.jsonl, whose rows (its dummy data, the split's first two rows)
-    # carry the passage as "{title} -- {passage}", an int idx and a bool label, which the script casts to
-    # "False"/"True" for ClassLabel(["False", "True"]). The local file is google/boolq's dev.jsonl:
+          "choices": {"text": ["heat", "cold", "dark", "wind", "shade"],
+                      "label": ["A", "B", "C", "D", "E"]}}]),
+    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/super_glue/super_glue.py (aps/super_glue is
+    # its parquet copy) reads SuperGLUE's BoolQ/val.jsonl, whose rows (the script's dummy data: the split's
+    # first two) carry the passage as "{title} -- {passage}", an int idx and a bool label, cast to
+    # "False"/"True" for ClassLabel(names=["False", "True"]). The local file is google/boolq's dev.jsonl,
     # {question, title, answer, passage} (passages shortened here to their first sentence).
     "boolq": Case(
         {"boolq/dev.jsonl": jsonl(
-            {"question": "does ethanol take more energy make that produces", "title": "Ethanol fuel", "answer": False,
-             "passage": "All biomass goes through at least some of these steps: it needs to be grown, collected, "
-                        "dried, fermented, distilled, and burned."},
+            {"question": "does ethanol take more energy make that produces", "title": "Ethanol fuel",
+             "answer": False, "passage": ETHANOL},
             {"question": "is house tax and property tax are same", "title": "Property tax", "answer": True,
-             "passage": "Property tax or 'house tax' is a local tax on buildings, along with appurtenant land."})},
+             "passage": HOUSE_TAX})},
         ("aps/super_glue", "boolq"),
         datasets.Features({"question": TEXT, "passage": TEXT, "idx": datasets.Value("int32"),
                            "label": datasets.ClassLabel(names=["False", "True"])}),
         [{"question": "does ethanol take more energy make that produces",
-          "passage": "Ethanol fuel -- All biomass goes through at least some of these steps: it needs to be grown, "
-                     "collected, dried, fermented, distilled, and burned.", "idx": 0, "label": "False"},
-         {"question": "is house tax and property tax are same",
-          "passage": "Property tax -- Property tax or 'house tax' is a local tax on buildings, along with "
-                     "appurtenant land.", "idx": 1, "label": "True"}]),
+          "passage": f"Ethanol fuel -- {ETHANOL}", "idx": 0, "label": "False"},
+         {"question": "is house tax and property tax are same", "passage": f"Property tax -- {HOUSE_TAX}",
+          "idx": 1, "label": "True"}]),
     # https://github.com/huggingface/datasets/blob/2.0.0/datasets/winogrande/winogrande.py: dev.jsonl
-    # {qID, sentence, option1, option2, answer} -> {sentence, option1, option2, answer}, answer the string "1"/"2".
+    # {qID, sentence, option1, option2, answer} -> {sentence, option1, option2, answer}, answer the
+    # string "1"/"2" (dev-labels.lst repeats it; the script does not read it).
     "winogrande": Case(
         {"winogrande/dev.jsonl": jsonl(
-            {"qID": "3FCO-2", "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
-             "option1": "Sarah", "option2": "Maria", "answer": "2"},
-            {"qID": "3FCO-1", "sentence": "Sarah was a much better surgeon than Maria so _ always got the harder cases.",
-             "option1": "Sarah", "option2": "Maria", "answer": "1"}),
+            {"qID": "3FCO-2", "sentence": SURGEON.format("easier"), "option1": "Sarah", "option2": "Maria",
+             "answer": "2"},
+            {"qID": "3FCO-1", "sentence": SURGEON.format("harder"), "option1": "Sarah", "option2": "Maria",
+             "answer": "1"}),
          "winogrande/dev-labels.lst": "2\n1\n"},
         ("allenai/winogrande", "winogrande_xl"),
         datasets.Features({"sentence": TEXT, "option1": TEXT, "option2": TEXT, "answer": TEXT}),
-        [{"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
-          "option1": "Sarah", "option2": "Maria", "answer": "2"},
-         {"sentence": "Sarah was a much better surgeon than Maria so _ always got the harder cases.",
-          "option1": "Sarah", "option2": "Maria", "answer": "1"}]),
+        [{"sentence": SURGEON.format("easier"), "option1": "Sarah", "option2": "Maria", "answer": "2"},
+         {"sentence": SURGEON.format("harder"), "option1": "Sarah", "option2": "Maria", "answer": "1"}]),
     # The lambada_openai script of lm-evaluation-harness v0.3.0 (lm_eval/datasets/lambada_openai, config
     # "default": lambada_test.jsonl, sha256 4aa8d02c...) yields {"text": row["text"]} per line.
     "lambada_openai": Case(
@@ -158,12 +166,11 @@ CASES: dict[str, Case] = {
     # (now .py.backup): the raw file split at "\n", a page started at each level-1 title, a page's lines
     # joined with "\n", pages of only whitespace dropped (here the blank line before the first title).
     "wikitext": Case(
-        {"wikitext2/wiki.test.raw": " \n = Alpha = \n \n Alpha is a @-@ letter . \n \n = = History = = \n \n"
-                                    " It was used ( long ago ) . \n \n = Beta = \n \n Beta 's page , with 1 @,@ 000"
-                                    " words . \n \n"},
+        {"wikitext2/wiki.test.raw": WIKI_RAW},
         ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1"),
         datasets.Features({"page": TEXT}),
-        [{"page": " = Alpha = \n \n Alpha is a @-@ letter . \n \n = = History = = \n \n It was used ( long ago ) . \n "},
+        [{"page": " = Alpha = \n \n Alpha is a @-@ letter . \n \n = = History = = \n \n"
+                  " It was used ( long ago ) . \n "},
          {"page": " = Beta = \n \n Beta 's page , with 1 @,@ 000 words . \n \n"}]),
 }
 
@@ -241,10 +248,10 @@ def document_level_pages(raw: str) -> list[str]:
 
 
 @pytest.mark.parametrize("raw", [
-    CASES["wikitext"].files["wikitext2/wiki.test.raw"],
+    WIKI_RAW,
     " = A = \n a . \n",  # no blank line before the first title
     " \n \n = A = \n = B = \n b . \n",  # whitespace before the first title; a title right after a title
-    " = A = \n \n = = Section = = \n \n = = = Sub = = = \n x \n = = = = Deep = = = = \n y",  # headings are not titles
+    " = A = \n = = Section = = \n = = = Sub = = = \n x \n = = = = Deep = = = = \n y",  # headings: not titles
     " = 2 + 2 = 4 = \n z \n =  Spaced  =  \n w \n",  # '=' inside a title; spaces around it
     " no title at all \n \n",  # one page: the last is kept whatever it holds
     "",
@@ -265,7 +272,7 @@ def test_offline_rows_of_the_real_files(real_data: Path) -> None:
         "piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "boolq": 3270, "winogrande": 1267,
         "lambada_openai": 5153, "wikitext": 62}
     first, second = rows["boolq"][:2]
-    assert first["passage"].startswith("Ethanol fuel -- All biomass goes through at least some of these steps")
+    assert first["passage"].startswith("Ethanol fuel -- All biomass goes through at least some of these")
     assert (first["idx"], first["label"], second["idx"], second["label"]) == (0, 0, 1, 1)
     assert second["passage"].startswith("Property tax -- Property tax or 'house tax' is a local tax")
     for name in ("arc_easy", "arc_challenge"):  # digit keys are kept and name one of the choices
@@ -355,7 +362,8 @@ def test_first_sampling_scores_the_first_documents_as_lm_eval_limit_does(
         offline: Path, tiny_llama: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sampling: first` scores documents 0..limit-1 of each task (lm-eval's `--limit`), and says so."""
     model, tokenizer = tiny_llama
-    config = ZeroShotConfig(tasks=("piqa", "arc_easy"), limit=2, sampling="first", batch_size=2, max_length=64)
+    config = ZeroShotConfig(tasks=("piqa", "arc_easy"), limit=2, sampling="first", batch_size=2,
+                            max_length=64)
     first, _ = zero_shot(model, tokenizer, config)
     assert first["sampling"] == "first" and [t["n"] for t in first["tasks"].values()] == [2, 2]
     # the same scores as the random path told to pick documents 0 and 1

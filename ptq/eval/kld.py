@@ -87,7 +87,7 @@ class KLDResult:
     p99: float
     max: float
     min: float  # never below 0 but for rounding (llama.cpp's truncation can go below)
-    top1_agreement: float  # fraction of positions where the float model's top token is also the quantized one's
+    top1_agreement: float  # share of positions where the float model's top token is the quantized one's too
     tokens: int
     k: int
     mean_tail_mass: float  # mean probability the float model puts outside its top k
@@ -104,7 +104,8 @@ def _tail_in_place(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logprobs.scatter_(-1, ids, float("-inf")).logsumexp(dim=-1)
 
 
-def coarse_kld(p_top: torch.Tensor, p_tail: torch.Tensor, q_top: torch.Tensor, q_tail: torch.Tensor) -> torch.Tensor:
+def coarse_kld(p_top: torch.Tensor, p_tail: torch.Tensor, q_top: torch.Tensor,
+               q_tail: torch.Tensor) -> torch.Tensor:
     """KL(P' || Q') per position from log-probabilities of the same k tokens ([..., k]) and of the
     rest ([...]): sum over the k + 1 outcomes of p (log p - log q), with 0 log 0 = 0. In float64,
     each side renormalized over its k + 1 outcomes first (float32 log-probabilities sum to 1 only to
@@ -140,12 +141,13 @@ def float_topk(model: torch.nn.Module, windows: torch.Tensor, k: int = DEFAULT_T
 
 @torch.inference_mode()
 def kl_divergence(model: torch.nn.Module, windows: torch.Tensor, store: TopKLogprobs, batch_size: int = 4,
-                  make_cache: Callable[[], Cache] | None = None, prefill_chunk: int | None = None) -> KLDResult:
+                  make_cache: Callable[[], Cache] | None = None,
+                  prefill_chunk: int | None = None) -> KLDResult:
     """KL(float || this model) on the windows `store` was computed on, read through the cell's cache
     (`make_cache`, `prefill_chunk`) as perplexity reads it."""
     if not torch.equal(windows.cpu(), store.windows):
-        raise ValueError(f"the windows ({tuple(windows.shape)}) are not those the float model's top-k store was "
-                         f"computed on ({tuple(store.windows.shape)}): compute the store on these windows")
+        raise ValueError(f"the windows ({tuple(windows.shape)}) are not those the float model's top-k store "
+                         f"was computed on ({tuple(store.windows.shape)}): compute it on these windows")
     device = next(model.parameters()).device
     klds, agreements = [], []
     for index, batch in enumerate(windows.split(batch_size)):
@@ -162,8 +164,9 @@ def kl_divergence(model: torch.nn.Module, windows: torch.Tensor, store: TopKLogp
         klds.append(coarse_kld(store.logprobs[rows], store.tail[rows], top.cpu(), tail.cpu()))
     per_token = torch.cat(klds)  # [W, T-1]
     values = per_token.flatten().numpy()
-    median, p90, p99 = np.quantile(values, [0.5, 0.9, 0.99])  # linear interpolation, as llama.cpp's percentiles
+    median, p90, p99 = np.quantile(values, [0.5, 0.9, 0.99])  # interpolated linearly, as llama.cpp does
     return KLDResult(mean=float(values.mean()), median=float(median), p90=float(p90), p99=float(p99),
-                     max=float(values.max()), min=float(values.min()), top1_agreement=float(torch.cat(agreements).double().mean()),
+                     max=float(values.max()), min=float(values.min()),
+                     top1_agreement=float(torch.cat(agreements).double().mean()),
                      tokens=values.size, k=store.k, mean_tail_mass=float(store.tail.double().exp().mean()),
                      window_kld=tuple(per_token.mean(dim=1).tolist()))

@@ -117,7 +117,7 @@ class OfflineTask:
 
     split: str  # the split the built-in task evaluates (its test split, else its validation split)
     files: tuple[str, ...]  # relative to the data dir, in the order `read` takes them
-    read: Callable[..., list[Row]]  # the files (as `Local`) -> rows of the hub dataset the built-in task reads
+    read: Callable[..., list[Row]]  # the files (`Local`) -> rows of the hub dataset the built-in task reads
 
 
 OFFLINE_TASKS: dict[str, OfflineTask] = {

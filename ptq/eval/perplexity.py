@@ -51,8 +51,8 @@ def windows_of(input_ids: torch.Tensor, seqlen: int, max_windows: int | None, al
         raise TooFewWindows(
             f"{source} has {tokens} tokens: {available} window(s) of {seqlen}, fewer than the "
             f"{max_windows if max_windows is not None else 1} to score (eval.max_windows). Is the data file "
-            "truncated? Restore it" + ("" if count == 0 else f", or set eval.allow_fewer_windows: true to score "
-                                       f"{count}"))
+            "truncated? Restore it"
+            + ("" if count == 0 else f", or set eval.allow_fewer_windows: true to score {count}"))
     return input_ids[0, : count * seqlen].reshape(count, seqlen)
 
 
@@ -90,7 +90,8 @@ def perplexity(
         progress.report("evaluating window", index * batch_size + len(batch), len(windows))
         batch = batch.to(device)
         logits = window_logits(model, batch, make_cache, prefill_chunk)
-        token_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+        token_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                    reduction="none")
         window_sums.append(token_nll.view(len(batch), -1).double().sum(dim=1).cpu())
     seconds = time.perf_counter() - start
     sums = torch.cat(window_sums)
