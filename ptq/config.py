@@ -193,6 +193,9 @@ class EvalConfig:
     seqlen: int = 512
     max_windows: int | None = 32  # None: every window of the split
     batch_size: int = 4
+    # A text with fewer than max_windows windows (a truncated file) fails the cell unless this is
+    # set; it decides whether a cell runs, not what it measures (not in the fingerprint).
+    allow_fewer_windows: bool = False
 
     def __post_init__(self) -> None:
         if self.seqlen < 2:
@@ -206,8 +209,11 @@ class ZeroShotConfig:
     """lm-eval tasks scored on the in-memory model; no tasks means no zero-shot evaluation."""
 
     tasks: tuple[str, ...] = ()  # lm-eval task names
-    limit: int | None = None  # examples per task, a seeded sample; None: every example
-    seed: int = 0  # of the sample
+    limit: int | None = None  # examples per task; None: every example
+    # Which `limit` examples: a seeded random sample (a better estimate of the whole task), or
+    # the first ones, as `lm_eval --limit N` scores them.
+    sampling: Literal["random", "first"] = "random"
+    seed: int = 0  # of the random sample
     batch_size: int = 8
     max_length: int | None = 2048  # tokens; longer requests are truncated from the left, as lm-eval does
 

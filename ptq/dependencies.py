@@ -49,8 +49,11 @@ def settings(config: CellConfig) -> dict[str, Any]:
     for key in ("calib", "kv_eval"):  # None: not read by this cell
         if payload[key] is None:
             payload.pop(key)
+    payload["eval"].pop("allow_fewer_windows")  # whether a cell may run, not what it measures
     if not config.zero_shot.tasks:  # unused: cells without zero-shot keep their fingerprints
         payload.pop("zero_shot")
+    elif config.zero_shot.sampling == "random":  # added later: the default is what it meant before
+        payload["zero_shot"].pop("sampling")
     return payload
 
 

@@ -29,3 +29,12 @@ class NonFiniteMetric(PtqError):
 
 class BaselineFailed(PtqError):
     """The FP baseline a cell is judged against could not be measured."""
+
+
+class DataMismatch(PtqError):
+    """A local data file is not the file its data folder's SHA256SUMS lists (truncated or altered),
+    or it cannot be decoded."""
+
+
+class TooFewWindows(PtqError):
+    """The evaluation text holds fewer windows than the configuration asks to score."""

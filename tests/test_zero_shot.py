@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ from ptq.config import (CellConfig, EvalConfig, GateConfig, MethodConfig, ModelC
                         ZeroShotConfig)
 from ptq.data import load_text
 from ptq.errors import ConfigError, DataUnavailable
-from ptq.eval.lm_tasks import OFFLINE_TASKS, build_tasks, check_task_files, check_task_names, task_manager
+from ptq.eval.lm_tasks import (OFFLINE_TASKS, Local, build_tasks, check_task_files, check_task_names,
+                               local_files, task_manager, wikitext_rows)
+from ptq.eval import zeroshot
 from ptq.eval.zeroshot import sample_indices, zero_shot
 from ptq.gates import accuracy_drop_gate, zero_shot_gates
 from ptq.matrix import Catalog, Selection
-from ptq.dependencies import fingerprint
+from ptq.dependencies import fingerprint, settings
 from ptq.engine import QuantResult
 from ptq.eval.suite import evaluate
 from ptq.report.leaderboard import leaderboard_rows, render_table
@@ -39,71 +42,154 @@ def jsonl(*rows: dict[str, Any]) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
 
 
-def arc_v1(id_: str, stem: str, texts: list[str], answer: str) -> dict[str, Any]:
-    labels = "ABCDE"[: len(texts)]
-    return {"id": id_, "question": {"stem": stem, "choices": [{"text": t, "label": l} for t, l in zip(texts, labels)]},
-            "answerKey": answer}
+@dataclass(frozen=True)
+class Case:
+    """One task: its local files (laid out as the originals in shared/data) and what the hub dataset
+    lm-eval reads holds for the same data: the examples its loading script yields, encoded by the
+    features the script declares (ClassLabel turns label strings into ints)."""
+
+    files: dict[str, str]  # path relative to the data dir -> content
+    hub: tuple[str, str | None]  # the dataset lm-eval 0.4.13's built-in task loads: (path, config)
+    features: datasets.Features
+    yielded: list[dict[str, Any]]  # the script's `_generate_examples` output, before encoding
+
+    def hub_rows(self) -> datasets.Dataset:
+        return datasets.Dataset.from_list(self.yielded, features=self.features)
 
 
-def arc_hub(id_: str, stem: str, texts: list[str], answer: str) -> dict[str, Any]:
-    return {"id": id_, "question": stem, "choices": {"text": texts, "label": list("ABCDE"[: len(texts)])},
-            "answerKey": answer}
+TEXT = datasets.Value("string")
+ARC_FEATURES = datasets.Features({"id": TEXT, "question": TEXT, "answerKey": TEXT,
+                                  "choices": datasets.Sequence({"text": TEXT, "label": TEXT})})
+SURGEON = "Sarah was a much better surgeon than Maria so _ always got the {} cases."
+ETHANOL = ("All biomass goes through at least some of these steps: it needs to be grown, collected, dried, "
+           "fermented, distilled, and burned.")
+HOUSE_TAX = "Property tax or 'house tax' is a local tax on buildings, along with appurtenant land."
+WIKI_RAW = (" \n = Alpha = \n \n Alpha is a @-@ letter . \n \n = = History = = \n \n"
+            " It was used ( long ago ) . \n \n = Beta = \n \n Beta 's page , with 1 @,@ 000 words . \n \n")
 
 
-ARC = [("q1", "Which gas do plants take in?", ["oxygen", "carbon dioxide", "helium", "neon"], "B"),
-       ("q2", "What melts ice?", ["heat", "cold", "dark"], "A"),
-       ("q3", "Which is a mammal?", ["trout", "frog", "whale", "crow"], "C")]
-WIKI = (" \n = Alpha = \n \n Alpha is a @-@ letter . \n \n = = History = = \n \n It was used ( long ago ) . \n"
-        " = Beta = \n \n Beta 's page , with 1 @,@ 000 words . \n")
+def arc_v1(id_: str, stem: str, choices: list[tuple[str, str]], key: str) -> dict[str, Any]:
+    """One line of ARC-V1-Feb2018's JSON lines: choices as (label, text)."""
+    return {"id": id_, "question": {"stem": stem, "choices": [{"text": t, "label": l} for l, t in choices]},
+            "answerKey": key}
 
-# Per task: the local files (as in shared/data) and the rows of the hub dataset they stand for,
-# written out here independently of the loaders under test.
-CASES: dict[str, tuple[dict[str, str], list[dict[str, Any]]]] = {
-    "piqa": ({"piqa/valid.jsonl": jsonl({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid"},
-                                        {"goal": "Dry hair", "sol1": "use water", "sol2": "use a towel"},
-                                        {"goal": "Cut bread", "sol1": "use a knife", "sol2": "use a spoon"}),
-              "piqa/valid-labels.lst": "0\n1\n0\n"},
-             [{"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
-              {"goal": "Dry hair", "sol1": "use water", "sol2": "use a towel", "label": 1},
-              {"goal": "Cut bread", "sol1": "use a knife", "sol2": "use a spoon", "label": 0}]),
-    "arc_easy": ({"arc_easy/ARC-Easy-Test.jsonl": jsonl(*(arc_v1(*q) for q in ARC))}, [arc_hub(*q) for q in ARC]),
-    "arc_challenge": ({"arc_challenge/ARC-Challenge-Test.jsonl": jsonl(*(arc_v1(*q) for q in ARC[::-1]))},
-                      [arc_hub(*q) for q in ARC[::-1]]),
-    "boolq": ({"boolq/dev.jsonl": jsonl({"question": "is water wet", "title": "Water", "answer": True,
-                                         "passage": "Water is a liquid."},
-                                        {"question": "is the sun cold", "title": "Sun", "answer": False,
-                                         "passage": "The sun is a hot star."})},
-              [{"question": "is water wet", "passage": "Water is a liquid.", "idx": 0, "label": 1},
-               {"question": "is the sun cold", "passage": "The sun is a hot star.", "idx": 1, "label": 0}]),
-    "winogrande": ({"winogrande/dev.jsonl": jsonl(
-                        {"qID": "a-1", "sentence": "Ann beat Bo because _ was faster.", "option1": "Ann",
-                         "option2": "Bo", "answer": "1"},
-                        {"qID": "a-2", "sentence": "Ann lost to Bo because _ was slower.", "option1": "Ann",
-                         "option2": "Bo", "answer": "2"}),
-                    "winogrande/dev-labels.lst": "1\n2\n"},
-                   [{"sentence": "Ann beat Bo because _ was faster.", "option1": "Ann", "option2": "Bo", "answer": "1"},
-                    {"sentence": "Ann lost to Bo because _ was slower.", "option1": "Ann", "option2": "Bo",
-                     "answer": "2"}]),
-    "lambada_openai": ({"lambada_openai/lambada_test.jsonl": jsonl({"text": "She opened the door and saw her dog"},
-                                                                   {"text": "He drank a glass of cold water"})},
-                       [{"text": "She opened the door and saw her dog"}, {"text": "He drank a glass of cold water"}]),
-    "wikitext": ({"wikitext2/wiki.test.raw": WIKI},
-                 [{"page": " \n = Alpha = \n \n Alpha is a @-@ letter . \n \n = = History = = \n \n"
-                           " It was used ( long ago ) . \n"},
-                  {"page": " = Beta = \n \n Beta 's page , with 1 @,@ 000 words . \n"}]),
+
+# Each layout below is written from the dataset's own loading script (and card), never from
+# ptq.eval.lm_tasks; the source is named above each case.
+CASES: dict[str, Case] = {
+    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/piqa/piqa.py (baber/piqa is its
+    # parquet copy): valid.jsonl {goal, sol1, sol2} zipped with the lines of valid-labels.lst,
+    # label = ClassLabel(names=["0", "1"]).
+    "piqa": Case(
+        {"piqa/valid.jsonl": jsonl({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid"},
+                                   {"goal": "Dry hair", "sol1": "use water", "sol2": "use a towel"},
+                                   {"goal": "Cut bread", "sol1": "use a knife", "sol2": "use a spoon"}),
+         "piqa/valid-labels.lst": "0\n1\n0\n"},
+        ("baber/piqa", None),
+        datasets.Features({"goal": TEXT, "sol1": TEXT, "sol2": TEXT,
+                           "label": datasets.ClassLabel(names=["0", "1"])}),
+        [{"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": "0"},
+         {"goal": "Dry hair", "sol1": "use water", "sol2": "use a towel", "label": "1"},
+         {"goal": "Cut bread", "sol1": "use a knife", "sol2": "use a spoon", "label": "0"}]),
+    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/ai2_arc/ai2_arc.py: ARC-V1-Feb2018
+    # {id, question: {stem, choices: [{text, label}]}, answerKey} -> {id, answerKey, question: the stem,
+    # choices: {text: [...], label: [...]}}, labels and key as in the file: letters, or "1".."4".
+    "arc_easy": Case(
+        {"arc_easy/ARC-Easy-Test.jsonl": jsonl(
+            arc_v1("Mercury_1", "Which gas do plants take in?",
+                   [("A", "oxygen"), ("B", "carbon dioxide"), ("C", "helium"), ("D", "neon")], "B"),
+            arc_v1("NYSEDREGENTS_2015_8_28", "All living and nonliving material is composed of",
+                   [("1", "air"), ("2", "elements"), ("3", "water"), ("4", "soil")], "2"))},
+        ("allenai/ai2_arc", "ARC-Easy"),
+        ARC_FEATURES,
+        [{"id": "Mercury_1", "answerKey": "B", "question": "Which gas do plants take in?",
+          "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}},
+         {"id": "NYSEDREGENTS_2015_8_28", "answerKey": "2",
+          "question": "All living and nonliving material is composed of",
+          "choices": {"text": ["air", "elements", "water", "soil"], "label": ["1", "2", "3", "4"]}}]),
+    # Same script; a digit-keyed row whose key is the last choice, and a five-choice row (label E).
+    "arc_challenge": Case(
+        {"arc_challenge/ARC-Challenge-Test.jsonl": jsonl(
+            arc_v1("NYSEDREGENTS_2012_4_9", "Which object conducts electricity?",
+                   [("1", "a glass cup"), ("2", "a rubber band"), ("3", "a wooden spoon"),
+                    ("4", "a steel nail")], "4"),
+            arc_v1("Mercury_7", "What melts ice fastest?",
+                   [("A", "heat"), ("B", "cold"), ("C", "dark"), ("D", "wind"), ("E", "shade")], "A"))},
+        ("allenai/ai2_arc", "ARC-Challenge"),
+        ARC_FEATURES,
+        [{"id": "NYSEDREGENTS_2012_4_9", "answerKey": "4", "question": "Which object conducts electricity?",
+          "choices": {"text": ["a glass cup", "a rubber band", "a wooden spoon", "a steel nail"],
+                      "label": ["1", "2", "3", "4"]}},
+         {"id": "Mercury_7", "answerKey": "A", "question": "What melts ice fastest?",
+          "choices": {"text": ["heat", "cold", "dark", "wind", "shade"],
+                      "label": ["A", "B", "C", "D", "E"]}}]),
+    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/super_glue/super_glue.py (aps/super_glue is
+    # its parquet copy) reads SuperGLUE's BoolQ/val.jsonl, whose rows (the script's dummy data: the split's
+    # first two) carry the passage as "{title} -- {passage}", an int idx and a bool label, cast to
+    # "False"/"True" for ClassLabel(names=["False", "True"]). The local file is google/boolq's dev.jsonl,
+    # {question, title, answer, passage} (passages shortened here to their first sentence).
+    "boolq": Case(
+        {"boolq/dev.jsonl": jsonl(
+            {"question": "does ethanol take more energy make that produces", "title": "Ethanol fuel",
+             "answer": False, "passage": ETHANOL},
+            {"question": "is house tax and property tax are same", "title": "Property tax", "answer": True,
+             "passage": HOUSE_TAX})},
+        ("aps/super_glue", "boolq"),
+        datasets.Features({"question": TEXT, "passage": TEXT, "idx": datasets.Value("int32"),
+                           "label": datasets.ClassLabel(names=["False", "True"])}),
+        [{"question": "does ethanol take more energy make that produces",
+          "passage": f"Ethanol fuel -- {ETHANOL}", "idx": 0, "label": "False"},
+         {"question": "is house tax and property tax are same", "passage": f"Property tax -- {HOUSE_TAX}",
+          "idx": 1, "label": "True"}]),
+    # https://github.com/huggingface/datasets/blob/2.0.0/datasets/winogrande/winogrande.py: dev.jsonl
+    # {qID, sentence, option1, option2, answer} -> {sentence, option1, option2, answer}, answer the
+    # string "1"/"2" (dev-labels.lst repeats it; the script does not read it).
+    "winogrande": Case(
+        {"winogrande/dev.jsonl": jsonl(
+            {"qID": "3FCO-2", "sentence": SURGEON.format("easier"), "option1": "Sarah", "option2": "Maria",
+             "answer": "2"},
+            {"qID": "3FCO-1", "sentence": SURGEON.format("harder"), "option1": "Sarah", "option2": "Maria",
+             "answer": "1"}),
+         "winogrande/dev-labels.lst": "2\n1\n"},
+        ("allenai/winogrande", "winogrande_xl"),
+        datasets.Features({"sentence": TEXT, "option1": TEXT, "option2": TEXT, "answer": TEXT}),
+        [{"sentence": SURGEON.format("easier"), "option1": "Sarah", "option2": "Maria", "answer": "2"},
+         {"sentence": SURGEON.format("harder"), "option1": "Sarah", "option2": "Maria", "answer": "1"}]),
+    # The lambada_openai script of lm-evaluation-harness v0.3.0 (lm_eval/datasets/lambada_openai, config
+    # "default": lambada_test.jsonl, sha256 4aa8d02c...) yields {"text": row["text"]} per line.
+    "lambada_openai": Case(
+        {"lambada_openai/lambada_test.jsonl": jsonl({"text": "She opened the door and saw her dog"},
+                                                    {"text": "He drank a glass of cold water"})},
+        ("EleutherAI/lambada_openai", "default"),
+        datasets.Features({"text": TEXT}),
+        [{"text": "She opened the door and saw her dog"}, {"text": "He drank a glass of cold water"}]),
+    # https://huggingface.co/datasets/EleutherAI/wikitext_document_level/blob/main/wikitext_document_level.py
+    # (now .py.backup): the raw file split at "\n", a page started at each level-1 title, a page's lines
+    # joined with "\n", pages of only whitespace dropped (here the blank line before the first title).
+    "wikitext": Case(
+        {"wikitext2/wiki.test.raw": WIKI_RAW},
+        ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1"),
+        datasets.Features({"page": TEXT}),
+        [{"page": " = Alpha = \n \n Alpha is a @-@ letter . \n \n = = History = = \n \n"
+                  " It was used ( long ago ) . \n "},
+         {"page": " = Beta = \n \n Beta 's page , with 1 @,@ 000 words . \n \n"}]),
 }
-# The hub dataset each built-in task reads (lm-eval 0.4.13).
-HUB = {"piqa": ("baber/piqa", None), "arc_easy": ("allenai/ai2_arc", "ARC-Easy"),
-       "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge"), "boolq": ("aps/super_glue", "boolq"),
-       "winogrande": ("allenai/winogrande", "winogrande_xl"), "lambada_openai": ("EleutherAI/lambada_openai", "default"),
-       "wikitext": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1")}
 
 
 def write_data(root: Path, tasks: list[str]) -> Path:
     for task in tasks:
-        for relative, text in CASES[task][0].items():
+        for relative, text in CASES[task].files.items():
             (root / relative).parent.mkdir(parents=True, exist_ok=True)
             (root / relative).write_text(text)
+    return root
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The shared data folder ($PTQ_DATA_DIR, else ../shared/data); the test is skipped without it."""
+    root = Path(os.environ.get("PTQ_DATA_DIR") or ROOT.parent / "shared" / "data")
+    if not all((root / file).is_file() for task in OFFLINE_TASKS.values() for file in task.files):
+        pytest.skip(f"no offline data in {root}")
     return root
 
 
@@ -129,7 +215,7 @@ def test_offline_task_renders_the_builtin_requests(name: str, offline: Path, mon
     ours = build_tasks((name,))[name]
     # The built-in task, its documents served from the hub rows above instead of the hub.
     asked = []
-    hub_rows = datasets.Dataset.from_list(CASES[name][1])
+    hub_rows = CASES[name].hub_rows()
 
     def load_dataset(path: str, name: str | None = None, **_: Any) -> datasets.DatasetDict:
         asked.append((path, name))
@@ -137,27 +223,74 @@ def test_offline_task_renders_the_builtin_requests(name: str, offline: Path, mon
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     builtin = task_manager().load([name])["tasks"][name]
-    assert asked == [HUB[name]]
-    assert [dict(doc) for doc in ours.eval_docs] == [dict(doc) for doc in builtin.eval_docs]
-    assert requests(ours) == requests(builtin) and len(ours.instances) >= len(CASES[name][1])
+    assert asked == [CASES[name].hub]
+    assert [dict(doc) for doc in ours.eval_docs] == [dict(doc) for doc in builtin.eval_docs] == list(hub_rows)
+    assert requests(ours) == requests(builtin) and len(ours.instances) >= len(hub_rows)
     assert [ours.doc_to_target(doc) for doc in ours.eval_docs] == [builtin.doc_to_target(doc)
                                                                    for doc in builtin.eval_docs]
     assert ours.config.metric_list == builtin.config.metric_list
     assert ours.OUTPUT_TYPE == builtin.OUTPUT_TYPE
 
 
-def test_wikitext_pages_split_at_titles_only(offline: Path) -> None:
-    pages = [doc["page"] for doc in build_tasks(("wikitext",))["wikitext"].eval_docs]
-    assert pages == [row["page"] for row in CASES["wikitext"][1]]
-    assert "".join(pages) == WIKI
+def document_level_pages(raw: str) -> list[str]:
+    """EleutherAI/wikitext_document_level's pages (source in CASES["wikitext"]), restated by slicing: a
+    level-1 title is a line that, with "= = =" read as "===" and then "= =" as "==", stripped, starts
+    with "= " and ends with " ="; the lines from one title to the next are one page, joined with "\n";
+    the lines before the first title are dropped when they hold only whitespace; the last page stays."""
+    lines = raw.split("\n")
+
+    def title(line: str) -> bool:
+        normalized = line.replace("= = =", "===").replace("= =", "==").strip()
+        return normalized[:2] == "= " and normalized[-2:] == " ="
+
+    bounds = [0, *(i for i, line in enumerate(lines) if title(line)), len(lines)]
+    chunks = ["\n".join(lines[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return [chunk for chunk in chunks[:-1] if chunk.strip()] + chunks[-1:]
+
+
+@pytest.mark.parametrize("raw", [
+    WIKI_RAW,
+    " = A = \n a . \n",  # no blank line before the first title
+    " \n \n = A = \n = B = \n b . \n",  # whitespace before the first title; a title right after a title
+    " = A = \n = = Section = = \n = = = Sub = = = \n x \n = = = = Deep = = = = \n y",  # headings: not titles
+    " = 2 + 2 = 4 = \n z \n =  Spaced  =  \n w \n",  # '=' inside a title; spaces around it
+    " no title at all \n \n",  # one page: the last is kept whatever it holds
+    "",
+])
+def test_wikitext_pages_follow_the_document_level_script(raw: str, tmp_path: Path) -> None:
+    path = tmp_path / "wiki.test.raw"
+    path.write_text(raw)
+    assert [row["page"] for row in wikitext_rows(Local(path, raw))] == document_level_pages(raw)
+
+
+def test_offline_rows_of_the_real_files(real_data: Path) -> None:
+    """The local files give the hub's rows: sizes from the dataset cards (super_glue boolq validation 3270,
+    ai2_arc test 2376 / 1172, piqa validation 1838, winogrande_xl validation 1267, lambada_openai test
+    5153, wikitext_document_level wikitext-2-raw-v1 test 62), BoolQ's first rows as SuperGLUE's
+    BoolQ/val.jsonl has them, the WikiText pages as the document-level script cuts them."""
+    rows = {name: task.read(*local_files(name, real_data)) for name, task in OFFLINE_TASKS.items()}
+    assert {name: len(value) for name, value in rows.items()} == {
+        "piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "boolq": 3270, "winogrande": 1267,
+        "lambada_openai": 5153, "wikitext": 62}
+    first, second = rows["boolq"][:2]
+    assert first["passage"].startswith("Ethanol fuel -- All biomass goes through at least some of these")
+    assert (first["idx"], first["label"], second["idx"], second["label"]) == (0, 0, 1, 1)
+    assert second["passage"].startswith("Property tax -- Property tax or 'house tax' is a local tax")
+    for name in ("arc_easy", "arc_challenge"):  # digit keys are kept and name one of the choices
+        assert all(row["answerKey"] in row["choices"]["label"] for row in rows[name])
+        assert any(row["answerKey"].isdigit() for row in rows[name])
+    raw = (real_data / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    pages = [row["page"] for row in rows["wikitext"]]
+    assert pages == document_level_pages(raw)
+    assert pages[0].startswith(" = Robert Boulter = \n") and "\n".join(pages) == raw.removeprefix(" \n")
 
 
 def test_missing_file_is_an_error_naming_it(offline: Path) -> None:
-    (offline / "winogrande" / "dev-labels.lst").unlink()
-    with pytest.raises(DataUnavailable, match=r"winogrande: missing file .*winogrande/dev-labels\.lst"):
-        check_task_files(("piqa", "winogrande"))
-    with pytest.raises(DataUnavailable, match=r"winogrande/dev-labels\.lst"):
-        build_tasks(("winogrande",))
+    (offline / "piqa" / "valid-labels.lst").unlink()
+    with pytest.raises(DataUnavailable, match=r"piqa: missing file .*piqa/valid-labels\.lst"):
+        check_task_files(("winogrande", "piqa"))
+    with pytest.raises(DataUnavailable, match=r"piqa/valid-labels\.lst"):
+        build_tasks(("piqa",))
 
 
 def test_labels_that_do_not_match_the_examples_are_an_error(offline: Path) -> None:
@@ -188,7 +321,7 @@ def test_seeded_sample() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_llama() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    texts = [text for files, _ in CASES.values() for text in files.values()]
+    texts = [text for case in CASES.values() for text in case.files.values()]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
@@ -204,8 +337,8 @@ def test_zero_shot_metrics_schema(offline: Path, tiny_llama: tuple) -> None:
     model, tokenizer = tiny_llama
     config = ZeroShotConfig(tasks=("piqa", "boolq", "lambada_openai"), limit=2, seed=0, batch_size=2, max_length=64)
     metrics, data = zero_shot(model, tokenizer, config)
-    assert set(metrics) == {"tasks", "average", "limit", "seed", "seconds"}
-    assert metrics["limit"] == 2 and metrics["seed"] == 0
+    assert set(metrics) == {"tasks", "average", "limit", "sampling", "seed", "seconds"}
+    assert metrics["limit"] == 2 and metrics["sampling"] == "random" and metrics["seed"] == 0
     tasks = metrics["tasks"]
     assert list(tasks) == ["piqa", "boolq", "lambada_openai"]
     assert set(tasks["piqa"]) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "total", "limit"}
@@ -224,6 +357,20 @@ def test_zero_shot_metrics_schema(offline: Path, tiny_llama: tuple) -> None:
     # the same sample again: the same numbers
     again, _ = zero_shot(model, tokenizer, config)
     assert again["tasks"] == tasks
+
+
+def test_first_sampling_scores_the_first_documents_as_lm_eval_limit_does(
+        offline: Path, tiny_llama: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sampling: first` scores documents 0..limit-1 of each task (lm-eval's `--limit`), and says so."""
+    model, tokenizer = tiny_llama
+    config = ZeroShotConfig(tasks=("piqa", "arc_easy"), limit=2, sampling="first", batch_size=2,
+                            max_length=64)
+    first, _ = zero_shot(model, tokenizer, config)
+    assert first["sampling"] == "first" and [t["n"] for t in first["tasks"].values()] == [2, 2]
+    # the same scores as the random path told to pick documents 0 and 1
+    monkeypatch.setattr(zeroshot, "sample_indices", lambda total, limit, seed: list(range(limit)))
+    chosen, _ = zero_shot(model, tokenizer, dataclasses.replace(config, sampling="random"))
+    assert chosen["tasks"] == first["tasks"]
 
 
 def test_accuracy_gate_is_aware_of_the_standard_error() -> None:
@@ -260,6 +407,10 @@ def test_fingerprint_ignores_zero_shot_settings_without_tasks() -> None:
     assert fingerprint(unused, "cpu") == fingerprint(config, "cpu")
     used = dataclasses.replace(config, zero_shot=ZeroShotConfig(tasks=("piqa",)))
     assert fingerprint(used, "cpu") != fingerprint(config, "cpu")
+    # the sampling rule came later: its default keeps the fingerprints it had, `first` is another config
+    assert "sampling" not in settings(used)["zero_shot"]
+    first = dataclasses.replace(used, zero_shot=ZeroShotConfig(tasks=("piqa",), sampling="first"))
+    assert fingerprint(first, "cpu") != fingerprint(used, "cpu")
 
 
 def test_zero_shot_experiment_and_device_profiles() -> None:
@@ -275,22 +426,23 @@ def test_zero_shot_experiment_and_device_profiles() -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ("zero_shot: {tasks: [piqa, piqa]}", "tasks lists a task twice"),
-    ("zero_shot: {limit: 0}", "limit must be at least 1"),
+    ("zero_shot: {tasks: [piqa, piqa]}", "zero_shot: tasks lists a task twice"),
+    ("zero_shot: {limit: 0}", "zero_shot: limit must be at least 1"),
+    ("zero_shot: {sampling: last}", "zero_shot.sampling must be 'random' \\| 'first', got 'last'"),
 ])
 def test_invalid_zero_shot_settings(tmp_path: Path, text: str, message: str) -> None:
     bench = Path(shutil.copytree(ROOT / "bench", tmp_path / "bench"))
     (bench / "experiments" / "bad.yaml").write_text(
         f"experiment: {{name: bad, models: [smollm2-135m], methods: [fp16], tracks: [A]}}\n{text}\n")
     catalog = Catalog(bench)
-    with pytest.raises(ConfigError, match=rf"bad\.yaml:2: zero_shot: {message}"):
+    with pytest.raises(ConfigError, match=rf"bad\.yaml:2: {message}"):
         catalog.cells(Selection(experiments=(bench / "experiments" / "bad.yaml",)), "cpu")
 
 
 def test_leaderboard_has_accuracy_columns_only_when_measured() -> None:
     def record(cell: str, zero_shot: dict[str, Any] | None) -> dict[str, Any]:
         metrics = {"ppl": {"wikitext2": 30.0}, **({"zero_shot": zero_shot} if zero_shot else {})}
-        return {"cell_id": cell, "model": "m", "method": cell, "track": "A", "experiment": None, "status": "passed",
+        return {"cell_id": cell, "config_fingerprint": None, "model": "m", "method": cell, "track": "A", "experiment": None, "status": "passed",
                 "reason": None, "metrics": metrics}
 
     zero_shot = {"tasks": {"piqa": {"acc": 0.625}, "wikitext": {"word_perplexity": 20.0}},

@@ -1,2 +1,2 @@
-"""Evaluators: perplexity, lm-eval zero-shot tasks, passkey retrieval, decoding speed and
-cache bytes, peak memory; `suite.evaluate` runs a cell's configured set."""
+"""Evaluators: perplexity, KL divergence to the float model, decoding and passkey probes through a KV
+cache, zero-shot accuracy through lm-eval, peak memory; `suite.evaluate` runs a cell's configured set."""

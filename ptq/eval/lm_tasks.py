@@ -13,85 +13,102 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from ptq.data import DATA_DIR_ENV, data_dir
+from ptq.data import DATA_DIR_ENV, data_dir, decode_text, json_lines, read_local
 from ptq.errors import ConfigError, DataUnavailable
 
 Row = dict[str, Any]
 
 
-def _jsonl(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+@dataclass(frozen=True)
+class Local:
+    """One local file, read and checked against the data folder's SHA256SUMS (ptq.data.read_local)."""
+
+    path: Path
+    text: str  # decoded as Python's text mode reads it
 
 
-def _labels(path: Path) -> list[str]:
-    with path.open(encoding="utf-8") as handle:
-        return [line.strip() for line in handle if line.strip()]
+def _labels(labels: Local) -> list[str]:
+    return [line.strip() for line in labels.text.split("\n") if line.strip()]
 
 
-def _zip_labels(rows: list[Row], labels: list[str], labels_path: Path) -> list[tuple[Row, str]]:
-    if len(rows) != len(labels):
-        raise DataUnavailable(f"{labels_path} has {len(labels)} labels for {len(rows)} examples")
-    return list(zip(rows, labels))
+def _zip_labels(rows: list[Row], labels: Local) -> list[tuple[Row, str]]:
+    values = _labels(labels)
+    if len(rows) != len(values):
+        raise DataUnavailable(f"{labels.path} has {len(values)} labels for {len(rows)} examples")
+    return list(zip(rows, values))
 
 
-def piqa_rows(examples: Path, labels: Path) -> list[Row]:
-    """ybisk/piqa files -> rows of baber/piqa: {goal, sol1, sol2, label}."""
+# Each reader below turns the original files into the rows the hub dataset's own loading script
+# yields (field names, types, label encodings); the script is named in each docstring.
+
+def piqa_rows(examples: Local, labels: Local) -> list[Row]:
+    """ybisk/piqa valid.jsonl + valid-labels.lst -> rows of baber/piqa (the parquet copy of the `piqa`
+    script's output): {goal, sol1, sol2, label}, the label line cast by ClassLabel(["0", "1"]) to 0/1."""
     return [{"goal": row["goal"], "sol1": row["sol1"], "sol2": row["sol2"], "label": int(label)}
-            for row, label in _zip_labels(_jsonl(examples), _labels(labels), labels)]
+            for row, label in _zip_labels(json_lines(examples.text, examples.path), labels)]
 
 
-def arc_rows(examples: Path) -> list[Row]:
-    """ARC V1 JSON lines -> rows of allenai/ai2_arc: {id, question, choices: {text, label}, answerKey}."""
+def arc_rows(examples: Local) -> list[Row]:
+    """ARC V1 JSON lines -> rows of allenai/ai2_arc: {id, question (the stem), choices: {text, label},
+    answerKey}, labels and key copied as they are (letters, or digits "1".."4" in some rows)."""
     return [{"id": row["id"], "question": row["question"]["stem"],
              "choices": {"text": [c["text"] for c in row["question"]["choices"]],
                          "label": [c["label"] for c in row["question"]["choices"]]},
              "answerKey": row["answerKey"]}
-            for row in _jsonl(examples)]
+            for row in json_lines(examples.text, examples.path)]
 
 
-def boolq_rows(examples: Path) -> list[Row]:
-    """google/boolq dev.jsonl -> rows of aps/super_glue boolq: {question, passage, idx, label}."""
-    return [{"question": row["question"], "passage": row["passage"], "idx": idx, "label": int(row["answer"])}
-            for idx, row in enumerate(_jsonl(examples))]
+def boolq_rows(examples: Local) -> list[Row]:
+    """google/boolq dev.jsonl -> rows of aps/super_glue boolq: {question, passage, idx, label}.
+
+    The super_glue script reads SuperGLUE's BoolQ/val.jsonl: these questions in this order, each
+    passage prefixed by its article's title ("{title} -- {passage}"), idx the line number, and the
+    bool label cast by ClassLabel(["False", "True"]) to 0/1."""
+    return [{"question": row["question"], "passage": f"{row['title']} -- {row['passage']}", "idx": idx,
+             "label": int(row["answer"])}
+            for idx, row in enumerate(json_lines(examples.text, examples.path))]
 
 
-def winogrande_rows(examples: Path, labels: Path) -> list[Row]:
-    """winogrande dev files -> rows of allenai/winogrande: {sentence, option1, option2, answer ("1"/"2")}."""
-    return [{"sentence": row["sentence"], "option1": row["option1"], "option2": row["option2"], "answer": label}
-            for row, label in _zip_labels(_jsonl(examples), _labels(labels), labels)]
+def winogrande_rows(examples: Local) -> list[Row]:
+    """winogrande_1.1 dev.jsonl -> rows of allenai/winogrande: {sentence, option1, option2, answer}, the
+    answer kept the string "1"/"2" of the file, as the `winogrande` script does."""
+    return [{"sentence": row["sentence"], "option1": row["option1"], "option2": row["option2"],
+             "answer": row["answer"]}
+            for row in json_lines(examples.text, examples.path)]
 
 
-def lambada_rows(examples: Path) -> list[Row]:
-    """lambada_test.jsonl is already the rows of EleutherAI/lambada_openai: {text}."""
-    return [{"text": row["text"]} for row in _jsonl(examples)]
+def lambada_rows(examples: Local) -> list[Row]:
+    """lambada_test.jsonl is the file of EleutherAI/lambada_openai (default config): rows {text}."""
+    return [{"text": row["text"]} for row in json_lines(examples.text, examples.path)]
 
 
-# A top-level WikiText heading (" = Title = "); "= = Section = =" lines are not.
-_WIKITEXT_TITLE = re.compile(r"^ = [^=].* = $")
+def _is_title(line: str) -> bool:
+    """A level-1 heading (" = Title = ") by wikitext_document_level's test: "= = ="/"= =" read as
+    "==="/"==", the stripped line starts with "= " and ends with " =" ("= = Section = =" does not)."""
+    normalized = line.replace("= = =", "===").replace("= =", "==").strip()
+    return normalized.startswith("= ") and normalized.endswith(" =")
 
 
-def wikitext_rows(raw: Path) -> list[Row]:
-    """wiki.test.raw -> rows of EleutherAI/wikitext_document_level: {page}, one per article
-    (a page runs up to the next title line; lines keep their "\\n"; the blank line before
-    the first title belongs to the first page)."""
-    pages: list[list[str]] = [[]]
-    titled = False  # the current page has its title
-    with raw.open(encoding="utf-8") as handle:
-        for line in handle:
-            if _WIKITEXT_TITLE.match(line.rstrip("\n")):
-                if titled:
-                    pages.append([])
-                titled = True
-            pages[-1].append(line)
-    return [{"page": "".join(lines)} for lines in pages]
+def wikitext_rows(raw: Local) -> list[Row]:
+    """wiki.test.raw -> rows of EleutherAI/wikitext_document_level: {page}, as its script builds them:
+    the file split at "\\n", a page started at each title line, a page's lines joined with "\\n",
+    pages holding only whitespace dropped; the last page is kept as it is."""
+    pages: list[str] = []
+    lines: list[str] = []
+    for line in raw.text.split("\n"):
+        if _is_title(line):
+            page = "\n".join(lines)
+            if page.strip():
+                pages.append(page)
+            lines = []
+        lines.append(line)
+    pages.append("\n".join(lines))
+    return [{"page": page} for page in pages]
 
 
 @dataclass(frozen=True)
@@ -100,7 +117,7 @@ class OfflineTask:
 
     split: str  # the split the built-in task evaluates (its test split, else its validation split)
     files: tuple[str, ...]  # relative to the data dir, in the order `read` takes them
-    read: Callable[..., list[Row]]  # the files -> rows of the hub dataset the built-in task reads
+    read: Callable[..., list[Row]]  # the files (`Local`) -> rows of the hub dataset the built-in task reads
 
 
 OFFLINE_TASKS: dict[str, OfflineTask] = {
@@ -108,7 +125,7 @@ OFFLINE_TASKS: dict[str, OfflineTask] = {
     "arc_easy": OfflineTask("test", ("arc_easy/ARC-Easy-Test.jsonl",), arc_rows),
     "arc_challenge": OfflineTask("test", ("arc_challenge/ARC-Challenge-Test.jsonl",), arc_rows),
     "boolq": OfflineTask("validation", ("boolq/dev.jsonl",), boolq_rows),
-    "winogrande": OfflineTask("validation", ("winogrande/dev.jsonl", "winogrande/dev-labels.lst"), winogrande_rows),
+    "winogrande": OfflineTask("validation", ("winogrande/dev.jsonl",), winogrande_rows),
     "lambada_openai": OfflineTask("test", ("lambada_openai/lambada_test.jsonl",), lambada_rows),
     "wikitext": OfflineTask("test", ("wikitext2/wiki.test.raw",), wikitext_rows),
 }
@@ -144,11 +161,12 @@ def check_task_names(names: tuple[str, ...]) -> None:
 
 
 def check_task_files(names: tuple[str, ...]) -> None:
-    """Offline, every file of every task exists (an error names the first missing one)."""
+    """Offline, every file of every task exists and is the file SHA256SUMS lists (an error names the
+    first that is not)."""
     root = data_dir()
     if root is not None:
         for name in names:
-            local_paths(name, root)
+            local_files(name, root)
 
 
 def builtin_config(name: str) -> dict[str, Any]:
@@ -168,6 +186,12 @@ def local_paths(name: str, root: Path) -> list[Path]:
     return paths
 
 
+def local_files(name: str, root: Path) -> list[Local]:
+    """The task's local files, read and checked against SHA256SUMS (see ptq.data.read_local)."""
+    return [Local(path, decode_text(read_local(root, relative), path))
+            for relative, path in zip(OFFLINE_TASKS[name].files, local_paths(name, root))]
+
+
 def offline_config(name: str, root: Path) -> dict[str, Any]:
     """The built-in task's configuration with its documents read from the local files."""
     offline = OFFLINE_TASKS[name]
@@ -176,8 +200,7 @@ def offline_config(name: str, root: Path) -> dict[str, Any]:
     if evaluated != offline.split:
         raise ConfigError(f"lm-eval's task {name} evaluates its {evaluated!r} split, but the local files "
                           f"{list(offline.files)} hold the {offline.split!r} split")
-    paths = local_paths(name, root)
-    rows = offline.read(*paths)
+    rows = offline.read(*local_files(name, root))
 
     def dataset(**_metadata: Any) -> Any:  # lm-eval passes the task's metadata as keywords
         import datasets

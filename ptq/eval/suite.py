@@ -84,9 +84,12 @@ def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device:
         batch_size = config.eval.batch_size
         while True:
             try:
+                # a dataset's own window cap is its convention, not a budget: fewer is no truncation
+                capped = config.eval.max_windows is None or windows_for(dataset, None) is not None
                 results[dataset] = perplexity(quantized.model, ids, config.eval.seqlen,
                                               windows_for(dataset, config.eval.max_windows), batch_size,
-                                              quantized.make_cache, chunk)
+                                              quantized.make_cache, chunk, config.eval.allow_fewer_windows or capped,
+                                              f"{dataset}/{EVAL_SPLIT} ({text.origin})")
                 break
             except torch.OutOfMemoryError:
                 if batch_size == 1:

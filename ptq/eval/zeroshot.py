@@ -1,8 +1,10 @@
 """Zero-shot accuracy with lm-evaluation-harness on the model a cell holds in memory.
 
 lm-eval's HFLM wraps the (quantized) model object itself: no save and reload. With a
-``limit``, each task is scored on a seeded sample of its examples, the same sample for
-every cell (so the FP baseline and a quantized model answer the same questions).
+``limit``, each task is scored on ``limit`` of its examples, the same ones for every cell (so
+the FP baseline and a quantized model answer the same questions): by default a seeded random
+sample (``sampling: random``), or the first ones (``sampling: first``), which is what
+``lm_eval --limit N`` scores.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ BOOTSTRAP_ITERS = 1000
 
 
 def sample_indices(total: int, limit: int | None, seed: int) -> list[int] | None:
-    """A seeded sample of `limit` document indices, in order; None when every document is scored."""
+    """A seeded random sample of `limit` document indices, in order; None when every document is scored."""
     if limit is None or limit >= total:
         return None
     return sorted(random.Random(seed).sample(range(total), limit))
@@ -75,18 +77,23 @@ def zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config
     """Score the configured tasks; returns (metrics, data description) for the record.
 
     metrics: {"tasks": {task: {acc, acc_stderr[, acc_norm, acc_norm_stderr, ...], n, total, limit}},
-              "average": {acc, acc_stderr, tasks}, "limit", "seed", "seconds"}
+              "average": {acc, acc_stderr, tasks}, "limit", "sampling", "seed", "seconds"}
     """
     from lm_eval.evaluator import evaluate
 
     tasks = build_tasks(config.tasks)
     totals = {name: len(task.eval_docs) for name, task in tasks.items()}
-    samples = {name: indices for name, total in totals.items()
-               if (indices := sample_indices(total, config.limit, config.seed)) is not None}
+    selection: dict[str, Any]
+    if config.sampling == "first":  # lm-eval's own `limit`: the first documents of each task
+        selection = {"limit": config.limit}
+    else:
+        samples = {name: indices for name, total in totals.items()
+                   if (indices := sample_indices(total, config.limit, config.seed)) is not None}
+        selection = {"samples": samples or None}
     start = time.perf_counter()
     # Serial bootstrap: lm-eval would otherwise fork a process pool from a process holding the model.
     with mock.patch.dict(os.environ, {"DISABLE_MULTIPROC": "1"}):
-        output = evaluate(_make_lm(model, tokenizer, config, make_cache), {"tasks": tasks}, samples=samples or None,
+        output = evaluate(_make_lm(model, tokenizer, config, make_cache), {"tasks": tasks}, **selection,
                           bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False)
     seconds = time.perf_counter() - start
     per_task = {}
@@ -94,6 +101,6 @@ def zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config
         per_task[name] = {**_task_metrics(output["results"][name]), "n": output["n-samples"][name]["effective"],
                           "total": totals[name], "limit": config.limit}
     metrics = {"tasks": per_task, "average": average_accuracy(per_task), "limit": config.limit,
-               "seed": config.seed, "seconds": seconds}
+               "sampling": config.sampling, "seed": config.seed, "seconds": seconds}
     data = {name: task_origin(name) for name in config.tasks}
     return metrics, data

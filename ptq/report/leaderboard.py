@@ -37,7 +37,8 @@ def zero_shot_columns(zero_shot: dict[str, Any] | None) -> dict[str, Any]:
         return {}
     accuracies = {f"{ACC_PREFIX}{task}": m["acc"] for task, m in zero_shot["tasks"].items() if "acc" in m}
     return {**accuracies, f"{ACC_PREFIX}avg": zero_shot["average"]["acc"] if zero_shot["average"] else None,
-            "zero_shot_limit": zero_shot["limit"]}
+            "zero_shot_limit": zero_shot["limit"],
+            "zero_shot_sampling": zero_shot.get("sampling", "random")}  # records before the field: random
 
 
 BASELINE_METHOD = "fp16"  # the registered name of the float baseline (ptq.registry.baseline_method)
