@@ -28,7 +28,7 @@ from typing import Any, Literal
 import yaml
 
 from ptq.errors import ConfigError
-from ptq.quant import QuantSpec
+from ptq.quant import ActSpec, QuantSpec
 
 TRACKS = ("A", "B", "C")
 
@@ -100,6 +100,9 @@ class KVConfig:
 
     def __post_init__(self) -> None:
         for name, spec, axis in (("key", self.key, self.key_axis), ("value", self.value, self.value_axis)):
+            if spec.format != "int":  # the cache stores packed integer codes
+                raise ValueError(f"{name}: format {spec.format} is not implemented for the KV cache, "
+                                 "only int")
             if axis == "token" and spec.granularity not in ("token", "group"):
                 raise ValueError(f"{name}: a token-axis stream is quantized per token or in groups of channels, "
                                  f"not per {spec.granularity}")
@@ -186,6 +189,10 @@ class GateConfig:
     acc_drop_stderrs: float = 2.0
 
 
+# Spec fields added after fingerprints were first committed, with the value their absence meant.
+SPEC_FIELDS_ADDED_LATER = {"format": "int", "dynamic": True}
+
+
 @dataclass(frozen=True)
 class CellConfig:
     """The fully resolved configuration of one benchmark cell."""
@@ -194,7 +201,7 @@ class CellConfig:
     method: MethodConfig
     track: TrackConfig
     weight: QuantSpec | None = None  # weight quantization (tracks A, B)
-    act: QuantSpec | None = None  # dynamic activation quantization of linear inputs (track B)
+    act: ActSpec | None = None  # activation quantization of the block linears' inputs (track B)
     kv: KVConfig | None = None  # KV-cache quantization (track C)
     kv_eval: KVEvalConfig | None = None  # KV-cache probes (track C), for every method of the track
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -220,6 +227,11 @@ class CellConfig:
             payload["model"].pop(key)
         if payload["kv_eval"] is None:  # sections added later: absent means what it meant before
             payload.pop("kv_eval")
+        kv = payload["kv"] or {}
+        for spec in (payload["weight"], payload["act"], kv.get("key"), kv.get("value")):
+            for key, default in SPEC_FIELDS_ADDED_LATER.items():  # likewise for spec fields at their default
+                if spec is not None and spec.get(key) == default:
+                    spec.pop(key)
         if not self.zero_shot.tasks:  # unused: cells without zero-shot keep their fingerprints
             payload.pop("zero_shot")
         payload["device_type"] = device_type
