@@ -36,11 +36,7 @@ GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "token", "group")
 Format = Literal["int", "fp8_e4m3"]
 FORMATS: tuple[str, ...] = ("int", "fp8_e4m3")
 MIN_BITS, MAX_BITS = 2, 8
-# float8 e4m3fn (no infinities, one NaN code): largest finite value 1.75 * 2^8, 3 mantissa bits,
-# smallest normal exponent -6 (below it, subnormals in steps of 2^-9).
-FP8_E4M3_MAX = 448
-FP8_E4M3_MANTISSA_BITS = 3
-FP8_E4M3_MIN_EXPONENT = -6
+FP8_E4M3_MAX = 448  # float8 e4m3fn's largest finite value, 1.75 * 2^8 (it has no infinities)
 
 
 @dataclass(frozen=True)
@@ -204,25 +200,15 @@ def params_from_range(
     return scale, zero
 
 
-def round_e4m3_(v: torch.Tensor) -> torch.Tensor:
-    """`v` (float32, within +-448) rounded in place to the nearest float8 e4m3fn value, ties to
-    even: the spacing of e4m3 numbers is 2^(floor(log2|v|) - 3), and 2^-9 among subnormals.
-    Plain float arithmetic (division and multiplication by a power of two are exact), so the
-    grid is ours to test against torch's float8_e4m3fn cast, on any device or dtype."""
-    exponent = torch.frexp(v).exponent - 1  # floor(log2 |v|): frexp's mantissa is in [0.5, 1)
-    spacing_exponent = exponent.clamp_(min=FP8_E4M3_MIN_EXPONENT) - FP8_E4M3_MANTISSA_BITS
-    step = torch.ldexp(torch.ones_like(v), spacing_exponent)
-    return v.div_(step).round_().mul_(step)
-
-
 def round_to_grid_(v: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Values already divided by their scale (and shifted by their zero point), rounded in place
-    to the codes of `spec`: integers in [qmin, qmax], or float8 e4m3fn values. FP8 saturates:
-    values beyond +-448 are clamped before rounding, as deployed FP8 kernels do (a cast alone
-    is not reliable there: older torch casts give NaN from 480 on; torch 2.13 on CPU
-    saturates, even infinities)."""
+    """Values already divided by their scale (and shifted by their zero point), rounded to the
+    codes of `spec` (in place for INT): integers in [qmin, qmax], or the nearest float8 e4m3fn
+    value, ties to even (torch's cast, checked against the format's definition by the tests).
+    FP8 saturates: values beyond +-448 are clamped before the cast, as deployed FP8 kernels
+    do; the cast alone is not reliable there (older torch versions give NaN from 480 on,
+    torch 2.13 on CPU saturates, even infinities)."""
     if spec.format == "fp8_e4m3":
-        return round_e4m3_(v.clamp_(spec.qmin, spec.qmax))
+        return v.clamp_(spec.qmin, spec.qmax).to(torch.float8_e4m3fn).to(v.dtype)
     return v.round_().clamp_(spec.qmin, spec.qmax)
 
 

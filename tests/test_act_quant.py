@@ -115,23 +115,33 @@ def test_yaml_mistakes_name_file_and_line(tmp_path: Path, text: str, message: st
 # ------------------------------------------------------------------- FP8 E4M3 vs torch
 
 
-def e4m3_grid() -> torch.Tensor:
-    """Every finite float8_e4m3fn value, from torch's own decoding of the 256 bit patterns."""
-    values = torch.arange(256, dtype=torch.uint8).view(FP8).float()
-    return values[values.isfinite()].unique()  # +0 and -0 once; the two NaN codes dropped
+def e4m3_by_definition() -> tuple[torch.Tensor, torch.Tensor]:
+    """The non-negative float8 e4m3fn values from the format's definition (OCP FP8 spec: exponent
+    bias 7, 3 mantissa bits, no infinities, S.1111.111 is NaN), in code order, which is value
+    order: subnormals m/8 * 2^-6, then normals (1 + m/8) * 2^(e-7) for e = 1..15. Returns the
+    values and their codes (float64, so distances below are exact)."""
+    values = [m / 8 * 2.0**-6 for m in range(8)]
+    values += [(1 + m / 8) * 2.0 ** (e - 7) for e in range(1, 16) for m in range(8) if (e, m) != (15, 7)]
+    return torch.tensor(values, dtype=torch.float64), torch.arange(len(values))
 
 
-def torch_fp8(v: torch.Tensor) -> torch.Tensor:
-    """The deployed recipe with torch's cast: saturate at +-448, then round to float8_e4m3fn."""
-    return v.clamp(-448, 448).to(FP8).float()
+def nearest_e4m3_by_definition(v: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties to the even code, after saturating at +-448: by search over the grid."""
+    grid, codes = e4m3_by_definition()
+    magnitude = v.double().abs().clamp(max=448)
+    above = torch.searchsorted(grid, magnitude).clamp(max=len(grid) - 1)
+    below = (above - 1).clamp(min=0)
+    to_above, to_below = grid[above] - magnitude, magnitude - grid[below]
+    pick = torch.where(to_above < to_below, above,
+                       torch.where(to_below < to_above, below, torch.where(codes[above] % 2 == 0, above, below)))
+    return (grid[pick] * v.double().sign()).float()
 
 
 def scaled_probe_values() -> torch.Tensor:
     """Values in units of the scale: every grid value, every midpoint between neighbours (ties:
     round to even), one float32 ulp either side of each midpoint, subnormals and values below
     the smallest subnormal, random values across all binades, and values beyond 448."""
-    grid = e4m3_grid()
-    positive = grid[grid > 0]
+    positive = e4m3_by_definition()[0][1:].float()
     mids = (positive[1:] + positive[:-1]) / 2
     near = torch.cat([torch.nextafter(mids, torch.zeros_like(mids)),
                       torch.nextafter(mids, torch.full_like(mids, 1e9))])
@@ -143,26 +153,29 @@ def scaled_probe_values() -> torch.Tensor:
     return torch.cat([magnitudes, -magnitudes])
 
 
-def test_our_e4m3_grid_is_torchs_float8_e4m3fn() -> None:
-    grid = e4m3_grid()
-    assert grid.numel() == 253 and grid.max() == 448  # 2 * 126 nonzero finite values + zero
-    spec = QuantSpec(8, symmetric=True, granularity="tensor", format="fp8_e4m3")
-    one = torch.tensor(1.0)
-    assert torch.equal(fake_quantize_with(grid, one, None, spec), grid)  # the grid round-trips exactly
+def test_torchs_float8_e4m3fn_is_the_formats_definition() -> None:
+    """The independent reference first: torch's 254 finite codes decode to the definition's 127
+    non-negative values and their negatives, and its cast rounds as the definition says."""
+    decoded = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = e4m3_by_definition()[0].float()
+    assert decoded.isnan().sum() == 2 and torch.equal(decoded[decoded.isfinite()].unique(),
+                                                      torch.cat([-grid[1:].flip(0), grid]))
+    v = scaled_probe_values()
+    assert torch.equal(v.clamp(-448, 448).to(FP8).float(), nearest_e4m3_by_definition(v))
 
 
-def test_fp8_rounding_equals_torchs_cast_on_normals_subnormals_ties_and_saturation() -> None:
+def test_fp8_fake_quantization_equals_torchs_cast_on_normals_subnormals_ties_and_saturation() -> None:
     spec = QuantSpec(8, symmetric=True, granularity="tensor", format="fp8_e4m3")
     v = scaled_probe_values()
     for scale in (1.0, 2.0**-7, 0.37):  # a power of two keeps x / scale exact; 0.37 does not
         x = v * scale
         ours = fake_quantize_with(x, torch.tensor(scale), None, spec)
-        expected = torch_fp8(x / scale) * scale
-        assert torch.equal(ours, expected), (x[ours != expected][:5], ours[ours != expected][:5])
+        assert torch.equal(ours, (x / scale).clamp(-448, 448).to(FP8).float() * scale)
+        assert torch.equal(ours, nearest_e4m3_by_definition(x / scale) * scale)
     # saturation beyond the range; ties to even: 2^-10 (half the smallest subnormal) -> 0, 1.5 * 2^-9 -> 2^-8
-    probes = torch.tensor([1e4, -500.0, 2.0**-10, 3 * 2.0**-10, 0.5625])
+    probes = torch.tensor([1e4, -500.0, float("inf"), 2.0**-10, 3 * 2.0**-10, 0.5625, 17.0, 19.0])
     ours = fake_quantize_with(probes, torch.tensor(1.0), None, spec)
-    assert ours.tolist() == [448.0, -448.0, 0.0, 2.0**-8, 0.5625]
+    assert ours.tolist() == [448.0, -448.0, 448.0, 0.0, 2.0**-8, 0.5625, 16.0, 20.0]
 
 
 @pytest.mark.parametrize("granularity", ["token", "tensor"])

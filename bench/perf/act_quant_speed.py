@@ -12,7 +12,8 @@ bit-identical logits (checked; the script fails otherwise).
 Not a test (the matrix does not run it): run it on purpose, under the heavy-job lock, and read
 the JSON it writes:
 
-    PTQ_DATA_DIR=../shared/data flock /tmp/ptq-heavy.lock python bench/perf/act_quant_speed.py [--out FILE]
+    PTQ_DATA_DIR=../shared/data flock /tmp/ptq-heavy.lock python bench/perf/act_quant_speed.py \
+        [--threads 1] [--batch 1] [--out FILE]
 """
 
 from __future__ import annotations
@@ -52,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (a cell under `-n 2` on 2 cores has 1); default: torch's")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "perf" / "act_quant_speed.json")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cpu")
     config = Catalog(ROOT / "bench").cell_config(args.model, "rtn", "B", (), device.type)
