@@ -132,8 +132,8 @@ def nearest_e4m3_by_definition(v: torch.Tensor) -> torch.Tensor:
     above = torch.searchsorted(grid, magnitude).clamp(max=len(grid) - 1)
     below = (above - 1).clamp(min=0)
     to_above, to_below = grid[above] - magnitude, magnitude - grid[below]
-    pick = torch.where(to_above < to_below, above,
-                       torch.where(to_below < to_above, below, torch.where(codes[above] % 2 == 0, above, below)))
+    tie = torch.where(codes[above] % 2 == 0, above, below)
+    pick = torch.where(to_above < to_below, above, torch.where(to_below < to_above, below, tie))
     return (grid[pick] * v.double().sign()).float()
 
 
@@ -496,7 +496,7 @@ def test_new_spec_fields_change_the_fingerprint_only_away_from_their_defaults(tm
     base = "act: {bits: 8, symmetric: true, granularity: token}\nweight: {bits: 8, symmetric: true}\n"
     int8, _ = cell_from(tmp_path, base)
     payload = int8.fingerprint_payload("cpu")
-    assert "format" not in payload["act"] and "dynamic" not in payload["act"] and "format" not in payload["weight"]
+    assert {"format", "dynamic"}.isdisjoint(payload["act"]) and "format" not in payload["weight"]
     fingerprints = {int8.fingerprint("cpu")}
     for text in ("act: {format: fp8_e4m3}\n", "act: {granularity: tensor, dynamic: false}\n",
                  "weight: {format: fp8_e4m3}\n"):

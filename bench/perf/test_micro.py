@@ -1,6 +1,7 @@
 """Micro benchmarks (pytest-benchmark) of the hot paths under the matrix: the shared quantizer
-primitive (on weights, and on activations per token), one GPTQ layer, one perplexity window and one decode step (float and quantized KV
-cache) on a tiny random Llama. Not part of the matrix: run them by path, see bench/README.md.
+primitive (on weights, and on activations per token), one GPTQ layer, one perplexity window
+and one decode step (float and quantized KV cache) on a tiny random Llama. Not part of the
+matrix: run them by path, see bench/README.md.
 
     pytest bench/perf --benchmark-autosave --benchmark-storage=reports/perf
     pytest bench/perf --benchmark-storage=reports/perf --benchmark-compare
