@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 
 from ptq.errors import ConfigError
-from ptq.quant import QuantSpec
+from ptq.quant import ActSpec, QuantSpec
 
 TRACKS = ("A", "B", "C")
 
@@ -135,6 +135,9 @@ class KVConfig:
 
     def __post_init__(self) -> None:
         for name, spec, axis in (("key", self.key, self.key_axis), ("value", self.value, self.value_axis)):
+            if spec.format != "int":  # the cache stores packed integer codes
+                raise ValueError(f"{name}: format {spec.format} is not implemented for the KV cache, "
+                                 "only int")
             if axis == "token" and spec.granularity not in ("token", "group"):
                 raise ValueError(f"{name}: a token-axis stream is quantized per token or in groups of channels, "
                                  f"not per {spec.granularity}")
@@ -249,7 +252,7 @@ class CellConfig:
     method: MethodConfig
     track: TrackConfig
     weight: QuantSpec | None = None  # weight quantization (tracks A, B)
-    act: QuantSpec | None = None  # dynamic activation quantization of linear inputs (track B)
+    act: ActSpec | None = None  # activation quantization of the block linears' inputs (track B)
     kv: KVConfig | None = None  # KV-cache quantization (track C)
     kv_eval: KVEvalConfig | None = None  # KV-cache probes (track C), for every method of the track
     calib: CalibConfig | None = field(default_factory=CalibConfig)

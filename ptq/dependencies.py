@@ -34,6 +34,8 @@ QUANTIZE_CODE = ("ptq.quant", "ptq.calib", "ptq.engine", "ptq.pipeline", "ptq.tr
                  "ptq.registry", "ptq.data", "ptq.config", "ptq.models.adapters", "ptq.models.loading")
 EVALUATE_CODE = ("ptq.cell", "ptq.cache", "ptq.eval.suite", "ptq.eval.perplexity", "ptq.eval.decode",
                  "ptq.eval.passkey", "ptq.eval.zeroshot", "ptq.eval.lm_tasks", "ptq.eval.memory", "ptq.data", "ptq.kv")
+# Spec fields added after fingerprints were first committed, with the value their absence meant.
+SPEC_FIELDS_ADDED_LATER = {"format": "int", "dynamic": True}
 RESULT_PACKAGES = ("torch", "transformers", "tokenizers", "gguf", "safetensors", "hqq", "optimum-quanto", "lm_eval")
 
 
@@ -49,6 +51,11 @@ def settings(config: CellConfig) -> dict[str, Any]:
     for key in ("calib", "kv_eval"):  # None: not read by this cell
         if payload[key] is None:
             payload.pop(key)
+    kv = payload.get("kv") or {}
+    for spec in (payload["weight"], payload["act"], kv.get("key"), kv.get("value")):
+        for key, default in SPEC_FIELDS_ADDED_LATER.items():  # at their default: what absence meant
+            if spec is not None and spec.get(key) == default:
+                spec.pop(key)
     payload["eval"].pop("allow_fewer_windows")  # whether a cell may run, not what it measures
     if not config.zero_shot.tasks:  # unused: cells without zero-shot keep their fingerprints
         payload.pop("zero_shot")

@@ -1,14 +1,18 @@
-"""Model transforms shared by methods: fold per-channel scales, quantize linear inputs, and what\nrounded weights cost in storage."""
+"""Model transforms shared by methods: fold per-channel scales, quantize linear inputs (and
+optionally outputs) as the model runs, and what rounded weights cost in storage."""
 
 from __future__ import annotations
 
-from typing import Mapping
+import dataclasses
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
 from ptq.models.adapters import ScalingGroup
-from ptq.quant import QuantSpec, fake_quantize
+from ptq.quant import ActSpec, QuantSpec, RangeObserver, fake_quantize, fake_quantize_with
 
 
 def group_notes(weight_specs: Mapping[str, QuantSpec], linears: Mapping[str, nn.Linear]) -> list[str]:
@@ -53,24 +57,122 @@ def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> 
             block.get_submodule(name).weight.mul_(scales.view(1, -1))
 
 
-class ActQuantLinear(nn.Module):
-    """A linear layer whose input is fake-quantized dynamically (scales from the input itself)."""
+Sites = Mapping[str, Mapping[str, RangeObserver]]  # linear name -> "input" / "output" -> its range
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec) -> None:
+
+class ActQuantizer(nn.Module):
+    """Fake-quantizes the tensors it is given under an ActSpec: dynamically (parameters from each
+    tensor), or with fixed static parameters (buffers, so they follow the module's device)."""
+
+    def __init__(self, spec: ActSpec, scale: torch.Tensor | None = None,
+                 zero: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.linear = linear
+        if spec.dynamic and (scale is not None or zero is not None):
+            raise ValueError("a dynamic activation spec takes its parameters from each tensor, "
+                             "not fixed ones")
+        if not spec.dynamic and scale is None:
+            raise ValueError("static activation quantization (dynamic false) needs calibrated ranges: "
+                             "observe the calibration inputs with a RangeObserver and pass its params")
+        if not spec.dynamic and (zero is None) != spec.symmetric:
+            raise ValueError("a static zero point goes with an asymmetric spec, and only with it")
         self.spec = spec
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(fake_quantize(x, self.spec))
+        if self.spec.dynamic:
+            return fake_quantize(x, self.spec)
+        return fake_quantize_with(x.float(), self.scale, self.zero, self.spec).to(x.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """The spec, and the static scale and zero point when fixed: for records."""
+        out: dict[str, Any] = dataclasses.asdict(self.spec)
+        if self.scale is not None:
+            out["scale"] = self.scale.item()
+            out["zero"] = None if self.zero is None else self.zero.item()
+        return out
 
     def extra_repr(self) -> str:
-        return f"act={self.spec}"
+        return str(self.spec)
 
 
-def quantize_inputs(model: nn.Module, linear_names: list[str], spec: QuantSpec) -> None:
-    """Wrap the named linears of `model` so their inputs are quantized with `spec`."""
-    for name in linear_names:
+class ActQuantLinear(nn.Module):
+    """A linear layer whose input, and optionally output, is fake-quantized. Quantizing the
+    outputs of the q, k and v projections simulates quantized attention matmul inputs, as
+    SmoothQuant's `quantize_bmm_input` (before rotary embeddings, as the reference does)."""
+
+    def __init__(self, linear: nn.Linear, input_quant: ActQuantizer,
+                 output_quant: ActQuantizer | None = None) -> None:
+        super().__init__()
+        self.linear = linear
+        self.input_quant = input_quant
+        self.output_quant = output_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(self.input_quant(x))
+        return y if self.output_quant is None else self.output_quant(y)
+
+
+def _quantizer(spec: ActSpec, ranges: Sites | None, name: str, site: str,
+               device: torch.device) -> ActQuantizer:
+    if spec.dynamic:
+        return ActQuantizer(spec)
+    observed = None if ranges is None else ranges.get(name, {}).get(site)
+    if observed is None:
+        raise ValueError(f"static activation quantization needs the calibrated range of {name} ({site}); "
+                         "none was observed")
+    scale, zero = observed.params(spec)
+    return ActQuantizer(spec, scale.to(device), None if zero is None else zero.to(device))
+
+
+def quantize_inputs(model: nn.Module, linear_names: Iterable[str], spec: ActSpec, *,
+                    outputs: Iterable[str] = (), ranges: Sites | None = None) -> None:
+    """Wrap the named linears of `model` so their inputs are quantized with `spec`, and the outputs
+    of those named in `outputs` too. A static spec takes each site's parameters from `ranges`
+    (see `recording_ranges`), placed on the linear's device."""
+    names, outputs = list(linear_names), set(outputs)
+    if not outputs <= set(names):
+        raise ValueError("outputs to quantize must be among the wrapped linears, not "
+                         f"{sorted(outputs - set(names))}")
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, ActQuantLinear(getattr(parent, child), spec))
+        linear = getattr(parent, child)
+        device = linear.weight.device
+        output = _quantizer(spec, ranges, name, "output", device) if name in outputs else None
+        inputs = _quantizer(spec, ranges, name, "input", device)
+        setattr(parent, child, ActQuantLinear(linear, inputs, output))
+
+
+def act_quant_sites(model: nn.Module) -> dict[str, dict[str, dict[str, Any] | None]]:
+    """What is quantized where, read from the model itself: each wrapped linear by full name, with
+    its input's and output's spec (and static parameters), None for an output left in float."""
+    return {
+        name: {"input": module.input_quant.describe(),
+               "output": None if module.output_quant is None else module.output_quant.describe()}
+        for name, module in model.named_modules() if isinstance(module, ActQuantLinear)
+    }
+
+
+@contextmanager
+def recording_ranges(model: nn.Module, linear_names: Iterable[str],
+                     outputs: Iterable[str] = ()) -> Iterator[Sites]:
+    """While open, every forward through the named linears widens the range of their inputs (and
+    of the outputs of those in `outputs`): run the calibration batches inside, then pass the
+    ranges to `quantize_inputs` for static quantization."""
+    outputs = set(outputs)
+    ranges: dict[str, dict[str, RangeObserver]] = {}
+    handles = []
+    for name in linear_names:
+        linear = model.get_submodule(name)
+        ranges[name] = {"input": RangeObserver()}
+        site = ranges[name]
+        handles.append(linear.register_forward_pre_hook(lambda _m, args, r=site: r["input"].observe(args[0])))
+        if name in outputs:
+            ranges[name]["output"] = RangeObserver()
+            handles.append(linear.register_forward_hook(lambda _m, _a, y, r=site: r["output"].observe(y)))
+    try:
+        yield ranges
+    finally:
+        for handle in handles:
+            handle.remove()

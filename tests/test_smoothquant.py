@@ -21,7 +21,7 @@ from ptq.matrix import Catalog, Selection
 from ptq.methods.smoothquant import SmoothQuant, SmoothQuantParams
 from ptq.models.adapters import ADAPTERS
 from ptq.pipeline import quantize
-from ptq.quant import QuantSpec
+from ptq.quant import ActSpec, QuantSpec
 from ptq.transforms import quantize_inputs
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -127,7 +127,7 @@ def test_smoothing_leaves_the_float_model_unchanged(smooth_linears: bool) -> Non
 
 def test_smoothing_makes_per_token_int8_activations_lose_less() -> None:
     """W-float, A8 per token: the activation error alone, with and without smoothing."""
-    spec = QuantSpec(8, symmetric=True, granularity="token")
+    spec = ActSpec(8, symmetric=True, granularity="token")
     calibration, held_out = tokens((8, 24), 4), tokens((4, 32), 5)
     reference = tiny_llama(outliers=True)
     with torch.no_grad():

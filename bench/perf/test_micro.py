@@ -1,6 +1,7 @@
 """Micro benchmarks (pytest-benchmark) of the hot paths under the matrix: the shared quantizer
-primitive, one GPTQ layer, one perplexity window and one decode step (float and quantized KV
-cache) on a tiny random Llama. Not part of the matrix: run them by path, see bench/README.md.
+primitive (on weights, and on activations per token), one GPTQ layer, one perplexity window
+and one decode step (float and quantized KV cache) on a tiny random Llama. Not part of the
+matrix: run them by path, see bench/README.md.
 
     pytest bench/perf --benchmark-autosave --benchmark-storage=reports/perf
     pytest bench/perf --benchmark-storage=reports/perf --benchmark-compare
@@ -20,7 +21,7 @@ from ptq.eval.perplexity import perplexity
 from ptq.kv import QuantizedKVCache
 from ptq.config import KVConfig
 from ptq.methods.gptq import GPTQ, GptqParams
-from ptq.quant import QuantSpec, fake_quantize, find_params
+from ptq.quant import ActSpec, QuantSpec, fake_quantize, find_params, quantize
 
 W4G128 = QuantSpec(4, symmetric=False, granularity="group", group_size=128)
 VOCAB = 1024
@@ -42,6 +43,15 @@ def test_fake_quantize_4096x4096_w4_g128(benchmark) -> None:
     step = scale.repeat_interleave(128, dim=1)
     assert (result - weight).abs().le(step / 2 + 1e-6).all()  # round to nearest: within half a step
     assert result[0, :128].unique().numel() <= 2**W4G128.bits
+
+
+@pytest.mark.parametrize("fmt", ["int", "fp8_e4m3"])
+def test_fake_quantize_activations_per_token_4x512x1536(benchmark, fmt: str) -> None:
+    """Track B's hot path: the input of smollm2's down_proj for a batch of 4 windows of 512 tokens."""
+    x = torch.randn(4, 512, 1536, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 3.0, 1536)
+    spec = ActSpec(8, symmetric=True, granularity="token", format=fmt)
+    result = benchmark(fake_quantize, x, spec)
+    assert torch.equal(result, quantize(x, spec).dequantize())  # the generic codes path, bit for bit
 
 
 def test_gptq_one_linear_576x1536(benchmark) -> None:

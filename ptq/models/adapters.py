@@ -37,6 +37,7 @@ class ArchAdapter:
     # collected. The linears of a group read the same input tensor; the groups cover the block.
     sequential: tuple[tuple[str, ...], ...]
     scaling_groups: tuple[ScalingGroup, ...]  # AWQ's groupings, as in the reference implementation
+    qkv: tuple[str, ...]  # the projections whose outputs are the attention matmuls' inputs
 
     def pre_block_modules(self) -> tuple[str, ...]:
         """Modules that run before the first block (they go to the compute device for calibration)."""
@@ -48,6 +49,11 @@ class ArchAdapter:
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         """The linear layers of one decoder block, by their name inside the block, in execution order."""
         return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
+
+    def attention_projections(self, model: nn.Module) -> list[str]:
+        """Full names of every block's query, key and value projections."""
+        blocks = range(len(self.decoder_blocks(model)))
+        return [f"{self.blocks}.{index}.{name}" for index in blocks for name in self.qkv]
 
     def quantizable_linears(self, model: nn.Module) -> dict[str, nn.Linear]:
         """Every linear inside the decoder blocks, by full name. The LM head and embeddings stay in
@@ -81,6 +87,7 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
             ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
             ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
         ),
+        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ),
     ArchAdapter(
         family="opt",
@@ -103,6 +110,7 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
             ScalingGroup("final_layer_norm", ("fc1",), "fc1"),
             ScalingGroup("fc1", ("fc2",), "fc2"),
         ),
+        qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ),
 )
 
