@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     device = torch.device("cpu")
-    config = Catalog(ROOT / "bench").cell_config(args.model, "rtn", "B", (), device.type)
+    catalog = Catalog(ROOT / "bench")
+    config, _ = catalog.cell_config(args.model, catalog.pipeline("rtn"), "B", (), device.type)
     assert config.act is not None and config.weight is not None
-    model, tokenizer, source = load_model(config.model, device)
+    model, tokenizer, source = load_model(config.model)
+    model.to(device)
     text = load_text("wikitext2", "test")
     ids = windows_of(tokenize_once(tokenizer, text), args.seqlen, args.batch)
 
