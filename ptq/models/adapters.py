@@ -7,6 +7,7 @@ adapter. Adding a family is one `ArchAdapter(...)` entry in `ADAPTERS`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -37,6 +38,13 @@ class ArchAdapter:
     # collected. The linears of a group read the same input tensor; the groups cover the block.
     sequential: tuple[tuple[str, ...], ...]
     scaling_groups: tuple[ScalingGroup, ...]  # AWQ's groupings, as in the reference implementation
+    # Where a rotation of the residual stream acts (QuaRot): the linears reading the stream are
+    # those of the scaling groups fed by a norm; these write into it. `norm` says what the norms
+    # compute: "rms" x / rms(x) · w, "layer" (x − mean) / std · w + b.
+    norm: Literal["rms", "layer"]
+    attn_value: str  # the value projection: its output heads are attn_out's input heads
+    attn_out: str  # the attention's output projection
+    mlp_out: str  # the MLP's output projection
 
     def pre_block_modules(self) -> tuple[str, ...]:
         """Modules that run before the first block (they go to the compute device for calibration)."""
@@ -81,6 +89,10 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
             ScalingGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
             ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
         ),
+        norm="rms",
+        attn_value="self_attn.v_proj",
+        attn_out="self_attn.o_proj",
+        mlp_out="mlp.down_proj",
     ),
     ArchAdapter(
         family="opt",
@@ -103,6 +115,10 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
             ScalingGroup("final_layer_norm", ("fc1",), "fc1"),
             ScalingGroup("fc1", ("fc2",), "fc2"),
         ),
+        norm="layer",
+        attn_value="self_attn.v_proj",
+        attn_out="self_attn.out_proj",
+        mlp_out="fc2",
     ),
 )
 
