@@ -105,8 +105,9 @@ def split_order(n: int) -> tuple[int, int]:
         if small_hadamard(n // power) is not None:
             return n // power, power
         power //= 2
-    raise NoHadamard(f"no Hadamard matrix of order {n} is constructed here: orders are d · 2^k with d = 1, 2, "
-                     "q + 1 (q a prime ≡ 3 mod 4, Paley I) or 2 (q + 1) (q a prime ≡ 1 mod 4, Paley II)")
+    raise NoHadamard(f"no Hadamard matrix of order {n} is constructed here: orders are d · 2^k with "
+                     "d = 1, 2, q + 1 (q a prime ≡ 3 mod 4, Paley I) or 2 (q + 1) (q a prime ≡ 1 mod 4, "
+                     "Paley II)")
 
 
 def describe_order(n: int) -> str:

@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ptq.hadamard import describe_order, hadamard_factors, hadamard_transform, kron_transform
-from ptq.models.adapters import ScalingGroup
+from ptq.hadamard import (
+    describe_order,
+    hadamard_factors,
+    hadamard_transform,
+    kron_transform,
+)
+from ptq.models.adapters import ArchAdapter, ScalingGroup
 from ptq.quant import QuantSpec, fake_quantize
 
 
@@ -143,8 +148,8 @@ def rotate_input(linear: nn.Linear, rotation: torch.Tensor) -> None:
     An R smaller than the input acts on each consecutive slice (R block-diagonal: per head)."""
     weight = _f64(linear.weight)
     r = rotation.shape[0]
-    rotated = (weight.reshape(weight.shape[0], -1, r) @ _f64(rotation).to(weight.device)).reshape(weight.shape)
-    _set(linear.weight, rotated)
+    rotation = _f64(rotation).to(weight.device)
+    _set(linear.weight, (weight.reshape(weight.shape[0], -1, r) @ rotation).reshape(weight.shape))
 
 
 def rotate_output(linear: nn.Linear, rotation: torch.Tensor) -> None:
@@ -162,6 +167,56 @@ def rotate_embedding(embedding: nn.Embedding, rotation: torch.Tensor) -> None:
     """Every embedding vector, a vector of the residual stream, rotated: E ← E R."""
     weight = _f64(embedding.weight)
     _set(embedding.weight, weight @ _f64(rotation).to(weight.device))
+
+
+def norm_groups(block: nn.Module, adapter: ArchAdapter) -> list[tuple[str, tuple[str, ...]]]:
+    """(norm, the linears reading it) in a block: the scaling groups fed by a norm, i.e. the
+    linears reading the residual stream."""
+    return [(group.prev, group.linears) for group in adapter.scaling_groups
+            if not isinstance(block.get_submodule(group.prev), nn.Linear)]
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def fuse_norms(model: nn.Module, adapter: ArchAdapter) -> None:
+    """Every norm's affine part fused into the linears reading it, the final norm's into the LM
+    head (untie it first if it shares the embedding's weight): the norms then compute x / rms(x),
+    which commutes with a rotation of x. For LayerNorm models also, as QuaRot does, the embeddings
+    and the residual writers (attention and MLP output projections) are centred, so the stream
+    has zero mean and each LayerNorm, computing x / rms(x) there, becomes an `RMSNorm`."""
+    layer_norm = adapter.norm == "layer"
+    if layer_norm:
+        for name in adapter.embeddings:
+            center_embedding(model.get_submodule(name))
+    for block in adapter.decoder_blocks(model):
+        for norm, linears in norm_groups(block, adapter):
+            fuse_norm(block.get_submodule(norm), [block.get_submodule(name) for name in linears])
+            if layer_norm:
+                _replace(block, norm, RMSNorm(block.get_submodule(norm).eps))
+        if layer_norm:
+            center_output(block.get_submodule(adapter.attn_out))
+            center_output(block.get_submodule(adapter.mlp_out))
+    fuse_norm(model.get_submodule(adapter.final_norm), [model.get_submodule(adapter.lm_head)])
+    if layer_norm:
+        _replace(model, adapter.final_norm, RMSNorm(model.get_submodule(adapter.final_norm).eps))
+
+
+def rotate_residual(model: nn.Module, adapter: ArchAdapter, rotation: torch.Tensor) -> None:
+    """The residual stream rotated by the orthogonal `rotation` Q, exactly when the norms are fused
+    (`fuse_norms`): embeddings E Q, the linears reading the stream W Q, those writing into it Qᵀ W,
+    the LM head W Q."""
+    for name in adapter.embeddings:
+        rotate_embedding(model.get_submodule(name), rotation)
+    rotate_input(model.get_submodule(adapter.lm_head), rotation)
+    for block in adapter.decoder_blocks(model):
+        for _, linears in norm_groups(block, adapter):
+            for name in linears:
+                rotate_input(block.get_submodule(name), rotation)
+        rotate_output(block.get_submodule(adapter.attn_out), rotation)
+        rotate_output(block.get_submodule(adapter.mlp_out), rotation)
 
 
 class OnlineHadamard(nn.Module):

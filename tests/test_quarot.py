@@ -38,12 +38,13 @@ from ptq.models.adapters import ADAPTERS, ArchAdapter
 from ptq.pipeline import quantize, quantize_activations
 from ptq.quant import QuantSpec, fake_quantize
 from ptq.transforms import (
-    fuse_norm,
+    fuse_norms,
     hadamard_input,
+    norm_groups,
     quantize_inputs,
-    rotate_embedding,
     rotate_input,
     rotate_output,
+    rotate_residual,
     untie_lm_head,
 )
 from tests.tiny import tiny_llama_model
@@ -149,7 +150,8 @@ def opt(tie: bool = True, post_norm: bool = False) -> OPTForCausalLM:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=48, ffn_dim=96, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=48,
+                                         num_attention_heads=4, max_position_embeddings=64,
+                                         word_embed_proj_dim=48,
                                          tie_word_embeddings=tie, do_layer_norm_before=not post_norm))
     model = model.eval().double()
     with torch.no_grad():
@@ -177,18 +179,6 @@ def run_quarot(model: nn.Module, adapter: ArchAdapter = LLAMA, **params) -> Quan
     return result
 
 
-def norm_groups(block: nn.Module) -> list[tuple[nn.Module, list[nn.Linear]]]:
-    return [(block.get_submodule(g.prev), [block.get_submodule(n) for n in g.linears])
-            for g in LLAMA.scaling_groups if not isinstance(block.get_submodule(g.prev), nn.Linear)]
-
-
-def fuse_all_norms(model: LlamaForCausalLM) -> None:
-    for block in model.model.layers:
-        for norm, linears in norm_groups(block):
-            fuse_norm(norm, linears)
-    fuse_norm(model.model.norm, [model.lm_head])
-
-
 # ------------------------------------------------------------------ each step is exact alone
 
 
@@ -197,7 +187,7 @@ def test_fusing_the_norms_keeps_the_function(tie: bool) -> None:
     model = llama(tie)
     fused = copy.deepcopy(model)
     untie_lm_head(fused, LLAMA.lm_head, LLAMA.embeddings[0])
-    fuse_all_norms(fused)
+    fuse_norms(fused, LLAMA)
     assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in fused.modules()
                if type(m).__name__ == "LlamaRMSNorm")
     assert_same_function(fused, model)
@@ -205,23 +195,22 @@ def test_fusing_the_norms_keeps_the_function(tie: bool) -> None:
         assert torch.equal(fused.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
-def rotate_residual(model: LlamaForCausalLM, rotation: torch.Tensor) -> None:
-    rotate_embedding(model.model.embed_tokens, rotation)
-    rotate_input(model.lm_head, rotation)
-    for block in model.model.layers:
-        for _, linears in norm_groups(block):
-            for linear in linears:
-                rotate_input(linear, rotation)
-        rotate_output(block.self_attn.o_proj, rotation)
-        rotate_output(block.mlp.down_proj, rotation)
+def test_fusing_the_layernorms_of_an_opt_keeps_the_function() -> None:
+    """Centred embeddings and output projections, affine parts fused, LayerNorms become RMSNorms."""
+    model = opt()
+    fused = copy.deepcopy(model)
+    untie_lm_head(fused, OPT.lm_head, OPT.embeddings[0])
+    fuse_norms(fused, OPT)
+    assert not any(isinstance(m, nn.LayerNorm) for m in fused.modules())
+    assert_same_function(fused, model)
 
 
 @pytest.mark.parametrize("make", (random_hadamard, random_orthogonal))
 def test_rotating_the_residual_stream_of_a_fused_model_keeps_the_function(make) -> None:
     model = llama()
-    fuse_all_norms(model)
+    fuse_norms(model, LLAMA)
     rotated = copy.deepcopy(model)
-    rotate_residual(rotated, make(72, gen(3)))
+    rotate_residual(rotated, LLAMA, make(72, gen(3)))
     assert not torch.allclose(rotated.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert_same_function(rotated, model)
 
@@ -230,7 +219,7 @@ def test_rotating_without_fusing_the_norms_changes_the_function() -> None:
     """The negative control: a norm weight does not commute with a rotation, hence step 1."""
     model = llama()
     rotated = copy.deepcopy(model)
-    rotate_residual(rotated, random_hadamard(72, gen(3)))
+    rotate_residual(rotated, LLAMA, random_hadamard(72, gen(3)))
     ids = tokens(7)
     assert (logits(rotated, ids) - logits(model, ids)).abs().max() > 1e-3 * logits(model, ids).abs().max()
 
@@ -281,10 +270,11 @@ def test_quarot_keeps_the_function_of_a_llama(tie: bool, params: dict) -> None:
     result = run_quarot(rotated, **params)
     assert_same_function(rotated, model)
     assert rotated.lm_head.weight.data_ptr() != rotated.model.embed_tokens.weight.data_ptr()
-    assert any(f"lm_head untied" in entry for entry in result.runtime) == tie
+    assert any("lm_head untied" in entry for entry in result.runtime) == tie
     online = [entry for entry in result.runtime if "online Hadamard" in entry]
     assert len(online) == params.get("online_down", True) + params.get("online_o", True)
-    assert any("per-head Hadamard of order 8" in note for note in result.notes) == params.get("rotate_ov", True)
+    per_head = any("per-head Hadamard of order 8" in note for note in result.notes)
+    assert per_head == params.get("rotate_ov", True)
     assert not rotated.config.tie_word_embeddings
 
 
@@ -408,7 +398,8 @@ def test_activation_quantization_sees_the_input_after_the_online_hadamard() -> N
     x = torch.randn(5, 96, generator=gen(2), dtype=torch.float64)
     x[:, 7] *= 50  # an outlier channel
     with torch.no_grad():
-        expected = nn.functional.linear(fake_quantize(hadamard_transform(x), spec), linear.weight, linear.bias)
+        rotated = fake_quantize(hadamard_transform(x), spec)
+        expected = nn.functional.linear(rotated, linear.weight, linear.bias)
         assert torch.equal(holder(x), expected)
         # and rotating before quantizing is what helps: the error is far below quantizing x itself
         plain = nn.functional.linear(fake_quantize(x, spec), original.weight, original.bias)
@@ -424,7 +415,8 @@ def with_outliers(model: LlamaForCausalLM, scale: float = 20.0, seed: int = 1) -
     g = gen(seed)
     with torch.no_grad():
         for block in model.model.layers:
-            for norm, linears in norm_groups(block):
+            for norm, names in norm_groups(block, LLAMA):
+                norm, linears = block.get_submodule(norm), [block.get_submodule(name) for name in names]
                 channels = torch.randperm(norm.weight.shape[0], generator=g)[:3]
                 norm.weight[channels] *= scale
                 for linear in linears:
@@ -455,9 +447,8 @@ def outlier_model() -> LlamaForCausalLM:
 
 @pytest.mark.parametrize("bits, at_least", [(("4", "8"), 1.5), (("4", "4"), 6.0), (("8", "8"), 20.0),
                                              (("8", "4"), 10.0)], ids=("W4A8", "W4A4", "W8A8", "W8A4"))
-def test_rotation_makes_per_token_activation_quantization_far_better(catalog: Catalog,
-                                                                     outlier_model: LlamaForCausalLM,
-                                                                     bits: tuple[str, str], at_least: float) -> None:
+def test_rotation_makes_per_token_activation_quantization_far_better(
+        catalog: Catalog, outlier_model: LlamaForCausalLM, bits: tuple[str, str], at_least: float) -> None:
     """Round-to-nearest of weights (per channel) and activations (per token), track B, with and
     without QuaRot. RTN / QuaRot logit error on held-out tokens, measured over 5 model seeds:
     W4A8 2.0-3.9x, W4A4 9.7-13.8x, W8A8 35-46x, W8A4 22-28x. At W4A8 the 4-bit weights dominate

@@ -45,18 +45,24 @@ from torch import nn
 
 from ptq.engine import ModelStep, Stage
 from ptq.errors import UnsupportedModel
-from ptq.hadamard import NoHadamard, describe_order, hadamard_matrix, random_hadamard, random_orthogonal, split_order
+from ptq.hadamard import (
+    NoHadamard,
+    describe_order,
+    hadamard_matrix,
+    random_hadamard,
+    random_orthogonal,
+    split_order,
+)
 from ptq.kv import head_dim_of
+from ptq.models.adapters import ArchAdapter
 from ptq.registry import register_method
 from ptq.transforms import (
-    RMSNorm,
-    center_embedding,
-    center_output,
-    fuse_norm,
+    fuse_norms,
     hadamard_input,
-    rotate_embedding,
+    norm_groups,
     rotate_input,
     rotate_output,
+    rotate_residual,
     untie_lm_head,
 )
 
@@ -78,114 +84,84 @@ class QuarotParams:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
-def _norm_groups(block: nn.Module, adapter) -> list[tuple[str, tuple[str, ...]]]:
-    """(norm, the linears reading its output) of a block: the scaling groups fed by a norm."""
-    return [(group.prev, group.linears) for group in adapter.scaling_groups
-            if not isinstance(block.get_submodule(group.prev), nn.Linear)]
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
 @register_method("quarot", params=QuarotParams, tracks=("A", "B"), role="transform")
 class Quarot(Stage):
     def before_blocks(self, step: ModelStep) -> None:
         model, adapter, params = step.model, step.adapter, self.params
-        blocks = list(adapter.decoder_blocks(model))
-        embeddings = [model.get_submodule(name) for name in adapter.embeddings]
-        hidden = embeddings[0].weight.shape[1]
+        blocks = adapter.decoder_blocks(model)
+        hidden = model.get_submodule(adapter.embeddings[0]).weight.shape[1]
         head_dim = head_dim_of(model.config)
         self._check(model, blocks[0], adapter, hidden, head_dim)
         notes, runtime = step.result.notes, step.result.runtime
-        if untie_lm_head(model, adapter.lm_head, adapter.embeddings[0]):
-            notes.append(f"QuaRot: {adapter.lm_head} untied from {adapter.embeddings[0]} (they shared a weight): "
-                         "each is rotated on its own side")
-            runtime.append(f"{adapter.lm_head} untied from {adapter.embeddings[0]}")
-        layer_norm = adapter.norm == "layer"
-        head = model.get_submodule(adapter.lm_head)
-        if layer_norm:
-            for embedding in embeddings:
-                center_embedding(embedding)
-            if head.bias is None:
-                runtime.append(f"{adapter.lm_head} gets a bias (the final LayerNorm's, fused)")
-        fuse_norm(model.get_submodule(adapter.final_norm), [head])
+        head, embedding = adapter.lm_head, adapter.embeddings[0]
+        if untie_lm_head(model, head, embedding):
+            notes.append(f"QuaRot: {head} untied from {embedding} (they shared a weight): each is rotated on "
+                         "its own side")
+            runtime.append(f"{head} untied from {embedding}")
+        if adapter.norm == "layer":
+            if model.get_submodule(head).bias is None:
+                runtime.append(f"{head} gets a bias (the final LayerNorm's, fused)")
+            runtime.append("every LayerNorm replaced by a weightless RMSNorm (embeddings and output "
+                           "projections centred, affine parts fused into the linears reading them)")
+        fuse_norms(model, adapter)
         generator = torch.Generator().manual_seed(params.seed)
-        rotation = random_hadamard(hidden, generator) if params.rotate_mode == "hadamard" \
-            else random_orthogonal(hidden, generator)
-        for embedding in embeddings:
-            rotate_embedding(embedding, rotation)
-        rotate_input(head, rotation)
-        per_head = hadamard_matrix(head_dim) / head_dim**0.5 if params.rotate_ov else None
-        for block in blocks:
-            readers = []
-            for norm, names in _norm_groups(block, adapter):
-                fuse_norm(block.get_submodule(norm), [block.get_submodule(name) for name in names])
-                readers += names
-                if layer_norm:
-                    _replace(block, norm, RMSNorm(block.get_submodule(norm).eps))
-            writers = [block.get_submodule(name) for name in (adapter.attn_out, adapter.mlp_out)]
-            for writer in writers:
-                if layer_norm:
-                    center_output(writer)
-                rotate_output(writer, rotation)
-            for name in readers:
-                rotate_input(block.get_submodule(name), rotation)
-            if per_head is not None:
-                rotate_output(block.get_submodule(adapter.attn_value), per_head)
-                rotate_input(writers[0], per_head)
-            if params.online_o:
-                hadamard_input(writers[0])
-            if params.online_down:
-                hadamard_input(writers[1])
-        if layer_norm:
-            _replace(model, adapter.final_norm, RMSNorm(model.get_submodule(adapter.final_norm).eps))
-            runtime.append("every LayerNorm replaced by a weightless RMSNorm (embeddings and output projections "
-                           "centred, affine parts fused into the linears reading them)")
-        kind = "randomized Hadamard" if params.rotate_mode == "hadamard" else "random orthogonal"
-        notes.append(f"QuaRot: norms fused into the linears reading them; residual stream rotated by a {kind} "
-                     f"matrix of order {describe_order(hidden) if params.rotate_mode == 'hadamard' else hidden} "
-                     f"(seed {params.seed})")
+        if params.rotate_mode == "hadamard":
+            rotate_residual(model, adapter, random_hadamard(hidden, generator))
+            kind = f"randomized Hadamard matrix of order {describe_order(hidden)}"
+        else:
+            rotate_residual(model, adapter, random_orthogonal(hidden, generator))
+            kind = f"random orthogonal matrix of order {hidden}"
+        notes.append(f"QuaRot: norms fused into the linears reading them; residual stream rotated by a "
+                     f"{kind} (seed {params.seed})")
         if params.rotate_ov:
-            notes.append(f"QuaRot: per-head Hadamard of order {describe_order(head_dim)} on {adapter.attn_value} "
-                         f"outputs and {adapter.attn_out} inputs")
-        for flag, name in ((params.online_o, adapter.attn_out), (params.online_down, adapter.mlp_out)):
-            if flag:
-                n = blocks[0].get_submodule(name).in_features
-                runtime.append(f"online Hadamard of order {describe_order(n)} on the input of every {name} "
-                               "(a forward pre-hook, before its activation quantizer)")
+            per_head = hadamard_matrix(head_dim) / head_dim**0.5
+            for block in blocks:
+                rotate_output(block.get_submodule(adapter.attn_value), per_head)
+                rotate_input(block.get_submodule(adapter.attn_out), per_head)
+            notes.append(f"QuaRot: per-head Hadamard of order {describe_order(head_dim)} on "
+                         f"{adapter.attn_value} outputs and {adapter.attn_out} inputs")
+        for wanted, name in ((params.online_o, adapter.attn_out), (params.online_down, adapter.mlp_out)):
+            if wanted:
+                for block in blocks:
+                    hadamard_input(block.get_submodule(name))
+                order = describe_order(blocks[0].get_submodule(name).in_features)
+                runtime.append(f"online Hadamard of order {order} on the input of every {name} (a forward "
+                               "pre-hook, before its activation quantizer)")
 
-    def _check(self, model: nn.Module, block: nn.Module, adapter, hidden: int, head_dim: int) -> None:
-        """Refuse, before anything changes, a model the rotation cannot be exact on or a dimension
-        with no Hadamard construction."""
+    def _check(self, model: nn.Module, block: nn.Module, adapter: ArchAdapter, hidden: int,
+               head_dim: int) -> None:
+        """Refuse, before anything changes, a model the rotation cannot be exact on, or a dimension
+        with no Hadamard construction (naming it, and the param that avoids it)."""
         params = self.params
         if not getattr(model.config, "do_layer_norm_before", True):
             raise UnsupportedModel("quarot: the blocks normalize after the residual add (post-norm): the "
                                    "residual stream is not rotation-invariant")
         widths = {name: model.get_submodule(name).weight.shape[1] for name in adapter.embeddings}
         if set(widths.values()) != {hidden}:
-            raise UnsupportedModel(f"quarot: the embeddings' widths {widths} are not all the hidden size {hidden} "
-                                   "(a projection between embeddings and blocks is not supported)")
-        readers = {name for _, names in _norm_groups(block, adapter) for name in names}
+            raise UnsupportedModel(f"quarot: the embeddings' widths {widths} are not all the hidden size "
+                                   f"{hidden} (a projection between embeddings and blocks is not supported)")
+        readers = {name for _, names in norm_groups(block, adapter) for name in names}
         uncovered = sorted(set(adapter.block_linears(block)) - readers - {adapter.attn_out, adapter.mlp_out})
         if uncovered:
-            raise UnsupportedModel(f"quarot: block linears {uncovered} neither read the residual stream through a "
-                                   "norm nor write into it")
+            raise UnsupportedModel(f"quarot: block linears {uncovered} neither read the residual stream "
+                                   "through a norm nor write into it")
         value, out = block.get_submodule(adapter.attn_value), block.get_submodule(adapter.attn_out)
+        down = block.get_submodule(adapter.mlp_out)
         if params.rotate_ov and (value.out_features % head_dim or out.in_features % head_dim):
-            raise UnsupportedModel(f"quarot: rotate_ov needs whole heads of {head_dim} channels, {adapter.attn_value} "
-                                   f"has {value.out_features} outputs and {adapter.attn_out} {out.in_features} inputs")
+            raise UnsupportedModel(f"quarot: rotate_ov needs whole heads of {head_dim} channels; "
+                                   f"{adapter.attn_value} has {value.out_features} outputs, "
+                                   f"{adapter.attn_out} {out.in_features} inputs")
         dims = [(params.rotate_mode == "hadamard", hidden, "the hidden size (residual rotation)",
                  "rotate_mode: random"),
                 (params.rotate_ov, head_dim, "the head size (rotate_ov)", "rotate_ov: false"),
-                (params.online_o, out.in_features, f"the input of {adapter.attn_out} (online_o)", "online_o: false"),
-                (params.online_down, block.get_submodule(adapter.mlp_out).in_features,
-                 f"the input of {adapter.mlp_out} (online_down)", "online_down: false")]
+                (params.online_o, out.in_features, f"the input of {adapter.attn_out} (online_o)",
+                 "online_o: false"),
+                (params.online_down, down.in_features, f"the input of {adapter.mlp_out} (online_down)",
+                 "online_down: false")]
         for wanted, n, what, instead in dims:
-            if not wanted:
-                continue
             try:
-                split_order(n)
+                if wanted:
+                    split_order(n)
             except NoHadamard as exc:
-                raise UnsupportedModel(f"quarot: {what} is {n}: {exc}. Set {instead} to run without it") from None
+                raise UnsupportedModel(f"quarot: {what} is {n}: {exc}. Set {instead} to run without "
+                                       "it") from None
