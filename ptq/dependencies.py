@@ -30,8 +30,8 @@ from ptq.report.records import package_versions
 EVAL_SPLIT = "test"
 EVAL_SECTIONS = ("eval", "kv_eval", "zero_shot")  # change the metrics, not the weights
 # The code a result depends on besides each stage's own module, and the packages that run it.
-QUANTIZE_CODE = ("ptq.quant", "ptq.calib", "ptq.engine", "ptq.pipeline", "ptq.transforms", "ptq.kv",
-                 "ptq.registry", "ptq.data", "ptq.config", "ptq.models.adapters", "ptq.models.loading")
+QUANTIZE_CODE = ("ptq.quant", "ptq.calib", "ptq.engine", "ptq.pipeline", "ptq.transforms", "ptq.hadamard",
+                 "ptq.kv", "ptq.registry", "ptq.data", "ptq.config", "ptq.models.adapters", "ptq.models.loading")
 EVALUATE_CODE = ("ptq.cell", "ptq.cache", "ptq.eval.suite", "ptq.eval.perplexity", "ptq.eval.decode",
                  "ptq.eval.passkey", "ptq.eval.zeroshot", "ptq.eval.lm_tasks", "ptq.eval.memory", "ptq.data", "ptq.kv")
 # Spec fields added after fingerprints were first committed, with the value their absence meant.

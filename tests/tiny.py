@@ -28,10 +28,20 @@ def write_tiny_llama(folder: Path, lines: list[str], vocab_size: int, heads: int
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     raw.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=raw.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                         max_position_embeddings=256)).eval()
+    model = tiny_llama_model(heads=heads, kv_heads=kv_heads, vocab_size=raw.get_vocab_size())
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model, tokenizer
+
+
+def tiny_llama_model(hidden: int = 64, intermediate: int = 128, heads: int = 4, kv_heads: int = 2,
+                     layers: int = 2, vocab_size: int = 400, tie: bool = False,
+                     seed: int = 0) -> LlamaForCausalLM:
+    """A seeded random Llama in memory (no tokenizer, nothing on disk), in eval mode."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=hidden,
+                                             intermediate_size=intermediate, num_hidden_layers=layers,
+                                             num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                             max_position_embeddings=256, tie_word_embeddings=tie))
+    return model.eval()

@@ -7,6 +7,7 @@ adapter. Adding a family is one `ArchAdapter(...)` entry in `ADAPTERS`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -38,6 +39,13 @@ class ArchAdapter:
     sequential: tuple[tuple[str, ...], ...]
     scaling_groups: tuple[ScalingGroup, ...]  # AWQ's groupings, as in the reference implementation
     qkv: tuple[str, ...]  # the projections whose outputs are the attention matmuls' inputs
+    # Where a rotation of the residual stream acts (QuaRot): the linears reading the stream are
+    # those of the scaling groups fed by a norm; these write into it. `norm` says what the norms
+    # compute: "rms" x / rms(x) · w, "layer" (x − mean) / std · w + b.
+    norm: Literal["rms", "layer"]
+    attn_value: str  # the value projection: its output heads are attn_out's input heads
+    attn_out: str  # the attention's output projection
+    mlp_out: str  # the MLP's output projection
 
     def pre_block_modules(self) -> tuple[str, ...]:
         """Modules that run before the first block (they go to the compute device for calibration)."""
@@ -88,6 +96,10 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
             ScalingGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
         ),
         qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        norm="rms",
+        attn_value="self_attn.v_proj",
+        attn_out="self_attn.o_proj",
+        mlp_out="mlp.down_proj",
     ),
     ArchAdapter(
         family="opt",
@@ -111,6 +123,10 @@ ADAPTERS: tuple[ArchAdapter, ...] = (
             ScalingGroup("fc1", ("fc2",), "fc2"),
         ),
         qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        norm="layer",
+        attn_value="self_attn.v_proj",
+        attn_out="self_attn.out_proj",
+        mlp_out="fc2",
     ),
 )
 
