@@ -174,7 +174,10 @@ def pytest_configure_node(node) -> None:  # xdist controller: hand the run id to
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Under `--dist loadgroup` (the default here), all cells of one model go to one worker.
+    """Under `--dist loadgroup` (the default here), all cells of one model go to one worker, so
+    each model loads once, when there are at least as many models as workers. With fewer (the
+    default experiment has one model), cells are scheduled one by one: every worker loads the
+    model once and no core idles (on CPU each worker has cores / workers torch threads).
 
     Cells are grouped by the controller's own cell list rather than by xdist_group marks,
     which xdist 3.8 fails to apply on pytest 9.2 (it renames `item._nodeid`, which pytest
@@ -184,7 +187,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         return None
     from xdist.scheduler import LoadGroupScheduling
 
-    model_of = {f"test_cell[{cell.id}]": cell.model for cell in config.stash[CELLS]}
+    cells = config.stash[CELLS]
+    workers = config.getoption("numprocesses", None)
+    by_model = not isinstance(workers, int) or len({cell.model for cell in cells}) >= workers
+    model_of = {f"test_cell[{cell.id}]": cell.model for cell in cells} if by_model else {}
 
     class ModelGroupScheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
