@@ -11,6 +11,7 @@ from typing import Any
 
 from ptq.config import GateConfig
 from ptq.report.records import atomic_write
+from ptq.stats import RatioInterval, paired_bootstrap_ratio
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,18 @@ def cell_gates(metrics: dict[str, Any], fp_metrics: dict[str, Any], gates: GateC
     return results + baseline
 
 
+def _interval(current: list[float] | None, committed: list[float] | None) -> RatioInterval | None:
+    """The paired interval of current / committed PPL, when both hold the same windows."""
+    if not current or not committed or len(current) != len(committed):
+        return None
+    return paired_bootstrap_ratio(current, committed)
+
+
 class BaselineStore:
     """Expected metrics per cell id and config fingerprint, in one committed JSON file.
 
-    Layout: {cell_id: {fingerprint: {"ppl": {dataset: value}, "device": ..., "commit": ...}}}.
+    Layout: {cell_id: {fingerprint: {"ppl": {dataset: value}, "window_nll": {dataset: [per window]},
+    "device": ..., "commit": ...}}} (entries written before per-window NLLs were kept have none).
     A changed configuration has a new fingerprint and so no baseline until one is written.
     """
 
@@ -97,10 +106,12 @@ class BaselineStore:
     def expected(self, cell_id: str, fingerprint: str) -> dict[str, Any] | None:
         return self.entries.get(cell_id, {}).get(fingerprint)
 
-    def check(self, cell_id: str, fingerprint: str, ppl: dict[str, float], rel_tol: float,
+    def check(self, cell_id: str, fingerprint: str, metrics: dict[str, Any], rel_tol: float,
               required: bool) -> list[GateResult]:
         """Compare PPL with the stored values; a missing baseline fails only when `required`
-        (ad hoc runs with --override have none and are not expected to)."""
+        (ad hoc runs with --override have none and are not expected to). Noise-aware when the
+        baseline holds per-window NLLs: a drift beyond `rel_tol` still passes when the 95% paired
+        bootstrap interval of the ratio over the same windows contains 1."""
         entry = self.expected(cell_id, fingerprint)
         if entry is None:
             return [GateResult("baseline", "ppl", None, rel_tol, None, False if required else None,
@@ -108,18 +119,25 @@ class BaselineStore:
                                + (": run with --update-baselines to record one (on purpose)" if required
                                   else ": not applied to an ad hoc configuration (--override)"))]
         results = []
-        for dataset, value in ppl.items():
+        for dataset, value in metrics["ppl"].items():
             expected = entry["ppl"].get(dataset)
             if expected is None:
                 results.append(GateResult("baseline", f"ppl.{dataset}", value, rel_tol, None, False,
                                           f"the baseline of {cell_id} has no ppl.{dataset}"))
                 continue
             drift = abs(value - expected) / expected
-            passed = drift <= rel_tol
+            noise = _interval(metrics.get("window_nll", {}).get(dataset),
+                              entry.get("window_nll", {}).get(dataset))
+            within_noise = noise is not None and noise.low <= 1 <= noise.high
+            passed = drift <= rel_tol or within_noise
+            verdict = ("within" if drift <= rel_tol else "beyond") + f" tolerance {rel_tol:.2%}"
+            if noise is not None:
+                verdict += (f"; ratio to the baseline over the same windows {noise.ratio:.4f}, 95% interval "
+                            f"[{noise.low:.4f}, {noise.high:.4f}]: {'within' if within_noise else 'beyond'} "
+                            "the noise")
             results.append(GateResult(
                 "baseline", f"ppl.{dataset}", value, rel_tol, expected, passed,
-                f"PPL {value:.4f} vs baseline {expected:.4f}: relative drift {drift:.4%} "
-                f"({'within' if passed else 'beyond'} tolerance {rel_tol:.2%})"))
+                f"PPL {value:.4f} vs baseline {expected:.4f}: relative drift {drift:.4%} ({verdict})"))
         return results
 
     def update(self, cell_id: str, fingerprint: str, entry: dict[str, Any]) -> None:
@@ -131,7 +149,8 @@ class BaselineStore:
         for record in records:
             if record["status"] == "passed":
                 self.update(record["cell_id"], record["config_fingerprint"], {
-                    "ppl": record["metrics"]["ppl"], "device": record["environment"]["device"],
+                    "ppl": record["metrics"]["ppl"], "window_nll": record["metrics"].get("window_nll", {}),
+                    "device": record["environment"]["device"],
                     "commit": record["environment"]["git_commit"]})
 
     def save(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
+from typing import Any
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from ptq.models.adapters import adapter_for
 from ptq.models.loading import load_model
 from ptq.registry import Pipeline
 from ptq.report.records import CellRecord
+from ptq.stats import paired_bootstrap_ratio
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,19 @@ class ModelStore:
         return self._loaded
 
 
+def ratio_intervals(metrics: dict[str, Any], fp_metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per dataset, the 95% paired bootstrap interval of PPL / FP PPL over the same windows."""
+    intervals = {}
+    for dataset, nll in metrics.get("window_nll", {}).items():
+        fp_nll = fp_metrics.get("window_nll", {}).get(dataset)
+        if fp_nll is None or len(fp_nll) != len(nll):
+            continue
+        interval = paired_bootstrap_ratio(nll, fp_nll)
+        intervals[dataset] = {"low": interval.low, "high": interval.high, "level": interval.level,
+                              "n_boot": interval.n_boot}
+    return intervals
+
+
 class Session:
     """Runs cells into their records: the FP baseline of each model and evaluation setting once
     (from the disk cache when it can), the cell's pipeline, then its gates."""
@@ -155,13 +170,13 @@ class Session:
         metrics, fp_metrics = outcome.metrics, baseline.metrics
         first = next(iter(metrics["ppl"]))
         record.metrics = {**metrics, "fp_ppl": fp_metrics["ppl"], "ppl_ratio": metrics["ppl"][first] /
-                          fp_metrics["ppl"][first]}
+                          fp_metrics["ppl"][first], "ppl_ratio_ci": ratio_intervals(metrics, fp_metrics)}
         if "zero_shot" in metrics:
             record.metrics["fp_zero_shot"] = fp_metrics["zero_shot"]
         record.data, record.notes = outcome.data, outcome.notes
         record.fallbacks = outcome.fallbacks + [f"cache: {problem}" for problem in outcome.cache_problems]
         record.cache = {**outcome.cache, "fp_baseline": baseline.cache["metrics"]}
-        committed = self.baselines.check(cell.id, record.config_fingerprint, metrics["ppl"],
+        committed = self.baselines.check(cell.id, record.config_fingerprint, metrics,
                                          cell.config.gates.baseline_rel_tol, self.require_baselines) \
             if self.check_baselines else []
         gates = cell_gates(metrics, fp_metrics, cell.config.gates, committed)

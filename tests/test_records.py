@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -276,7 +277,7 @@ def store(tmp_path: Path) -> BaselineStore:
 
 def test_baseline_within_and_beyond_tolerance(store: BaselineStore) -> None:
     def check(value: float) -> GateResult:
-        [result] = store.check("m-rtn-A", "fp1", {"wikitext2": value}, rel_tol=0.0625, required=True)
+        [result] = store.check("m-rtn-A", "fp1", {"ppl": {"wikitext2": value}}, rel_tol=0.0625, required=True)
         return result
 
     assert check(17.0).passed is True  # drift exactly 1/16: at the tolerance
@@ -288,13 +289,32 @@ def test_baseline_within_and_beyond_tolerance(store: BaselineStore) -> None:
     assert (beyond.measured, beyond.limit, beyond.baseline, beyond.metric) == (17.01, 0.0625, 16.0, "ppl.wikitext2")
 
 
+def test_baseline_drift_beyond_tolerance_passes_only_within_the_window_noise(store: BaselineStore) -> None:
+    """With per-window NLLs on both sides the gate is paired: every window 2% worse is a real
+    change (the interval is the single point e^0.02); the same mean shift made of windows +-0.3
+    apart is indistinguishable from window noise (the interval contains 1)."""
+    committed = [2.0 + 0.01 * i for i in range(32)]
+    store.update("m-gptq-A", "fp1", {"ppl": {"wikitext2": math.exp(sum(committed) / 32)},
+                                      "window_nll": {"wikitext2": committed}, "device": "cpu", "commit": None})
+
+    def check(current: list[float]) -> GateResult:
+        metrics = {"ppl": {"wikitext2": math.exp(sum(current) / 32)}, "window_nll": {"wikitext2": current}}
+        [result] = store.check("m-gptq-A", "fp1", metrics, rel_tol=0.01, required=True)
+        return result
+
+    shifted = check([nll + 0.02 for nll in committed])
+    assert shifted.passed is False and "beyond the noise" in shifted.detail
+    noisy = check([nll + 0.02 + (0.3 if i % 2 else -0.3) for i, nll in enumerate(committed)])
+    assert noisy.passed is True and "beyond tolerance" in noisy.detail and "within the noise" in noisy.detail
+
+
 def test_baseline_missing(store: BaselineStore) -> None:
-    [required] = store.check("m-rtn-A", "other-fingerprint", {"wikitext2": 16.0}, 0.01, required=True)
+    [required] = store.check("m-rtn-A", "other-fingerprint", {"ppl": {"wikitext2": 16.0}}, 0.01, required=True)
     assert required.passed is False and "--update-baselines" in required.detail
-    [optional] = store.check("m-rtn-B", "fp1", {"wikitext2": 16.0}, 0.01, required=False)
+    [optional] = store.check("m-rtn-B", "fp1", {"ppl": {"wikitext2": 16.0}}, 0.01, required=False)
     assert optional.passed is None
     # a stored baseline without the dataset fails, required or not
-    [no_dataset] = store.check("m-rtn-A", "fp1", {"c4": 16.0}, 0.01, required=False)
+    [no_dataset] = store.check("m-rtn-A", "fp1", {"ppl": {"c4": 16.0}}, 0.01, required=False)
     assert no_dataset.passed is False and "no ppl.c4" in no_dataset.detail
 
 
@@ -311,7 +331,7 @@ def test_baseline_update_save_reload(store: BaselineStore, tmp_path: Path) -> No
     # an update is the cell's new expectation: the other configuration's entry is gone
     assert reloaded.expected("m-rtn-A", "fp2") is None
     assert reloaded.expected("m-rtn-A", "fp3") is None and reloaded.expected("x", "fp1") is None
-    assert reloaded.check("m-rtn-A", "fp1", {"wikitext2": 15.0}, 0.0, required=True)[0].passed is True
+    assert reloaded.check("m-rtn-A", "fp1", {"ppl": {"wikitext2": 15.0}}, 0.0, required=True)[0].passed is True
 
 
 def test_gate_results_serialise_into_records(tmp_path: Path) -> None:

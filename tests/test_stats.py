@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from ptq.session import ratio_intervals
 from ptq.stats import paired_bootstrap_ratio
 
 
@@ -69,3 +70,13 @@ def test_more_windows_give_a_narrower_interval() -> None:
 def test_invalid_inputs(quant: list, fp: list, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         paired_bootstrap_ratio(quant, fp, **kwargs)
+
+
+def test_ratio_intervals_pair_each_dataset_with_the_fp_windows() -> None:
+    fp = {"window_nll": {"wikitext2": [2.0, 2.5, 3.0], "c4": [3.0, 3.1]}}
+    same = ratio_intervals(fp, fp)
+    assert same["wikitext2"]["low"] == same["wikitext2"]["high"] == 1.0  # identical windows: no noise
+    shifted = {"window_nll": {"wikitext2": [2.1, 2.6, 3.1], "c4": [3.0]}}
+    intervals = ratio_intervals(shifted, fp)
+    assert intervals["wikitext2"]["low"] == pytest.approx(math.exp(0.1)) == intervals["wikitext2"]["high"]
+    assert "c4" not in intervals  # not the same windows: no interval rather than a wrong one

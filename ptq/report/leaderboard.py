@@ -131,6 +131,7 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "stages": stage_times(record),
             "ppl_delta": _difference(ppl, fp_ppl),
             "ppl_ratio": metrics.get("ppl_ratio"),
+            "ppl_ratio_ci": metrics.get("ppl_ratio_ci", {}).get(first),
             "bits_per_weight": metrics.get("bits_per_weight"),
             "kv_bytes_per_token": kv.get("bytes_per_token"),
             "kv_float_bytes_per_token": kv.get("float_bytes_per_token"),
@@ -186,6 +187,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("ppl_delta", "Δ FP", _number(2, signed=True),
            "PPL minus the float baseline's PPL (same model and evaluation; on the first PPL dataset)"),
     Column("ppl_ratio", "× FP", _number(3), "PPL divided by the float baseline's PPL"),
+    Column("ppl_ratio_ci", "95% CI", lambda ci: "" if ci is None else f"{ci['low']:.3f}–{ci['high']:.3f}",
+           "95% paired bootstrap interval of × FP: the evaluation windows resampled jointly for the cell and "
+           "the float baseline (ptq/stats.py); the evaluation's noise, not the calibration's",
+           optional=True),
     Column("bits_per_weight", "bits/weight", _number(3),
            "stored bits per weight of the blocks' linear layers: code bits plus 16-bit scales (and zero "
            "points) per group; float cells count their dtype", optional=True),
@@ -230,7 +235,7 @@ def visible_columns(rows: list[dict[str, Any]]) -> list[Column]:
     percent = _number(1)
     accuracy = [Column(key, key, lambda value: percent(None if value is None else 100 * value),
                        ACCURACY_DESCRIPTION) for key in accuracy_keys]
-    at = next(i for i, c in enumerate(columns) if c.key == "ppl_ratio") + 1
+    at = max(i for i, c in enumerate(columns) if c.key in ("ppl_ratio", "ppl_ratio_ci")) + 1
     datasets = list(dict.fromkeys(key.removeprefix(PPL_PREFIX) for row in rows for key in row
                                   if key.startswith(PPL_PREFIX) and row[key] is not None))
     perplexities = [Column(f"{PPL_PREFIX}{name}", f"PPL {name}", _number(2),
