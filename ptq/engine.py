@@ -289,6 +289,10 @@ class Stage:
     def after_blocks(self, step: ModelStep) -> None:
         """Model-level work after the block walk."""
 
+    def samples_read(self) -> int | None:
+        """How many calibration sequences, the first ones, the stage reads (None: all)."""
+        return None
+
     @classmethod
     def walks_blocks(cls) -> bool:
         return cls.on_block is not Stage.on_block
@@ -322,13 +326,29 @@ def run_stages(stages: list[Stage], step: ModelStep, calibration: CalibrationSet
             stage.after_blocks(step)
 
 
+def _sequences_read(stages: list[Stage], tokens: torch.Tensor, batch_size: int, result: QuantResult) -> torch.Tensor:
+    """The calibration sequences some stage reads: when every stage reads only the first n, the
+    batches holding them (as `BlockRunner.first` picks them), so that no block runs on the
+    others. The same batches as with all sequences: the same numbers, fewer forwards."""
+    reads = [stage.samples_read() for stage in stages]
+    if None in reads:
+        return tokens
+    keep = -(-max(reads) // batch_size) * batch_size
+    if keep >= tokens.shape[0]:
+        return tokens
+    result.notes.append(f"calibration: the stages read only the first {keep} of the {tokens.shape[0]} "
+                        "sequences; the blocks ran on those alone")
+    return tokens[:keep]
+
+
 def _walk(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | None, config: CalibConfig,
           device: torch.device) -> None:
     seconds = step.result.stage_seconds
     batches = None
     if calibration is not None:
+        tokens = _sequences_read(stages, calibration.tokens, config.batch_size, step.result)
         with _timed(seconds, ENGINE):
-            batches = capture_block_inputs(step.model, step.adapter, calibration.tokens, config.batch_size, device)
+            batches = capture_block_inputs(step.model, step.adapter, tokens, config.batch_size, device)
     # float_batches: the float model's activations, kept apart when the propagated ones are quantized
     float_batches = batches if batches is not None and config.propagate == "quantized" \
         and any(stage.float_inputs for stage in stages) else None

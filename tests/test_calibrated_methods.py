@@ -580,3 +580,15 @@ def test_calibrated_methods_leave_weights_on_the_3_bit_grid(model: LlamaForCausa
         assert distinct <= 2**spec.bits, name
     assert torch.equal(quantized.lm_head.weight, model.lm_head.weight)
     assert torch.equal(quantized.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_awq_on_a_subset_runs_the_blocks_on_that_subset_alone_with_the_same_result(
+        catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet) -> None:
+    """search_samples 3 at batch size 4: AWQ reads the first batch only, so the engine runs the
+    blocks on its 4 sequences and not the 8; the weights are those of a calibration set that
+    holds just those 4 (nothing else was ever read)."""
+    subset = run_pipeline(catalog, model, calibration, "awq", "method.params.search_samples=3")
+    alone = run_pipeline(catalog, model, CalibrationSet(calibration.tokens[:4], {}), "awq")
+    assert any("the first 4 of the 8 sequences" in note for note in subset.notes)
+    for (name, ours), theirs in zip(subset.model.state_dict().items(), alone.model.state_dict().values()):
+        assert torch.equal(ours, theirs), name

@@ -99,6 +99,9 @@ class Awq(Stage):
         super().__init__(params, specs, final)
         self.alphas: dict[str, list[float]] = {}
 
+    def samples_read(self) -> int | None:
+        return self.params.search_samples
+
     def before_blocks(self, step: ModelStep) -> None:
         block = step.adapter.decoder_blocks(step.model)[0]
         skipped = [f"{g.prev} -> {', '.join(g.linears)}" for g in step.adapter.scaling_groups
