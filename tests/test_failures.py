@@ -299,15 +299,14 @@ def test_11_a_shard_without_cells_is_a_usage_error(pytester: pytest.Pytester, tm
 
 # 12 ----------------------------------------------------------------------------- interruption
 
-# Loaded into the run with -p: after the first cell, says so and waits, so the run is interrupted
-# in the middle of its cells, at a known point.
+# Loaded into the run with -p: after its first cell, each process says so and waits, so the run
+# is interrupted in the middle of its cells, at a known point (under xdist each worker may have
+# finished one cell: with one model and two workers, cells go to both).
 PAUSE_PLUGIN = '''
 import os, time
 def pytest_runtest_teardown(item):
-    ready = os.environ["PTQ_TEST_READY"]
-    if not os.path.exists(ready):
-        open(ready, "w").close()
-        time.sleep(120)
+    open(os.environ["PTQ_TEST_READY"], "a").close()
+    time.sleep(120)
 '''
 
 
@@ -338,12 +337,12 @@ def test_12_an_interrupted_run_writes_the_finished_cells_marked_as_interrupted(
     assert run.returncode == pytest.ExitCode.INTERRUPTED, stdout[-3000:] + stderr[-3000:]
     assert "INTERNALERROR" not in stdout + stderr
     finished = sorted(p.stem for p in (reports / "runs" / "stopped").glob("*.json"))
-    assert len(finished) == 1 and finished[0] in TINY_CELLS
+    assert 1 <= len(finished) <= max(1, workers) and set(finished) <= set(TINY_CELLS)
     payload = json.loads((reports / "leaderboard.json").read_text())
-    assert [row["cell"] for row in payload["rows"]] == finished
-    assert payload["interrupted"]["by"] == by and payload["interrupted"]["finished_cells"] == 1
+    assert sorted(row["cell"] for row in payload["rows"]) == finished
+    assert payload["interrupted"]["by"] == by and payload["interrupted"]["finished_cells"] == len(finished)
     markdown = (reports / "leaderboard.md").read_text().splitlines()
-    assert markdown[2].startswith(f"**Interrupted ({by}): this run stopped after 1 finished cell(s)")
+    assert markdown[2].startswith(f"**Interrupted ({by}): this run stopped after {len(finished)} finished cell(s)")
     assert f"Interrupted ({by})" in stdout  # and the terminal says so above the leaderboard
 
 
