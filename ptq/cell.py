@@ -24,6 +24,7 @@ from ptq.config import CellConfig
 from ptq.dependencies import Dependencies, dependencies
 from ptq.engine import QuantResult
 from ptq.eval.memory import PeakMemory
+from ptq.eval.kld import TopKLogprobs
 from ptq.eval.suite import evaluate
 from ptq.models.adapters import ArchAdapter
 from ptq.models.loading import ResolvedSource
@@ -34,6 +35,9 @@ from ptq.registry import Pipeline
 from ptq.transforms import bits_per_weight
 
 WEIGHTS_FILE = "weights.safetensors"
+
+
+References = Callable[[], dict[str, TopKLogprobs]]  # the float model's top-k store per evaluation dataset
 
 
 @dataclass
@@ -99,16 +103,17 @@ def stage_modules(pipeline: Pipeline) -> tuple[str, ...]:
 
 
 def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, load: Callable[[], LoadedModel],
-               store: CacheStore) -> CellOutcome:
+               store: CacheStore, references: References | None = None) -> CellOutcome:
     """The cell's outcome from the metrics entry when it is whole; else quantize (or take the
-    quantized weights from their entry), evaluate, and store. The model is loaded only then."""
+    quantized weights from their entry), evaluate, and store. The model is loaded only then, and
+    `references` (the float model's top-k stores, for the KLD) called only then."""
     deps = dependencies(config, stage_modules(pipeline), device.type)
     found = store.lookup("metrics", deps.metrics_key)
     if found.status == "hit":
         assert found.path is not None
         stored = json.loads((found.path / "outcome.json").read_text())
         return CellOutcome(**stored, cache={"metrics": "hit", "weights": "skipped"})
-    outcome = measure(config, pipeline, load(), store, deps)
+    outcome = measure(config, pipeline, load(), store, deps, references)
     def write(folder: Path) -> None:
         (folder / "outcome.json").write_text(json.dumps(outcome.stored(), indent=2))
 
@@ -119,13 +124,14 @@ def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, loa
 
 
 def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: CacheStore,
-            deps: Dependencies) -> CellOutcome:
+            deps: Dependencies, references: References | None = None) -> CellOutcome:
     """Quantize with the pipeline (or take its weights from `store`), then evaluate. Pipelines work
     on a copy, so the loaded model stays float for the next cell; the baseline leaves the model
     as it is and gets no copy (and has no weights to store)."""
     found = Lookup("none", None) if pipeline.baseline else store.lookup("weights", deps.weights_key)
     calibration = calibration_set(loaded.tokenizer, config.calib) if pipeline.calibrated and found.path is None \
         else None
+    float_stores = references() if references is not None and not pipeline.baseline else None
     with PeakMemory(loaded.device) as memory:
         work = None if pipeline.baseline else CellCopy.of(loaded.model, loaded.adapter)
         model = loaded.model if work is None else work.model
@@ -146,7 +152,7 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
             and result.pure_weights else None
         quantize_activations(result, loaded.adapter, config)
         with on_device(result.model, loaded.device) as placement:
-            evaluation = evaluate(result, loaded.tokenizer, loaded.device, config)
+            evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores)
     unstored = None
     if changed is not None:
         write = functools.partial(_write_weights, changed, result, quant_seconds, calibration_record)

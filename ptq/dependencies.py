@@ -32,7 +32,7 @@ EVAL_SECTIONS = ("eval", "kv_eval", "zero_shot")  # change the metrics, not the 
 # The code a result depends on besides each stage's own module, and the packages that run it.
 QUANTIZE_CODE = ("ptq.quant", "ptq.calib", "ptq.engine", "ptq.pipeline", "ptq.transforms", "ptq.hadamard",
                  "ptq.kv", "ptq.registry", "ptq.data", "ptq.config", "ptq.models.adapters", "ptq.models.loading")
-EVALUATE_CODE = ("ptq.cell", "ptq.cache", "ptq.eval.suite", "ptq.eval.perplexity", "ptq.eval.decode",
+EVALUATE_CODE = ("ptq.cell", "ptq.cache", "ptq.eval.suite", "ptq.eval.perplexity", "ptq.eval.kld", "ptq.eval.decode",
                  "ptq.eval.passkey", "ptq.eval.zeroshot", "ptq.eval.lm_tasks", "ptq.eval.memory", "ptq.data", "ptq.kv")
 # Spec fields added after fingerprints were first committed, with the value their absence meant.
 SPEC_FIELDS_ADDED_LATER = {"format": "int", "dynamic": True}

@@ -82,9 +82,12 @@ def cell_gates(metrics: dict[str, Any], fp_metrics: dict[str, Any], gates: GateC
     return results + baseline
 
 
-def _interval(current: list[float] | None, committed: list[float] | None) -> RatioInterval | None:
-    """The paired interval of current / committed PPL, when both hold the same windows."""
-    if not current or not committed or len(current) != len(committed):
+def _interval(current: list[float] | None, committed: list[float] | None,
+              committed_ppl: float) -> RatioInterval | None:
+    """The paired interval of current / committed PPL, when both hold the same windows and the
+    committed windows give the committed PPL (an edited PPL is then judged by tolerance alone)."""
+    if not current or not committed or len(current) != len(committed) \
+            or not math.isclose(math.exp(sum(committed) / len(committed)), committed_ppl, rel_tol=1e-9):
         return None
     return paired_bootstrap_ratio(current, committed)
 
@@ -127,7 +130,7 @@ class BaselineStore:
                 continue
             drift = abs(value - expected) / expected
             noise = _interval(metrics.get("window_nll", {}).get(dataset),
-                              entry.get("window_nll", {}).get(dataset))
+                              entry.get("window_nll", {}).get(dataset), expected)
             within_noise = noise is not None and noise.low <= 1 <= noise.high
             passed = drift <= rel_tol or within_noise
             verdict = ("within" if drift <= rel_tol else "beyond") + f" tolerance {rel_tol:.2%}"

@@ -20,12 +20,15 @@ from ptq.config import ModelConfig, parse_override
 from ptq.data import load_text
 from ptq.dependencies import EVAL_SPLIT, fingerprint
 from ptq.errors import BaselineFailed, ConfigError, NonFiniteMetric, PtqError, UnsupportedModel
+from ptq.eval.kld import TopKLogprobs
 from ptq.eval.lm_tasks import check_task_files, check_task_names
+from ptq.eval.suite import float_references
 from ptq.gates import BaselineStore, GateResult, cell_gates
 from ptq.kv import head_dim_of
 from ptq.matrix import Catalog, Cell, Selection, shard
 from ptq.models.adapters import adapter_for
 from ptq.models.loading import load_model
+from ptq.models.placement import on_device
 from ptq.registry import Pipeline
 from ptq.report.records import CellRecord
 from ptq.stats import paired_bootstrap_ratio
@@ -137,6 +140,7 @@ class Session:
         # by baseline fingerprint: its outcome, or why it failed (each cell needing it fails with that)
         self._fp_outcomes: dict[str, CellOutcome | str] = {}
         self._fp_pipeline = Pipeline((catalog.baseline,))
+        self._references: dict[str, dict[str, TopKLogprobs]] = {}  # by baseline fingerprint
 
     def baseline(self, cell: Cell) -> CellOutcome:
         """The FP baseline the cell is judged against, measured once per model and evaluation
@@ -156,6 +160,16 @@ class Session:
             raise BaselineFailed(found)
         return found
 
+    def references(self, cell: Cell) -> dict[str, TopKLogprobs]:
+        """The float model's top-k stores of the cell's evaluation windows (for the KLD), computed
+        once per model and evaluation setting, as its FP baseline."""
+        key = fingerprint(cell.baseline_config, self.device.type)
+        if key not in self._references:
+            loaded = self.models.get(cell.config.model)
+            with on_device(loaded.model, loaded.device):
+                self._references[key] = float_references(loaded.model, loaded.tokenizer, cell.baseline_config)
+        return self._references[key]
+
     def run(self, cell: Cell, record: CellRecord) -> list[GateResult]:
         """Measure the cell into `record` and return the gates that failed."""
         baseline = self.baseline(cell)
@@ -163,7 +177,7 @@ class Session:
         load = partial(self.models.get, cell.config.model)
         try:
             outcome = baseline if cell.pipeline.baseline else \
-                run_cached(cell.config, cell.pipeline, self.device, load, self.cache)
+                run_cached(cell.config, cell.pipeline, self.device, load, self.cache, partial(self.references, cell))
         except NonFiniteMetric as exc:  # the float model's metrics are finite: the method's are not
             raise NonFiniteMetric(f"{exc}; the FP baseline's are finite: check the method's scales and the "
                                   "model dtype") from None

@@ -5,6 +5,7 @@ was scored silently: wiki.test.raw cut to 20 kB gave 9 windows instead of 32).""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import math
@@ -27,7 +28,8 @@ from ptq.matrix import Catalog, Selection
 from ptq.cell import LoadedModel
 from ptq.dependencies import fingerprint
 from ptq.engine import QuantResult
-from ptq.eval.suite import evaluate
+from ptq.eval.kld import kl_divergence
+from ptq.eval.suite import evaluate, evaluation_windows, float_references
 from tests.tiny import write_tiny_llama, write_wikitext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,3 +215,30 @@ def test_per_window_nll_is_each_windows_mean_and_gives_the_ppl(tiny: tuple[Path,
             logprobs = torch.log_softmax(loaded.model(window[None]).logits[0, :-1].double(), dim=-1)
             assert nll == pytest.approx(-logprobs.gather(1, window[1:, None]).mean().item(), rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(sum(result.window_nll) / 5), rel=1e-12)
+
+
+def test_evaluate_scores_the_kld_from_the_perplexity_logits_as_a_separate_pass_would(
+        tiny: tuple[Path, LoadedModel], monkeypatch: pytest.MonkeyPatch) -> None:
+    """KLD from the logits the perplexity pass already computes equals kl_divergence's own forward
+    over the same windows; the float model against its own store diverges by nothing."""
+    root, loaded = tiny
+    monkeypatch.setenv("PTQ_DATA_DIR", str(root))
+    load_text.cache_clear()
+    cell = CellConfig(ModelConfig("tiny", "llama", SourceConfig("local", path="unused")),
+                      MethodConfig("fp16"), TrackConfig("A"), eval=EvalConfig(seqlen=32, max_windows=5, batch_size=2))
+    try:
+        references = float_references(loaded.model, loaded.tokenizer, cell)
+        noisy = copy.deepcopy(loaded.model)
+        with torch.no_grad():
+            for parameter in noisy.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+        metrics = evaluate(QuantResult(noisy), loaded.tokenizer, loaded.device, cell, references).metrics()
+        windows = evaluation_windows(loaded.tokenizer, cell)["wikitext2"]
+        separate = kl_divergence(noisy, windows, references["wikitext2"], batch_size=3)
+        assert metrics["kld"]["wikitext2"]["mean"] == pytest.approx(separate.mean, rel=1e-6) and separate.mean > 0
+        assert metrics["kld"]["wikitext2"]["top1_agreement"] == separate.top1_agreement
+        same = evaluate(QuantResult(loaded.model), loaded.tokenizer, loaded.device, cell, references).metrics()
+        assert same["kld"]["wikitext2"]["mean"] == pytest.approx(0, abs=1e-9)
+        assert same["kld"]["wikitext2"]["top1_agreement"] == 1.0
+    finally:
+        load_text.cache_clear()

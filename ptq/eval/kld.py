@@ -185,39 +185,66 @@ def float_topk(model: torch.nn.Module, windows: torch.Tensor, k: int = DEFAULT_T
     return TopKLogprobs(windows.cpu(), **stored, vocab_size=vocab, seed=seed)
 
 
+class KLDivergence:
+    """KL(float || a model) accumulated from that model's logits on the windows `store` was
+    computed on, batch by batch as an evaluation produces them (no forward of its own)."""
+
+    def __init__(self, store: TopKLogprobs) -> None:
+        self.store = store
+        self.bounds: list[torch.Tensor] = []
+        self.tails: list[torch.Tensor] = []
+        self.agreements: list[torch.Tensor] = []
+        self.next_row = 0
+
+    @torch.inference_mode()
+    def add(self, batch: torch.Tensor, logits: torch.Tensor) -> None:
+        """The logits [B, T, V] of the next `batch` [B, T] of windows, in window order."""
+        store, rows = self.store, slice(self.next_row, self.next_row + len(batch))
+        if not torch.equal(batch.cpu(), store.windows[rows]):
+            raise ValueError(f"windows {rows.start}..{rows.stop - 1} are not those the float model's top-k store "
+                             f"was computed on ({tuple(store.windows.shape)}): compute it on these windows")
+        full = _logprobs(logits)
+        if full.shape[-1] != store.vocab_size:
+            raise ValueError(f"the model has {full.shape[-1]} logits per token, the store {store.vocab_size}")
+        ids = store.ids[rows].to(full.device).long()
+        top = full.gather(-1, ids).cpu()
+        sampled = full.gather(-1, store.samples[rows].to(full.device).long()).cpu()
+        # ties: the float model's top token agrees when it is (one of) the quantized model's most likely
+        self.agreements.append((top[..., 0] == full.max(dim=-1).values.cpu()))
+        tail = _tail_in_place(full, ids).cpu()
+        self.bounds.append(coarse_kld(store.logprobs[rows], store.tail[rows], top, tail))
+        self.tails.append(tail_kld(store.tail[rows], store.sample_logprobs[rows], tail, sampled))
+        self.next_row = rows.stop
+
+    def result(self) -> KLDResult:
+        store = self.store
+        if self.next_row != len(store.windows):
+            raise ValueError(f"{self.next_row} of the store's {len(store.windows)} windows were scored")
+        bound = torch.cat(self.bounds)  # [W, T-1]
+        per_token = bound + torch.cat(self.tails)
+        values = per_token.flatten().numpy()
+        median, p90, p99 = np.quantile(values, [0.5, 0.9, 0.99])  # interpolated linearly, as llama.cpp does
+        stderr = math.sqrt(values.var(ddof=1) / values.size) if values.size > 1 else 0.0
+        return KLDResult(mean=float(values.mean()), mean_stderr=stderr, median=float(median), p90=float(p90),
+                         p99=float(p99), max=float(values.max()), min=float(values.min()),
+                         top1_agreement=float(torch.cat(self.agreements).double().mean()), tokens=values.size,
+                         k=store.k, tail_samples=store.samples.shape[-1], mean_top_k_bound=float(bound.mean()),
+                         mean_tail_mass=float(store.tail.double().exp().mean()),
+                         window_kld=tuple(per_token.mean(dim=1).tolist()))
+
+
 @torch.inference_mode()
 def kl_divergence(model: torch.nn.Module, windows: torch.Tensor, store: TopKLogprobs, batch_size: int = 4,
                   make_cache: Callable[[], Cache] | None = None,
                   prefill_chunk: int | None = None) -> KLDResult:
     """KL(float || this model) on the windows `store` was computed on, read through the cell's cache
-    (`make_cache`, `prefill_chunk`) as perplexity reads it."""
-    if not torch.equal(windows.cpu(), store.windows):
+    (`make_cache`, `prefill_chunk`) as perplexity reads it: one forward per batch of windows."""
+    device = next(model.parameters()).device
+    divergence = KLDivergence(store)
+    if windows.shape != store.windows.shape:
         raise ValueError(f"the windows ({tuple(windows.shape)}) are not those the float model's top-k store "
                          f"was computed on ({tuple(store.windows.shape)}): compute it on these windows")
-    device = next(model.parameters()).device
-    bounds, tails, agreements = [], [], []
     for index, batch in enumerate(windows.split(batch_size)):
         progress.report("KLD window", index * batch_size + len(batch), len(windows))
-        rows = slice(index * batch_size, index * batch_size + len(batch))
-        full = _logprobs(window_logits(model, batch.to(device), make_cache, prefill_chunk))
-        if full.shape[-1] != store.vocab_size:
-            raise ValueError(f"the model has {full.shape[-1]} logits per token, the store {store.vocab_size}")
-        ids = store.ids[rows].to(device).long()
-        top = full.gather(-1, ids).cpu()
-        sampled = full.gather(-1, store.samples[rows].to(device).long()).cpu()
-        # ties: the float model's top token agrees when it is (one of) the quantized model's most likely
-        agreements.append((top[..., 0] == full.max(dim=-1).values.cpu()))
-        tail = _tail_in_place(full, ids).cpu()
-        bounds.append(coarse_kld(store.logprobs[rows], store.tail[rows], top, tail))
-        tails.append(tail_kld(store.tail[rows], store.sample_logprobs[rows], tail, sampled))
-    bound = torch.cat(bounds)  # [W, T-1]
-    per_token = bound + torch.cat(tails)
-    values = per_token.flatten().numpy()
-    median, p90, p99 = np.quantile(values, [0.5, 0.9, 0.99])  # interpolated linearly, as llama.cpp does
-    stderr = math.sqrt(values.var(ddof=1) / values.size) if values.size > 1 else 0.0
-    return KLDResult(mean=float(values.mean()), mean_stderr=stderr, median=float(median), p90=float(p90),
-                     p99=float(p99), max=float(values.max()), min=float(values.min()),
-                     top1_agreement=float(torch.cat(agreements).double().mean()), tokens=values.size,
-                     k=store.k, tail_samples=store.samples.shape[-1], mean_top_k_bound=float(bound.mean()),
-                     mean_tail_mass=float(store.tail.double().exp().mean()),
-                     window_kld=tuple(per_token.mean(dim=1).tolist()))
+        divergence.add(batch, window_logits(model, batch.to(device), make_cache, prefill_chunk))
+    return divergence.result()

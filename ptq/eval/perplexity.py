@@ -78,10 +78,11 @@ def perplexity(
     prefill_chunk: int | None = None,
     allow_fewer_windows: bool = False,
     source: str = "the evaluation text",
+    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> PerplexityResult:
     """Score windows in batches; with `make_cache`, attention reads keys/values through that
     cache; with `prefill_chunk`, windows are fed chunk by chunk (see the module docstring).
-    `source` names the text in errors."""
+    `source` names the text in errors; `on_logits(batch, logits)` sees each batch's logits (KLD)."""
     device = next(model.parameters()).device
     windows = windows_of(input_ids, seqlen, max_windows, allow_fewer_windows, source)
     window_sums: list[torch.Tensor] = []
@@ -90,6 +91,8 @@ def perplexity(
         progress.report("evaluating window", index * batch_size + len(batch), len(windows))
         batch = batch.to(device)
         logits = window_logits(model, batch, make_cache, prefill_chunk)
+        if on_logits is not None:
+            on_logits(batch, logits)
         token_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
                                     reduction="none")
         window_sums.append(token_nll.view(len(batch), -1).double().sum(dim=1).cpu())

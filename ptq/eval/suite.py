@@ -1,5 +1,7 @@
 """A cell's evaluation: perplexity on every configured dataset (by chunked prefill through the
-cell's cache when it has KV probes), then the KV probes and the zero-shot tasks when configured."""
+cell's cache when it has KV probes) and, given the float model's top-k store of the same
+windows, the KL divergence to it from the same logits; then the KV probes and the zero-shot
+tasks when configured."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from ptq.dependencies import EVAL_SPLIT
 from ptq.engine import QuantResult
 from ptq.eval.decode import decode_speed, float_cache
 from ptq.eval.passkey import passkey_accuracy, trials
-from ptq.eval.perplexity import PerplexityResult, perplexity
+from ptq.eval.kld import KLDivergence, KLDResult, TopKLogprobs, float_topk
+from ptq.eval.perplexity import PerplexityResult, perplexity, windows_of
 from ptq.eval.zeroshot import zero_shot
 
 
@@ -30,6 +33,35 @@ def windows_for(dataset: str, configured: int | None) -> int | None:
     return cap if configured is None else configured if cap is None else min(configured, cap)
 
 
+KLD_RECORDED = ("mean", "mean_stderr", "median", "p90", "p99", "max", "top1_agreement", "tokens", "k",
+                "tail_samples", "mean_top_k_bound", "mean_tail_mass")
+
+
+def window_budget(dataset: str, config: CellConfig) -> tuple[int | None, bool]:
+    """The windows to score of `dataset`, and whether fewer may be scored: a dataset's own cap is
+    its convention, not a budget, so fewer than it is no truncation."""
+    capped = config.eval.max_windows is None or windows_for(dataset, None) is not None
+    return windows_for(dataset, config.eval.max_windows), config.eval.allow_fewer_windows or capped
+
+
+def evaluation_windows(tokenizer: PreTrainedTokenizerBase, config: CellConfig) -> dict[str, torch.Tensor]:
+    """The [W, seqlen] windows each configured dataset is scored on (as `evaluate` scores them)."""
+    windows = {}
+    for dataset in config.eval.datasets:
+        text = load_text(dataset, EVAL_SPLIT)
+        windows[dataset] = windows_of(tokenize_once(tokenizer, text), config.eval.seqlen,
+                                      *window_budget(dataset, config), f"{dataset}/{EVAL_SPLIT} ({text.origin})")
+    return windows
+
+
+@torch.inference_mode()
+def float_references(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                     config: CellConfig) -> dict[str, TopKLogprobs]:
+    """The float model's top-k store of each dataset's evaluation windows (see ptq.eval.kld)."""
+    return {dataset: float_topk(model, windows, batch_size=config.eval.batch_size)
+            for dataset, windows in evaluation_windows(tokenizer, config).items()}
+
+
 @dataclass
 class Evaluation:
     results: dict[str, PerplexityResult]
@@ -37,6 +69,7 @@ class Evaluation:
     fallbacks: list[str] = field(default_factory=list)
     kv_probes: dict[str, Any] = field(default_factory=dict)  # passkey, decode speed, cache bytes
     zero_shot: dict[str, Any] | None = None  # see ptq.eval.zeroshot.zero_shot, when configured
+    kld: dict[str, KLDResult] = field(default_factory=dict)  # per dataset, given the float model's store
 
     def metrics(self) -> dict[str, Any]:
         seconds = sum(r.seconds for r in self.results.values())
@@ -52,6 +85,8 @@ class Evaluation:
         }
         if self.zero_shot is not None:
             metrics["zero_shot"] = self.zero_shot
+        if self.kld:
+            metrics["kld"] = {name: {key: getattr(r, key) for key in KLD_RECORDED} for name, r in self.kld.items()}
         return metrics
 
 
@@ -72,12 +107,14 @@ def kv_probes(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device
 
 
 def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device: torch.device,
-             config: CellConfig) -> Evaluation:
-    """Perplexity on every configured dataset, then the KV probes and the zero-shot tasks, when
-    configured. On CUDA OOM the perplexity batch is halved and that is recorded."""
+             config: CellConfig, references: dict[str, TopKLogprobs] | None = None) -> Evaluation:
+    """Perplexity on every configured dataset (and the KLD to the float model where `references`
+    holds its store), then the KV probes and the zero-shot tasks, when configured. On CUDA OOM
+    the perplexity batch is halved and that is recorded."""
     results: dict[str, PerplexityResult] = {}
     data: dict[str, Any] = {}
     fallbacks: list[str] = []
+    klds: dict[str, KLDResult] = {}
     chunk = config.kv_eval.prefill_chunk if config.kv_eval else None
     for dataset in config.eval.datasets:
         text = load_text(dataset, EVAL_SPLIT)
@@ -85,13 +122,15 @@ def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device:
         data[dataset] = {**text.describe(), "tokens": int(ids.shape[1])}
         batch_size = config.eval.batch_size
         while True:
+            divergence = KLDivergence(references[dataset]) if references and dataset in references else None
             try:
-                # a dataset's own window cap is its convention, not a budget: fewer is no truncation
-                capped = config.eval.max_windows is None or windows_for(dataset, None) is not None
-                results[dataset] = perplexity(quantized.model, ids, config.eval.seqlen,
-                                              windows_for(dataset, config.eval.max_windows), batch_size,
-                                              quantized.make_cache, chunk, config.eval.allow_fewer_windows or capped,
-                                              f"{dataset}/{EVAL_SPLIT} ({text.origin})")
+                max_windows, allow_fewer = window_budget(dataset, config)
+                results[dataset] = perplexity(quantized.model, ids, config.eval.seqlen, max_windows, batch_size,
+                                              quantized.make_cache, chunk, allow_fewer,
+                                              f"{dataset}/{EVAL_SPLIT} ({text.origin})",
+                                              divergence.add if divergence else None)
+                if divergence is not None:
+                    klds[dataset] = divergence.result()
                 break
             except torch.OutOfMemoryError:
                 if batch_size == 1:
@@ -103,4 +142,4 @@ def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device:
     accuracy = None
     if config.zero_shot.tasks:
         accuracy, data["zero_shot"] = zero_shot(quantized.model, tokenizer, config.zero_shot, quantized.make_cache)
-    return Evaluation(results, data, fallbacks, probes, accuracy)
+    return Evaluation(results, data, fallbacks, probes, accuracy, klds)

@@ -132,6 +132,8 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "ppl_delta": _difference(ppl, fp_ppl),
             "ppl_ratio": metrics.get("ppl_ratio"),
             "ppl_ratio_ci": metrics.get("ppl_ratio_ci", {}).get(first),
+            "kld": metrics.get("kld", {}).get(first, {}).get("mean"),
+            "top1_agreement": metrics.get("kld", {}).get(first, {}).get("top1_agreement"),
             "bits_per_weight": metrics.get("bits_per_weight"),
             "kv_bytes_per_token": kv.get("bytes_per_token"),
             "kv_float_bytes_per_token": kv.get("float_bytes_per_token"),
@@ -191,6 +193,11 @@ COLUMNS: tuple[Column, ...] = (
            "95% paired bootstrap interval of × FP: the evaluation windows resampled jointly for the cell and "
            "the float baseline (ptq/stats.py); the evaluation's noise, not the calibration's",
            optional=True),
+    Column("kld", "KLD", _number(4),
+           "mean KL divergence from the float model's next-token distribution to the cell's, per token (nats), "
+           "on the same windows (ptq/eval/kld.py: top-32 exact, tail estimated from 16 samples)", optional=True),
+    Column("top1_agreement", "same top-1", lambda value: "" if value is None else f"{100 * value:.1f}%",
+           "share of positions where the cell's most likely next token is the float model's", optional=True),
     Column("bits_per_weight", "bits/weight", _number(3),
            "stored bits per weight of the blocks' linear layers: code bits plus 16-bit scales (and zero "
            "points) per group; float cells count their dtype", optional=True),
