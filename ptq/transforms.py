@@ -31,25 +31,35 @@ def bits_per_weight(linears: Mapping[str, nn.Linear], weight_specs: Mapping[str,
 
 def scales_fold(block: nn.Module, group: ScalingGroup) -> bool:
     """Whether per-channel scales of the group's input can be folded into `group.prev`: a norm
-    always can; a linear only if its outputs are exactly the group's inputs (not so for
-    v_proj -> o_proj under grouped-query attention)."""
+    always can; a linear only if its outputs (or the rows `prev_rows` of a fused one) are exactly the
+    group's inputs (not so for v_proj -> o_proj under grouped-query attention)."""
     prev = block.get_submodule(group.prev)
     first = block.get_submodule(group.linears[0])
-    return not isinstance(prev, nn.Linear) or prev.out_features == first.in_features
+    if not isinstance(prev, nn.Linear):
+        return True
+    start, stop = group.prev_rows or (0, prev.out_features)
+    return stop - start == first.in_features
 
 
-def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
+def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor, norm_offset: float = 0.0) -> None:
     """y = prev(x) / s feeds W·s: the block computes the same function (up to float rounding),
-    with the input channels of the group's linears scaled by s (AWQ, SmoothQuant)."""
+    with the input channels of the group's linears scaled by s (AWQ, SmoothQuant). A norm computing
+    x̂·(norm_offset + w) takes w' = (norm_offset + w) / s - norm_offset (Gemma's x̂·(1 + w)); a fused
+    linear divides only the rows `prev_rows` feeding the group; float readers of the input (an MoE
+    router) take s like the linears."""
     prev = block.get_submodule(group.prev)
     with torch.no_grad():
         if isinstance(prev, nn.Linear):
-            prev.weight.div_(scales.view(-1, 1))
-        else:  # a norm: scale its affine weight
-            prev.weight.div_(scales)
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(scales)
-        for name in group.linears:
+            rows = slice(*group.prev_rows) if group.prev_rows else slice(None)
+            prev.weight[rows].div_(scales.view(-1, 1))
+            if prev.bias is not None:
+                prev.bias[rows].div_(scales)
+        else:  # a norm: scale its affine weight (and bias)
+            wide = torch.promote_types(prev.weight.dtype, torch.float32)  # (1 + w) of a bf16 w, not rounded
+            prev.weight.copy_((prev.weight.to(wide) + norm_offset) / scales.to(wide) - norm_offset)
+            if getattr(prev, "bias", None) is not None:
+                prev.bias.div_(scales)
+        for name in group.linears + group.float_readers:
             block.get_submodule(name).weight.mul_(scales.view(1, -1))
 
 

@@ -68,7 +68,8 @@ def perplexity(
         progress.report("evaluating window", index * batch_size + len(batch), len(windows))
         batch = batch.to(device)
         if prefill_chunk is not None:
-            logits = prefill(model, batch, (make_cache or float_cache)(), prefill_chunk, all_logits=True)
+            cache = make_cache() if make_cache is not None else float_cache(model.config)
+            logits = prefill(model, batch, cache, prefill_chunk, all_logits=True)
         elif make_cache is not None:
             logits = model(batch, past_key_values=make_cache(), use_cache=True).logits
         else:

@@ -17,6 +17,8 @@ from typing import Literal
 from transformers.cache_utils import QuantizedCache
 
 from ptq.engine import ModelStep, Specs, Stage
+from ptq.errors import NotApplicable
+from ptq.kv import attention_layers
 from ptq.registry import register_method
 
 
@@ -38,6 +40,10 @@ class HfCache(Stage):
 
     def after_blocks(self, step: ModelStep) -> None:
         kv, params = self.specs.kv, self.params
+        sliding = [index for index, layer in enumerate(attention_layers(step.model.config)) if layer.sliding_window]
+        if sliding:
+            raise NotApplicable(f"transformers' QuantizedCache holds full-attention layers only (it refuses other "
+                                f"layer types); {type(step.model).__name__} has {len(sliding)} sliding-window layers")
         step.result.make_cache = partial(QuantizedCache, params.backend, step.model.config, nbits=kv.key.bits,
                                          axis_key=params.axis_key, axis_value=params.axis_value,
                                          q_group_size=kv.key.group_size, residual_length=kv.residual)
