@@ -218,8 +218,10 @@ def cache_bytes(cache: Cache) -> int:
 
 
 def head_dim_of(model_config) -> int:
-    """Attention head size from a transformers config (stated, or hidden size / heads)."""
-    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    """Attention head size from a transformers config (stated, or hidden size / heads), read from
+    its text decoder's (a multimodal Gemma 3 keeps it there)."""
+    config = model_config.get_text_config(decoder=True)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,28 @@ def test_the_walk_gives_each_block_its_own_mask_and_rotary_embeddings() -> None:
         torch.testing.assert_close(model.model.norm(outputs[LAYERS - 1]), states[-1], rtol=1e-5, atol=1e-6)
 
 
+def test_an_image_text_gemma3_is_quantized_in_its_text_decoder(catalog: Catalog) -> None:
+    """Gemma 3 from 4B up is Gemma3ForConditionalGeneration: the adapter finds the text decoder
+    under the vision tower's sibling, GPTQ quantizes its linears, the vision tower stays as it was."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    text = build("gemma3").config
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text.to_dict(), vision_config=vision,
+                                                            mm_tokens_per_image=4)).eval()
+    adapter = adapter_for(model, "gemma3")
+    assert (adapter.blocks, adapter.final_norm, adapter.norm_offset) == \
+        ("model.language_model.layers", "model.language_model.norm", 1.0)
+    result = run(catalog, model, "gptq", "A", CalibrationSet(tokens((4, 24), 12), {}), *W3)
+    assert all(name.startswith("model.language_model.layers.") for name in result.weight_specs)
+    assert len(result.weight_specs) == 7 * LAYERS
+    for name, weight in model.model.vision_tower.state_dict().items():
+        assert torch.equal(result.model.model.vision_tower.state_dict()[name], weight), name
+
+
 # ------------------------------------------------------------------------------- folds
 
 def fold_cases() -> list:

@@ -137,7 +137,7 @@ OPT = ArchAdapter(
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")),
     Family("qwen3", ("Qwen3ForCausalLM",)),
-    Family("gemma3", ("Gemma3ForCausalLM",)),
+    Family("gemma3", ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")),  # 4B and up: image-text
     Family("phi3", ("Phi3ForCausalLM",)),
     Family("mixtral", ("MixtralForCausalLM",)),
     Family("qwen3_moe", ("Qwen3MoeForCausalLM",)),
