@@ -53,7 +53,8 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         needed = {"hub": ("id",), "pypi": ("package", "file"), "local": ("path",)}[self.kind]
-        missing = [name for name in needed if getattr(self, name) is None and not (name == "file" and self.assemble)]
+        missing = [name for name in needed
+                   if getattr(self, name) is None and not (name == "file" and self.assemble)]
         if missing:
             raise ValueError(f"source of kind {self.kind!r} needs {', '.join(missing)}")
         if self.file is not None and self.assemble is not None:

@@ -328,5 +328,6 @@ def _walk(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | No
             if index + 1 < len(blocks):
                 batches = [batch.at(index + 1, out) for batch, out in zip(runner.batches, outputs)]
                 if float_batches is not None:
-                    float_batches = [batch.at(index + 1, out) for batch, out in zip(float_batches, float_outputs)]
+                    float_batches = [batch.at(index + 1, out)
+                                     for batch, out in zip(float_batches, float_outputs)]
         block.to(home)

@@ -85,13 +85,14 @@ class StoredChunk:
             rows = slice(count, None)
             zero = None if self.zero is None else self.zero[..., rows, :]
             row_shape = (*self.row_shape[:-2], self.row_shape[-2] - count, self.row_shape[-1])
-            return StoredChunk(self.packed[..., rows, :], self.scale[..., rows, :], zero, self.spec, self.axis,
-                               torch.Size(row_shape), self.dtype)
+            return StoredChunk(self.packed[..., rows, :], self.scale[..., rows, :], zero, self.spec,
+                               self.axis, torch.Size(row_shape), self.dtype)
         groups = slice(count // self.spec.group_size, None)
         codes = unpack_codes(self.packed, self.spec.bits, self.row_shape[-1])[..., count:]
         zero = None if self.zero is None else self.zero[..., groups]
-        return StoredChunk(pack_codes(codes, self.spec.bits), self.scale[..., groups], zero, self.spec, self.axis,
-                           torch.Size((*self.row_shape[:-1], self.row_shape[-1] - count)), self.dtype)
+        row_shape = torch.Size((*self.row_shape[:-1], self.row_shape[-1] - count))
+        return StoredChunk(pack_codes(codes, self.spec.bits), self.scale[..., groups], zero, self.spec,
+                           self.axis, row_shape, self.dtype)
 
 
 class KVStream:
@@ -177,7 +178,8 @@ class QuantizedKVCache(Cache):
     """A cache of `QuantizedKVLayer`s, one per decoder layer; `sliding_windows` gives each layer's
     window (None: full attention), as the model's config sets them (`quantized_cache_factory`)."""
 
-    def __init__(self, config: KVConfig, num_layers: int, sliding_windows: tuple[int | None, ...] | None = None) -> None:
+    def __init__(self, config: KVConfig, num_layers: int,
+                 sliding_windows: tuple[int | None, ...] | None = None) -> None:
         windows = sliding_windows or (None,) * num_layers
         if len(windows) != num_layers:
             raise ValueError(f"{len(windows)} sliding windows for {num_layers} layers")
@@ -240,8 +242,8 @@ def attention_layers(model_config) -> list[AttentionLayer]:
     types, kwargs = get_layer_types_and_kwargs(config)
     unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
     if unknown:
-        raise NotApplicable(f"layer types {unknown} of {type(config).__name__}: ptq's quantized cache holds full "
-                            "and sliding-window attention layers only")
+        raise NotApplicable(f"layer types {unknown} of {type(config).__name__}: ptq's quantized cache holds "
+                            "full and sliding-window attention layers only")
     return [AttentionLayer(getattr(layer, "num_key_value_heads", None) or layer.num_attention_heads,
                            head_dim_of(layer), extra.get("sliding_window"))
             for layer, extra in zip(config.per_layer_config, kwargs)]

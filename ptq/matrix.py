@@ -192,8 +192,9 @@ class Catalog:
             family = layer.data["model"].get("family")  # optional: the loaded class decides
             if family is not None and family not in families:
                 where = layer.provenance.get(("model", "family"), layer.source)
-                raise ConfigError(f"{where}: unknown model family {family!r}; known: {', '.join(sorted(families))} "
-                                  "(or leave it out: the model's class decides)")
+                known = ", ".join(sorted(families))
+                raise ConfigError(f"{where}: unknown model family {family!r}; known: {known} (or leave it "
+                                  "out: the model's class decides)")
         for stem, layer in self.tracks.items():
             _check_header(layer, "track", stem)
             check_layer(layer, self.schemas)

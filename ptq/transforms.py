@@ -41,7 +41,8 @@ def scales_fold(block: nn.Module, group: ScalingGroup) -> bool:
     return stop - start == first.in_features
 
 
-def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor, norm_offset: float = 0.0) -> None:
+def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor,
+                norm_offset: float = 0.0) -> None:
     """y = prev(x) / s feeds W·s: the block computes the same function (up to float rounding),
     with the input channels of the group's linears scaled by s (AWQ, SmoothQuant). A norm computing
     x̂·(norm_offset + w) takes w' = (norm_offset + w) / s - norm_offset (Gemma's x̂·(1 + w)); a fused

@@ -23,9 +23,9 @@ from ptq.config import CalibConfig, KVConfig, parse_override
 from ptq.engine import BlockStep, ModelStep, QuantResult, Specs, Stage, run_stages
 from ptq.errors import NotApplicable, UnsupportedModel
 from ptq.eval.decode import prefill
-from ptq.kv import QuantizedKVCache, StoredChunk, attention_layers, kv_elements, quantized_cache_factory
+from ptq.kv import StoredChunk, attention_layers, kv_elements, quantized_cache_factory
 from ptq.matrix import Catalog, Cell, Selection
-from ptq.models.adapters import ArchAdapter, ScalingGroup, adapter_for
+from ptq.models.adapters import ArchAdapter, adapter_for
 from ptq.models.moe import ExpertList, unfuse_experts
 from ptq.pipeline import quantize, quantize_activations
 from ptq.quant import QuantSpec, fake_quantize
@@ -43,8 +43,12 @@ def catalog() -> Catalog:
 
 def cell(catalog: Catalog, method: str, track: str, *overrides: str, variant: str | None = None) -> Cell:
     """The cell of `method` on `track` (smollm2-135m's settings; its model is not loaded)."""
-    selection = Selection(models=("smollm2-135m",), methods=(method,), tracks=(track,),
-                          overrides=tuple(parse_override(text) for text in overrides))
+    selection = Selection(
+        models=("smollm2-135m",),
+        methods=(method,),
+        tracks=(track,),
+        overrides=tuple(parse_override(text) for text in overrides),
+    )
     cells = [c for c in catalog.cells(selection, "cpu") if variant is None or c.variant == variant]
     assert len(cells) == 1, [c.id for c in cells]
     return cells[0]
@@ -81,10 +85,18 @@ def test_the_layout_is_derived_from_the_module_tree(family: str) -> None:
     adapter = adapter_for(model)
     attention_norm, mlp_norm, offset, v_rows, up_rows = EXPECTED[family]
     assert adapter.family == family and adapter.blocks == "model.layers" and adapter.norm_offset == offset
-    assert (adapter.embeddings, adapter.final_norm, adapter.lm_head, adapter.rotary) == \
-        (("model.embed_tokens",), "model.norm", "lm_head", "model.rotary_emb")
+    assert (adapter.embeddings, adapter.final_norm, adapter.lm_head, adapter.rotary) == (
+        ("model.embed_tokens",),
+        "model.norm",
+        "lm_head",
+        "model.rotary_emb",
+    )
     first, second, third = adapter.scaling_groups[:3]
-    assert (first.prev, first.inspect, first.inspect_takes_block_kwargs) == (attention_norm, "self_attn", True)
+    assert (first.prev, first.inspect, first.inspect_takes_block_kwargs) == (
+        attention_norm,
+        "self_attn",
+        True,
+    )
     assert (second.linears, second.prev_rows) == (("self_attn.o_proj",), v_rows)
     assert (third.prev, third.inspect) == (mlp_norm, "mlp")
     if family == "phi3":
@@ -113,8 +125,9 @@ def test_moe_layout_has_per_expert_groups_and_a_float_router(family: str) -> Non
 def test_unfused_experts_compute_what_the_fused_ones_did(family: str) -> None:
     model = build(family)
     fused_params = {name for name, _ in model.named_parameters() if "experts" in name}
-    assert fused_params == {f"model.layers.{i}.mlp.experts.{p}" for i in range(LAYERS)
-                            for p in ("gate_up_proj", "down_proj")}  # transformers 5: 3-D expert tensors
+    assert fused_params == {
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(LAYERS) for p in ("gate_up_proj", "down_proj")
+    }  # transformers 5: 3-D expert tensors
     ids = tokens((2, 24), 1)
     before = logits(model, ids)
     assert unfuse_experts(model) == LAYERS
@@ -122,9 +135,12 @@ def test_unfused_experts_compute_what_the_fused_ones_did(family: str) -> None:
     # each expert's linears see exactly the tokens the router sends it
     block = model.model.layers[0]
     seen = {index: 0 for index in range(4)}
-    handles = [expert.gate_proj.register_forward_pre_hook(
-        lambda _m, args, index=index: seen.__setitem__(index, seen[index] + args[0].shape[0]))
-        for index, expert in enumerate(block.mlp.experts)]
+    handles = [
+        expert.gate_proj.register_forward_pre_hook(
+            lambda _m, args, index=index: seen.__setitem__(index, seen[index] + args[0].shape[0])
+        )
+        for index, expert in enumerate(block.mlp.experts)
+    ]
     routed = []
     handles.append(block.mlp.gate.register_forward_hook(lambda _m, _a, out: routed.append(out[2])))
     logits(model, ids)
@@ -149,8 +165,13 @@ def test_the_walk_gives_each_block_its_own_mask_and_rotary_embeddings() -> None:
         def on_block(self, step: BlockStep) -> None:
             outputs[step.index] = torch.cat(step.runner.outputs())
 
-    run_stages([Keep(None, Specs(), True)], ModelStep(model, adapter, QuantResult(model)), CalibrationSet(ids, {}),
-               CalibConfig(batch_size=2), CPU)
+    run_stages(
+        [Keep(None, Specs(), True)],
+        ModelStep(model, adapter, QuantResult(model)),
+        CalibrationSet(ids, {}),
+        CalibConfig(batch_size=2),
+        CPU,
+    )
     for index in range(LAYERS - 1):  # the last entry of hidden_states is after the final norm
         torch.testing.assert_close(outputs[index], states[index + 1], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
@@ -163,15 +184,25 @@ def test_an_image_text_gemma3_is_quantized_in_its_text_decoder(catalog: Catalog)
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
     text = build("gemma3").config
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=2,
-                                image_size=28, patch_size=14)
+    vision = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text.to_dict(), vision_config=vision,
-                                                            mm_tokens_per_image=4)).eval()
+        model = Gemma3ForConditionalGeneration(
+            Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4)
+        ).eval()
     adapter = adapter_for(model, "gemma3")
-    assert (adapter.blocks, adapter.final_norm, adapter.norm_offset) == \
-        ("model.language_model.layers", "model.language_model.norm", 1.0)
+    assert (adapter.blocks, adapter.final_norm, adapter.norm_offset) == (
+        "model.language_model.layers",
+        "model.language_model.norm",
+        1.0,
+    )
     result = run(catalog, model, "gptq", "A", CalibrationSet(tokens((4, 24), 12), {}), *W3)
     assert all(name.startswith("model.language_model.layers.") for name in result.weight_specs)
     assert len(result.weight_specs) == 7 * LAYERS
@@ -181,6 +212,7 @@ def test_an_image_text_gemma3_is_quantized_in_its_text_decoder(catalog: Catalog)
 
 # ------------------------------------------------------------------------------- folds
 
+
 def fold_cases() -> list:
     cases = []
     for family in FAMILIES:
@@ -188,8 +220,11 @@ def fold_cases() -> list:
         adapter = adapter_for(model)
         block = adapter.decoder_blocks(model)[1]
         for index, group in enumerate(adapter.scaling_groups):
-            kind = ("norm (1+w)" if adapter.norm_offset else "norm") if not isinstance(
-                block.get_submodule(group.prev), nn.Linear) else ("fused rows" if group.prev_rows else "linear")
+            kind = (
+                ("norm (1+w)" if adapter.norm_offset else "norm")
+                if not isinstance(block.get_submodule(group.prev), nn.Linear)
+                else ("fused rows" if group.prev_rows else "linear")
+            )
             if scales_fold(block, group):
                 cases.append(pytest.param(family, index, id=f"{family}-{kind}-{group.label}"))
     return cases
@@ -206,7 +241,9 @@ def test_each_fold_leaves_the_float_model_unchanged(family: str, index: int) -> 
     ids = tokens((2, 20), 3)
     before = logits(model, ids)
     channels = block.get_submodule(group.linears[0]).in_features
-    scales = 0.5 + 1.5 * torch.rand(channels, generator=torch.Generator().manual_seed(index), dtype=torch.float64)
+    scales = 0.5 + 1.5 * torch.rand(
+        channels, generator=torch.Generator().manual_seed(index), dtype=torch.float64
+    )
     prev_weight = block.get_submodule(group.prev).weight.clone()
     fold_scales(block, group, scales, adapter.norm_offset)
     assert not torch.equal(block.get_submodule(group.prev).weight, prev_weight)
@@ -222,7 +259,9 @@ def test_gemmas_norm_needs_its_offset() -> None:
     ids = tokens((2, 20), 4)
     before = logits(model, ids)
     block = adapter.decoder_blocks(model)[0]
-    fold_scales(block, adapter.scaling_groups[0], torch.full((64,), 2.0, dtype=torch.float64), norm_offset=0.0)
+    fold_scales(
+        block, adapter.scaling_groups[0], torch.full((64,), 2.0, dtype=torch.float64), norm_offset=0.0
+    )
     assert relative_error(logits(model, ids), before) > 1e-3
 
 
@@ -238,9 +277,19 @@ def test_a_fused_qkv_under_grouped_query_attention_does_not_fold_into_o() -> Non
     """Phi-3 with 2 KV heads of 4: the v rows of qkv_proj (32) are not o_proj's 64 inputs."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    model = Phi3ForCausalLM(Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                                       bos_token_id=1, eos_token_id=2)).eval()
+    model = Phi3ForCausalLM(
+        Phi3Config(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    ).eval()
     adapter = adapter_for(model)
     group = adapter.scaling_groups[1]
     assert group.prev_rows == (96, 128) and not scales_fold(adapter.decoder_blocks(model)[0], group)
@@ -248,14 +297,24 @@ def test_a_fused_qkv_under_grouped_query_attention_does_not_fold_into_o() -> Non
 
 # --------------------------------------------------------------------------- errors
 
+
 def test_an_unknown_layout_is_an_error_naming_what_the_adapter_needs() -> None:
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=64))
     with pytest.raises(UnsupportedModel) as info:
         adapter_for(model)
     message = str(info.value)
     assert message.startswith("GPT2LMHeadModel: no attention (None) or no MLP (None) in the first block")
-    for needed in ("q_proj", "qkv_proj", "o_proj", "gate_proj", "gate_up_proj", "down_proj", "ModuleList",
-                   "x·(1+w)", "explicit ArchAdapter"):
+    for needed in (
+        "q_proj",
+        "qkv_proj",
+        "o_proj",
+        "gate_proj",
+        "gate_up_proj",
+        "down_proj",
+        "ModuleList",
+        "x·(1+w)",
+        "explicit ArchAdapter",
+    ):
         assert needed in message, needed
 
 
@@ -275,19 +334,26 @@ def test_a_parallel_block_is_refused() -> None:
 
 
 def test_a_family_the_class_does_not_belong_to_is_an_error() -> None:
-    with pytest.raises(UnsupportedModel, match=r"model class Qwen3ForCausalLM is not in family 'llama' "
-                                               r"\(which covers LlamaForCausalLM"):
+    with pytest.raises(
+        UnsupportedModel,
+        match=r"model class Qwen3ForCausalLM is not in family 'llama' "
+        r"\(which covers LlamaForCausalLM",
+    ):
         adapter_for(build("qwen3"), "llama")
     assert adapter_for(build("qwen3"), "qwen3").family == "qwen3"
 
 
 # ------------------------------------------------------------------------ calibrated methods
 
+
 def block_outputs(model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor) -> list[torch.Tensor]:
     outputs: list[torch.Tensor] = []
-    handles = [block.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple)
-                                                                              else out))
-               for block in adapter.decoder_blocks(model)]
+    handles = [
+        block.register_forward_hook(
+            lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+        )
+        for block in adapter.decoder_blocks(model)
+    ]
     try:
         logits(model, ids)
     finally:
@@ -296,13 +362,22 @@ def block_outputs(model: nn.Module, adapter: ArchAdapter, ids: torch.Tensor) -> 
     return outputs
 
 
-def run(catalog: Catalog, model: nn.Module, method: str, track: str, calibration: CalibrationSet, *overrides: str,
-        variant: str | None = None) -> QuantResult:
+def run(
+    catalog: Catalog,
+    model: nn.Module,
+    method: str,
+    track: str,
+    calibration: CalibrationSet,
+    *overrides: str,
+    variant: str | None = None,
+) -> QuantResult:
     """`method`'s pipeline on a copy of `model`, with `track`'s resolved configuration."""
     c = cell(catalog, method, track, *overrides, variant=variant)
     copied = copy.deepcopy(model)
     adapter = adapter_for(copied)
-    result = quantize(copied, adapter, c.config, c.pipeline, calibration if c.pipeline.calibrated else None, CPU)
+    result = quantize(
+        copied, adapter, c.config, c.pipeline, calibration if c.pipeline.calibrated else None, CPU
+    )
     quantize_activations(result, adapter, c.config)
     return result
 
@@ -321,8 +396,10 @@ def test_gptq_beats_rtn_on_its_calibration_inputs(catalog: Catalog, family: str)
     errors = {}
     for method in ("rtn", "gptq"):
         result = run(catalog, model, method, "A", calibration, *W3)
-        errors[method] = [float((out - ref).pow(2).mean())
-                          for out, ref in zip(block_outputs(result.model, adapter, calibration.tokens), reference)]
+        errors[method] = [
+            float((out - ref).pow(2).mean())
+            for out, ref in zip(block_outputs(result.model, adapter, calibration.tokens), reference)
+        ]
     assert all(g < r for g, r in zip(errors["gptq"], errors["rtn"])), errors
 
 
@@ -361,16 +438,22 @@ def test_an_expert_without_routed_tokens_is_rounded_to_nearest(catalog: Catalog,
             assert torch.equal(gptq.model.get_submodule(name).weight, fake_quantize(float_weight, spec)), name
             assert gptq.weight_specs[name] == spec
             routed = f"model.layers.{layer}.mlp.experts.0.{proj}"
-            assert not torch.equal(gptq.model.get_submodule(routed).weight,
-                                   fake_quantize(model.get_submodule(routed).weight, spec))
+            assert not torch.equal(
+                gptq.model.get_submodule(routed).weight,
+                fake_quantize(model.get_submodule(routed).weight, spec),
+            )
     (fallback,) = gptq.fallbacks
-    assert fallback.startswith(f"GPTQ rounded {2 * LAYERS} groups of linears to nearest, reached by fewer than "
-                               "0.50% of the calibration tokens: block 0 mlp.experts.3.gate_proj, "
-                               "mlp.experts.3.up_proj: 0 of 256 tokens")
+    assert fallback.startswith(
+        f"GPTQ rounded {2 * LAYERS} groups of linears to nearest, reached by fewer than "
+        "0.50% of the calibration tokens: block 0 mlp.experts.3.gate_proj, "
+        "mlp.experts.3.up_proj: 0 of 256 tokens"
+    )
     awq = run(catalog, model, "awq", "A", calibration, *W3, *AWQ_GRID)
     for layer in range(LAYERS):  # down_proj: its input scale is 1 and it is not clipped
         name = f"model.layers.{layer}.mlp.experts.3.down_proj"
-        assert torch.equal(awq.model.get_submodule(name).weight, fake_quantize(model.get_submodule(name).weight, spec))
+        assert torch.equal(
+            awq.model.get_submodule(name).weight, fake_quantize(model.get_submodule(name).weight, spec)
+        )
     assert any(note.startswith(f"AWQ: {LAYERS} modules no calibration token reached") for note in awq.notes)
 
 
@@ -390,6 +473,7 @@ def test_experts_reached_by_too_few_tokens_fall_back_too(catalog: Catalog) -> No
 
 # -------------------------------------------------------------------------- KV caches
 
+
 def test_sliding_window_layers_hold_their_window_and_match_the_float_model() -> None:
     """Gemma 3's sliding layers keep the window - 1 latest tokens (in whole token groups for keys
     quantized per channel), its global layer every token; at 8 bits chunked prefill through the
@@ -405,7 +489,9 @@ def test_sliding_window_layers_hold_their_window_and_match_the_float_model() -> 
         assert relative_error(ours, plain) < 0.02
         held = [layer._length - layer._start for layer in cache.layers]
         unit = 4 if kv.key_axis == "channel" else 1
-        assert held[1] == 40 and all(SLIDING_WINDOW - 1 <= held[i] < SLIDING_WINDOW - 1 + unit + 2 for i in (0, 2))
+        assert held[1] == 40 and all(
+            SLIDING_WINDOW - 1 <= held[i] < SLIDING_WINDOW - 1 + unit + 2 for i in (0, 2)
+        )
         assert cache.is_sliding == [True, False, True]
     reference = prefill(model, ids, DynamicCache(config=model.config), chunk=5, all_logits=True)
     torch.testing.assert_close(reference, plain, rtol=1e-4, atol=1e-5)
@@ -425,8 +511,16 @@ def test_dropping_the_oldest_tokens_keeps_the_other_codes(axis: str) -> None:
 
 
 def test_per_layer_head_sizes_are_read_from_heterogeneous_configs() -> None:
-    config = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, per_layer_config={1: {"head_dim": 32}})
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        per_layer_config={1: {"head_dim": 32}},
+    )
     assert [layer.head_dim for layer in attention_layers(config)] == [16, 32]
     assert kv_elements(config, 10) == 10 * 2 * 2 * (16 + 32)
     spec = QuantSpec(4, False, "group", 32)  # divides 32 but not 16
@@ -435,10 +529,21 @@ def test_per_layer_head_sizes_are_read_from_heterogeneous_configs() -> None:
 
 
 def test_transformers_quantized_cache_is_not_applicable_to_sliding_layers(catalog: Catalog) -> None:
-    with pytest.raises(NotApplicable, match="QuantizedCache holds full-attention layers only.*Gemma3ForCausalLM "
-                                            "has 2 sliding-window layers"):
-        run(catalog, build("gemma3"), "kv-hf", "C", None, "kv.key.group_size=16", "kv.value.group_size=16",
-            variant="quanto-int4")
+    with pytest.raises(
+        NotApplicable,
+        match="QuantizedCache holds full-attention layers only.*Gemma3ForCausalLM "
+        "has 2 sliding-window layers",
+    ):
+        run(
+            catalog,
+            build("gemma3"),
+            "kv-hf",
+            "C",
+            None,
+            "kv.key.group_size=16",
+            "kv.value.group_size=16",
+            variant="quanto-int4",
+        )
 
 
 # ---------------------------------------------------------------- every method, every family
@@ -446,21 +551,34 @@ def test_transformers_quantized_cache_is_not_applicable_to_sliding_layers(catalo
 KV = ("kv.key.group_size=16", "kv.value.group_size=16", "kv.residual=8")
 AWQ_GRID = ("stages.awq.params.n_grid=5",)  # a quarter of the default search: the test is about running
 METHODS = [  # (method, track, variant, overrides)
-    ("fp16", "A", None, ()), ("rtn", "A", None, W3), ("gptq", "A", None, W3), ("awq", "A", None, W3 + AWQ_GRID),
-    ("awq+gptq", "A", None, W3 + AWQ_GRID), ("hqq", "A", None, W3), ("pot", "A", None, W3), ("apot", "A", None, W3),
-    ("rtn", "B", None, ()), ("smoothquant", "B", None, ()), ("smoothquant+gptq", "B", None, ()),
-    ("kv-rtn", "C", "int4", KV), ("kivi", "C", "int2", KV), ("kv-hf", "C", "quanto-int4", KV),
+    ("fp16", "A", None, ()),
+    ("rtn", "A", None, W3),
+    ("gptq", "A", None, W3),
+    ("awq", "A", None, W3 + AWQ_GRID),
+    ("awq+gptq", "A", None, W3 + AWQ_GRID),
+    ("hqq", "A", None, W3),
+    ("pot", "A", None, W3),
+    ("apot", "A", None, W3),
+    ("rtn", "B", None, ()),
+    ("smoothquant", "B", None, ()),
+    ("smoothquant+gptq", "B", None, ()),
+    ("kv-rtn", "C", "int4", KV),
+    ("kivi", "C", "int2", KV),
+    ("kv-hf", "C", "quanto-int4", KV),
     ("kv-hf", "C", "hqq-int4", KV),
 ]
 
 
-def method_error(catalog: Catalog, family: str, method: str, track: str, variant: str | None,
-                 overrides: tuple[str, ...]) -> float:
+def method_error(
+    catalog: Catalog, family: str, method: str, track: str, variant: str | None, overrides: tuple[str, ...]
+) -> float:
     """Relative error of the quantized model's logits on held-out tokens (through the cache, by
     chunked prefill, on track C)."""
     model = build(family)
     calibration = CalibrationSet(tokens((8, 32), 10), {})
-    result = run(catalog, model, method, track, calibration, "calib.batch_size=4", *overrides, variant=variant)
+    result = run(
+        catalog, model, method, track, calibration, "calib.batch_size=4", *overrides, variant=variant
+    )
     ids = tokens((1, 48), 11)
     if result.make_cache is not None:
         out = prefill(result.model, ids, result.make_cache(), chunk=6, all_logits=True)
@@ -470,10 +588,14 @@ def method_error(catalog: Catalog, family: str, method: str, track: str, variant
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize(("method", "track", "variant", "overrides"), METHODS,
-                         ids=[f"{m}{'-' + v if v else ''}-{t}" for m, t, v, _ in METHODS])
-def test_every_method_runs_on_every_family(catalog: Catalog, family: str, method: str, track: str,
-                                           variant: str | None, overrides: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(
+    ("method", "track", "variant", "overrides"),
+    METHODS,
+    ids=[f"{m}{'-' + v if v else ''}-{t}" for m, t, v, _ in METHODS],
+)
+def test_every_method_runs_on_every_family(
+    catalog: Catalog, family: str, method: str, track: str, variant: str | None, overrides: tuple[str, ...]
+) -> None:
     if method == "kv-hf" and family == "gemma3":
         with pytest.raises(NotApplicable):
             method_error(catalog, family, method, track, variant, overrides)

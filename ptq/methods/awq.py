@@ -167,5 +167,6 @@ class Awq(Stage):
         step.result.notes += [f"AWQ mean alpha over blocks, {group}: {sum(a) / len(a):.2f}"
                               for group, a in self.alphas.items()]
         if self.unreached:
-            step.result.notes.append(f"AWQ: {len(self.unreached)} modules no calibration token reached (MoE experts) "
-                                     f"kept scale 1 and no clipping: {', '.join(sorted(self.unreached))}")
+            unreached = ", ".join(sorted(self.unreached))
+            step.result.notes.append(f"AWQ: {len(self.unreached)} modules no calibration token reached (MoE "
+                                     f"experts) kept scale 1 and no clipping: {unreached}")

@@ -186,7 +186,8 @@ class Gptq(Stage):
                 else:
                     self._quantize(step, group, stats[names[0]])
 
-    def _round_to_nearest(self, step: BlockStep, linears: dict[str, nn.Linear], tokens: int, total: int) -> None:
+    def _round_to_nearest(self, step: BlockStep, linears: dict[str, nn.Linear], tokens: int,
+                          total: int) -> None:
         """The fallback for linears (MoE experts) that too few calibration tokens reached."""
         self.few_tokens.append(f"block {step.index} {', '.join(linears)}: {tokens} of {total} tokens")
         for name, linear in linears.items():
@@ -213,7 +214,8 @@ class Gptq(Stage):
                                  + ", ".join(f"{k} {v:.4g}" for k, v in self.losses.items()))
         if self.few_tokens:
             shown = self.few_tokens[:FEW_TOKENS_SHOWN]
-            more = f"; and {len(self.few_tokens) - len(shown)} more" if len(self.few_tokens) > len(shown) else ""
+            hidden = len(self.few_tokens) - len(shown)
+            more = f"; and {hidden} more" if hidden else ""
             step.result.fallbacks.append(
                 f"GPTQ rounded {len(self.few_tokens)} groups of linears to nearest, reached by fewer than "
                 f"{self.params.min_token_fraction:.2%} of the calibration tokens: {'; '.join(shown)}{more}")

@@ -40,10 +40,11 @@ class HfCache(Stage):
 
     def after_blocks(self, step: ModelStep) -> None:
         kv, params = self.specs.kv, self.params
-        sliding = [index for index, layer in enumerate(attention_layers(step.model.config)) if layer.sliding_window]
+        sliding = sum(layer.sliding_window is not None for layer in attention_layers(step.model.config))
         if sliding:
-            raise NotApplicable(f"transformers' QuantizedCache holds full-attention layers only (it refuses other "
-                                f"layer types); {type(step.model).__name__} has {len(sliding)} sliding-window layers")
+            model = type(step.model).__name__
+            raise NotApplicable(f"transformers' QuantizedCache holds full-attention layers only (it refuses "
+                                f"other layer types); {model} has {sliding} sliding-window layers")
         step.result.make_cache = partial(QuantizedCache, params.backend, step.model.config, nbits=kv.key.bits,
                                          axis_key=params.axis_key, axis_value=params.axis_value,
                                          q_group_size=kv.key.group_size, residual_length=kv.residual)

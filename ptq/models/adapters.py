@@ -46,6 +46,7 @@ class ScalingGroup:
     @property
     def label(self) -> str:
         """The group as records name it, MoE experts as one (`mlp.experts.*.up_proj`)."""
+
         def pattern(name: str) -> str:
             return re.sub(r"\.\d+\.", ".*.", name)
 
@@ -58,8 +59,11 @@ def _inside(name: str, paths: tuple[str, ...] | list[str]) -> bool:
 
 def linears_of(block: nn.Module, keep_float: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
     """The linears of a block by name, in execution order, but those inside `keep_float` modules."""
-    return {name: module for name, module in block.named_modules()
-            if isinstance(module, nn.Linear) and not _inside(name, keep_float)}
+    return {
+        name: module
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear) and not _inside(name, keep_float)
+    }
 
 
 @dataclass(frozen=True)
@@ -126,8 +130,12 @@ OPT = ArchAdapter(
         (("fc2",),),
     ),
     scaling_groups=(
-        ScalingGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                     "self_attn", inspect_takes_block_kwargs=True),
+        ScalingGroup(
+            "self_attn_layer_norm",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "self_attn",
+            inspect_takes_block_kwargs=True,
+        ),
         ScalingGroup("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
         ScalingGroup("final_layer_norm", ("fc1",), "fc1"),
         ScalingGroup("fc1", ("fc2",), "fc2"),
@@ -154,8 +162,10 @@ def adapter_for(model: nn.Module, family: str | None = None) -> ArchAdapter:
     if family is not None and (known is None or known.name != family):
         declared = next((f for f in FAMILIES if f.name == family), None)
         covered = f"covers {', '.join(declared.architectures)}" if declared else "is not a known family"
-        raise UnsupportedModel(f"model class {arch} is not in family {family!r} (which {covered}); leave "
-                               "`family` out of the model YAML to derive its layout from the module tree")
+        raise UnsupportedModel(
+            f"model class {arch} is not in family {family!r} (which {covered}); leave "
+            "`family` out of the model YAML to derive its layout from the module tree"
+        )
     unfuse_experts(model)
     if known is not None and known.adapter is not None:
         return known.adapter
@@ -169,12 +179,14 @@ MLP_INPUTS = (("gate_proj", "up_proj"), ("gate_up_proj",))
 ATTENTION_OUTPUT, MLP_OUTPUT = "o_proj", "down_proj"
 NORM_OFFSETS = (0.0, 1.0)  # x̂·w (Llama, Qwen, Phi, Mistral), x̂·(1 + w) (Gemma)
 PROBE_TOKENS = 8
-NEEDS = ("a derived adapter needs: a ModuleList of num_hidden_layers decoder blocks next to one final norm; in each "
-         "block an attention module with linears q_proj, k_proj, v_proj (or a fused qkv_proj) and o_proj, an MLP "
-         "with gate_proj, up_proj (or a fused gate_up_proj) and down_proj, or transformers' fused experts with a "
-         "router, and two distinct norms computing x·w or x·(1+w) whose outputs are the attention's and the MLP's "
-         "inputs; every block with the same linears. For another layout, give its family an explicit ArchAdapter "
-         "in ptq.models.adapters.FAMILIES (see README, 'Adding a model')")
+NEEDS = (
+    "a derived adapter needs: a ModuleList of num_hidden_layers decoder blocks next to one final norm; "
+    "in each block an attention module with linears q_proj, k_proj, v_proj (or a fused qkv_proj) and "
+    "o_proj, an MLP with gate_proj, up_proj (or a fused gate_up_proj) and down_proj, or transformers' "
+    "fused experts with a router, and two distinct norms computing x·w or x·(1+w) whose outputs are the "
+    "attention's and the MLP's inputs; every block with the same linears. For another layout, give its "
+    "family an explicit ArchAdapter in ptq.models.adapters.FAMILIES (see README, 'Adding a model')"
+)
 
 
 class _Stop(Exception):
@@ -208,8 +220,9 @@ def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
 
 
 @torch.no_grad()
-def _probe(model: nn.Module, block: nn.Module, watched: dict[str, nn.Module], norms: dict[str, nn.Module]
-           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _probe(
+    model: nn.Module, block: nn.Module, watched: dict[str, nn.Module], norms: dict[str, nn.Module]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Run the model on a few tokens up to the end of its first block: the input of each watched
     module and the output of each norm."""
     inputs: dict[str, torch.Tensor] = {}
@@ -218,17 +231,22 @@ def _probe(model: nn.Module, block: nn.Module, watched: dict[str, nn.Module], no
     def keep_input(name: str):
         def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             inputs[name] = args[0] if args else kwargs["hidden_states"]
+
         return hook
 
     def keep_output(name: str):
         def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
             outputs[name] = output
+
         return hook
 
     def stop(*_: object) -> None:
         raise _Stop
 
-    handles = [module.register_forward_pre_hook(keep_input(name), with_kwargs=True) for name, module in watched.items()]
+    handles = [
+        module.register_forward_pre_hook(keep_input(name), with_kwargs=True)
+        for name, module in watched.items()
+    ]
     handles += [module.register_forward_hook(keep_output(name)) for name, module in norms.items()]
     handles.append(block.register_forward_hook(stop))
     device = next(block.parameters()).device
@@ -262,8 +280,11 @@ def derive_adapter(model: nn.Module, family: str) -> ArchAdapter:
     forward of its first block on a few tokens; an UnsupportedModel error says what is missing."""
     config = model.config.get_text_config(decoder=True)
     hidden = config.hidden_size
-    lists = [name for name, module in model.named_modules()
-             if isinstance(module, nn.ModuleList) and name and len(module) == config.num_hidden_layers]
+    lists = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and name and len(module) == config.num_hidden_layers
+    ]
     if not lists:
         raise _error(model, f"no ModuleList of {config.num_hidden_layers} decoder blocks")
     blocks_name = min(lists, key=lambda name: name.count("."))
@@ -272,10 +293,14 @@ def derive_adapter(model: nn.Module, family: str) -> ArchAdapter:
     parent = model.get_submodule(parent_name)
     others = [name for name, child in parent.named_children() if child is not blocks]
     final = [name for name in others if _is_norm(parent.get_submodule(name), hidden)]
-    rotary = [name for name in others if type(parent.get_submodule(name)).__name__.endswith("RotaryEmbedding")]
+    rotary = [
+        name for name in others if type(parent.get_submodule(name)).__name__.endswith("RotaryEmbedding")
+    ]
     lm_head = _name_of(model, model.get_output_embeddings())
     if len(final) != 1 or lm_head is None:
-        raise _error(model, f"no single final norm next to {blocks_name} (found {final}) or no output embeddings")
+        raise _error(
+            model, f"no single final norm next to {blocks_name} (found {final}) or no output embeddings"
+        )
     block = blocks[0]
     layout = _block_layout(model, block, config)
     names = list(linears_of(block, layout["keep_float"]))
@@ -286,33 +311,58 @@ def derive_adapter(model: nn.Module, family: str) -> ArchAdapter:
     if set(names) != placed:
         raise _error(model, f"block linears the layout does not place: {sorted(set(names) - placed)}")
     return ArchAdapter(
-        family=family, architectures=(type(model).__name__,), blocks=blocks_name,
+        family=family,
+        architectures=(type(model).__name__,),
+        blocks=blocks_name,
         embeddings=tuple(_join(parent_name, name) for name in others if name not in final + rotary[:1]),
-        final_norm=_join(parent_name, final[0]), lm_head=lm_head,
-        rotary=_join(parent_name, rotary[0]) if len(rotary) == 1 else None, **layout)
+        final_norm=_join(parent_name, final[0]),
+        lm_head=lm_head,
+        rotary=_join(parent_name, rotary[0]) if len(rotary) == 1 else None,
+        **layout,
+    )
 
 
 def _block_layout(model: nn.Module, block: nn.Module, config: Any) -> dict[str, Any]:
     """Sequential steps, scaling groups, norm offset and float modules of one block."""
-    attention, attention_inputs = next(((path, inputs) for inputs in ATTENTION_INPUTS
-                                        if (path := _owner(block, inputs + (ATTENTION_OUTPUT,), ExpertList))
-                                        is not None), (None, ()))
+    attention, attention_inputs = next(
+        (
+            (path, inputs)
+            for inputs in ATTENTION_INPUTS
+            if (path := _owner(block, inputs + (ATTENTION_OUTPUT,), ExpertList)) is not None
+        ),
+        (None, ()),
+    )
     experts = next((name for name, module in block.named_modules() if isinstance(module, ExpertList)), None)
     if experts is not None:
-        mlp = experts.rpartition(".")[0]
+        mlp, _, experts_name = experts.rpartition(".")
         count = len(block.get_submodule(experts))
-        routers = [name for name, child in block.get_submodule(mlp).named_children() if name != "experts"
-                   and getattr(child, "weight", torch.empty(0)).shape == (count, config.hidden_size)]
-        extra = [name for name, child in block.get_submodule(mlp).named_children()
-                 if name not in routers + ["experts"] and any(True for _ in child.parameters())]
+        routers = [
+            name
+            for name, child in block.get_submodule(mlp).named_children()
+            if name != experts_name
+            and getattr(child, "weight", torch.empty(0)).shape == (count, config.hidden_size)
+        ]
+        extra = [
+            name
+            for name, child in block.get_submodule(mlp).named_children()
+            if name not in routers + [experts_name] and any(True for _ in child.parameters())
+        ]
         if len(routers) != 1 or extra:
-            raise _error(model, f"MoE block {mlp}: expected experts and one router, found "
-                                f"{[name for name, _ in block.get_submodule(mlp).named_children()]}")
+            raise _error(
+                model,
+                f"MoE block {mlp}: expected experts and one router, found "
+                f"{[name for name, _ in block.get_submodule(mlp).named_children()]}",
+            )
         mlp_inputs: tuple[str, ...] = ()
     else:
-        mlp, mlp_inputs = next(((path, inputs) for inputs in MLP_INPUTS
-                                if (path := _owner(block, inputs + (MLP_OUTPUT,), ExpertList)) is not None),
-                               (None, ()))
+        mlp, mlp_inputs = next(
+            (
+                (path, inputs)
+                for inputs in MLP_INPUTS
+                if (path := _owner(block, inputs + (MLP_OUTPUT,), ExpertList)) is not None
+            ),
+            (None, ()),
+        )
     if attention is None or mlp is None:
         raise _error(model, f"no attention ({attention}) or no MLP ({mlp}) in the first block")
     norms = {name: child for name, child in block.named_children() if _is_norm(child, config.hidden_size)}
@@ -320,11 +370,16 @@ def _block_layout(model: nn.Module, block: nn.Module, config: Any) -> dict[str, 
     inputs, outputs = _probe(model, block, watched, norms)
     producers = {}
     for path in (attention, mlp):
-        found = [name for name, out in outputs.items()
-                 if out.shape == inputs[path].shape and torch.equal(out, inputs[path])]
+        found = [
+            name
+            for name, out in outputs.items()
+            if out.shape == inputs[path].shape and torch.equal(out, inputs[path])
+        ]
         if len(found) != 1:
-            raise _error(model, f"the input of {path} is not the output of one norm of the block "
-                                f"(norms: {list(norms)})")
+            raise _error(
+                model,
+                f"the input of {path} is not the output of one norm of the block (norms: {list(norms)})",
+            )
         producers[path] = found[0]
     if producers[attention] == producers[mlp]:
         raise _error(model, f"one norm ({producers[mlp]}) feeds both attention and MLP (a parallel block)")
@@ -337,23 +392,30 @@ def _block_layout(model: nn.Module, block: nn.Module, config: Any) -> dict[str, 
     groups = [ScalingGroup(producers[attention], attn, attention, inspect_takes_block_kwargs=True)]
     if len(attn) == 3:
         groups.append(ScalingGroup(attn[2], (o_proj,), o_proj))
-    else:  # fused q, k, v rows, in that order: v is the last num_key_value_heads · head_dim rows
+    else:  # fused q, k, v rows, in that order: q has o_proj's inputs, k and v split the rest; v is last
         fused = block.get_submodule(attn[0]).out_features
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        v_rows = config.num_key_value_heads * head_dim
-        if fused != (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim:
-            raise _error(model, f"{attn[0]} has {fused} outputs, not q, k and v of the configured heads")
+        v_rows, odd = divmod(fused - block.get_submodule(o_proj).in_features, 2)
+        if odd or v_rows <= 0:
+            raise _error(model, f"{attn[0]} has {fused} outputs: not q rows for {o_proj}, then k and v rows")
         groups.append(ScalingGroup(attn[0], (o_proj,), o_proj, prev_rows=(fused - v_rows, fused)))
     steps: list[tuple[tuple[str, ...], ...]] = [(attn,), ((o_proj,),)]
     keep_float: tuple[str, ...] = ()
     if experts is not None:
-        count = len(block.get_submodule(experts))
         each = [_join(experts, str(index)) for index in range(count)]
         keep_float = (_join(mlp, routers[0]),)
-        groups.append(ScalingGroup(producers[mlp], tuple(f"{e}.{p}" for e in each for p in ("gate_proj", "up_proj")),
-                                   mlp, float_readers=keep_float))
+        groups.append(
+            ScalingGroup(
+                producers[mlp],
+                tuple(f"{e}.{p}" for e in each for p in ("gate_proj", "up_proj")),
+                mlp,
+                float_readers=keep_float,
+            )
+        )
         groups += [ScalingGroup(f"{e}.up_proj", (f"{e}.down_proj",), f"{e}.down_proj") for e in each]
-        steps += [tuple((f"{e}.gate_proj", f"{e}.up_proj") for e in each), tuple((f"{e}.down_proj",) for e in each)]
+        steps += [
+            tuple((f"{e}.gate_proj", f"{e}.up_proj") for e in each),
+            tuple((f"{e}.down_proj",) for e in each),
+        ]
     else:
         up = tuple(_join(mlp, name) for name in mlp_inputs)
         down = _join(mlp, MLP_OUTPUT)
@@ -364,5 +426,9 @@ def _block_layout(model: nn.Module, block: nn.Module, config: Any) -> dict[str, 
             rows = block.get_submodule(up[0]).out_features
             groups.append(ScalingGroup(up[0], (down,), down, prev_rows=(rows // 2, rows)))
         steps += [(up,), ((down,),)]
-    return {"sequential": tuple(steps), "scaling_groups": tuple(groups), "norm_offset": offsets.pop(),
-            "keep_float": keep_float}
+    return {
+        "sequential": tuple(steps),
+        "scaling_groups": tuple(groups),
+        "norm_offset": offsets.pop(),
+        "keep_float": keep_float,
+    }

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
 from transformers.integrations.moe import _default_apply_gate
 
 from ptq.errors import UnsupportedModel
@@ -36,8 +35,9 @@ class ExpertMLP(nn.Module):
 class ExpertList(nn.ModuleList):
     """The experts of one MoE block; called as transformers calls its fused experts module."""
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
         for index, expert in enumerate(self):
             token, position = torch.where(top_k_index == index)
@@ -50,8 +50,11 @@ class ExpertList(nn.ModuleList):
 
 def is_fused_experts(module: nn.Module) -> bool:
     """A transformers experts module with 3-D weights (decorated with `use_experts_implementation`)."""
-    return isinstance(getattr(module, "gate_up_proj", None), nn.Parameter) and module.gate_up_proj.dim() == 3 \
+    return (
+        isinstance(getattr(module, "gate_up_proj", None), nn.Parameter)
+        and module.gate_up_proj.dim() == 3
         and hasattr(module, "is_transposed")
+    )
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -64,15 +67,21 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 def expert_list(fused: nn.Module) -> ExpertList:
     """The experts of a fused module as per-expert linears (weights copied)."""
-    unsupported = [what for what, bad in (
-        ("no gate projection", not fused.has_gate),
-        ("gate and up interleaved rather than concatenated", not fused.is_concatenated),
-        ("a norm after each expert", getattr(fused, "has_post_expert_norm", False)),
-        ("its own gating function", type(fused)._apply_gate is not _default_apply_gate),
-    ) if bad]
+    unsupported = [
+        what
+        for what, bad in (
+            ("no gate projection", not fused.has_gate),
+            ("gate and up interleaved rather than concatenated", not fused.is_concatenated),
+            ("a norm after each expert", getattr(fused, "has_post_expert_norm", False)),
+            ("its own gating function", type(fused)._apply_gate is not _default_apply_gate),
+        )
+        if bad
+    ]
     if unsupported:
-        raise UnsupportedModel(f"{type(fused).__name__}: experts with {', '.join(unsupported)} cannot be split into "
-                               "gate/up/down linears (ptq.models.moe handles act(gate(x)) * up(x) experts)")
+        raise UnsupportedModel(
+            f"{type(fused).__name__}: experts with {', '.join(unsupported)} cannot be split into "
+            "gate/up/down linears (ptq.models.moe handles act(gate(x)) * up(x) experts)"
+        )
     intermediate = fused.down_proj.shape[-1] if not fused.is_transposed else fused.down_proj.shape[-2]
     experts = []
     for index in range(fused.gate_up_proj.shape[0]):
@@ -81,10 +90,18 @@ def expert_list(fused: nn.Module) -> ExpertList:
             gate_up, down = gate_up.t(), down.t()
         gate_up_bias = fused.gate_up_proj_bias[index] if fused.has_bias else None
         down_bias = fused.down_proj_bias[index] if fused.has_bias else None
-        experts.append(ExpertMLP(
-            _linear(gate_up[:intermediate], None if gate_up_bias is None else gate_up_bias[:intermediate]),
-            _linear(gate_up[intermediate:], None if gate_up_bias is None else gate_up_bias[intermediate:]),
-            _linear(down, down_bias), fused.act_fn))
+        experts.append(
+            ExpertMLP(
+                _linear(
+                    gate_up[:intermediate], None if gate_up_bias is None else gate_up_bias[:intermediate]
+                ),
+                _linear(
+                    gate_up[intermediate:], None if gate_up_bias is None else gate_up_bias[intermediate:]
+                ),
+                _linear(down, down_bias),
+                fused.act_fn,
+            )
+        )
     return ExpertList(experts)
 
 
