@@ -12,10 +12,10 @@ hooks the engine calls in order for every stage of a pipeline (`smoothquant+gptq
 `run_stages` is the only walker. With a calibrated stage in the pipeline it captures the
 first block's inputs for the calibration windows once, with what the model passes each block
 (its mask and rotary embeddings, which differ between sliding-window and global layers), and
-feeds each block's outputs (of
-the block as the stages left it, or of the float block with `propagate: float`) to the next;
-only the current block and its activations live on the compute device. Without calibrated
-stages, blocks are visited one at a time on the device with no data.
+feeds each block's outputs (of the block as the stages left it, or of the float block with
+`propagate: float`) to the next; only the current block and its activations live on the
+compute device. Without calibrated stages, blocks are visited one at a time on the device
+with no data.
 
 A stage writes rounded weights through `BlockStep.quantized`, which records the effective
 spec of each linear: the result says what ran, not what was configured.
