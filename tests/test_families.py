@@ -25,6 +25,7 @@ from ptq.errors import NotApplicable, UnsupportedModel
 from ptq.eval.decode import prefill
 from ptq.kv import StoredChunk, attention_layers, kv_elements, quantized_cache_factory
 from ptq.matrix import Catalog, Cell, Selection
+from ptq.methods import gptq as gptq_method
 from ptq.models.adapters import ArchAdapter, adapter_for
 from ptq.models.moe import ExpertList, unfuse_experts
 from ptq.pipeline import quantize, quantize_activations
@@ -457,13 +458,15 @@ def test_an_expert_without_routed_tokens_is_rounded_to_nearest(catalog: Catalog,
     assert any(note.startswith(f"AWQ: {LAYERS} modules no calibration token reached") for note in awq.notes)
 
 
-def test_experts_reached_by_too_few_tokens_fall_back_too(catalog: Catalog) -> None:
+def test_experts_reached_by_too_few_tokens_fall_back_too(catalog: Catalog,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The threshold is a fraction of the block's calibration tokens: at 100%, every expert (each
     sees fewer tokens than the block) is rounded to nearest, attention still by GPTQ."""
     model = build("mixtral")
     adapter_for(model)  # experts as linears, to compare with
     calibration = CalibrationSet(tokens((8, 32), 7), {})
-    result = run(catalog, model, "gptq", "A", calibration, *W3, "method.params.min_token_fraction=1.0")
+    monkeypatch.setattr(gptq_method, "MIN_TOKEN_FRACTION", 1.0)
+    result = run(catalog, model, "gptq", "A", calibration, *W3)
     spec = QuantSpec(3, False, "group", 32)
     for name, linear in adapter_for(result.model).quantizable_linears(result.model).items():
         rtn = fake_quantize(model.get_submodule(name).weight, spec)

@@ -21,6 +21,10 @@ from ptq.quant import QuantSpec, fake_quantize, fake_quantize_with, find_params
 from ptq.registry import register_method
 
 MAX_DAMP_RETRIES = 4  # dampening x10 each time, as far as 10^4 x percdamp
+# A linear whose Hessian comes from fewer than this fraction of the block's calibration tokens (an MoE
+# expert the router rarely picks) is rounded to nearest instead: GPTQModel's FailSafe default (strategy
+# rtn, threshold 0.5%). With no tokens at all GPTQ would zero the weight (the reference's dead columns).
+MIN_TOKEN_FRACTION = 0.005
 FEW_TOKENS_SHOWN = 10  # linears named in the record's fallback for too few calibration tokens
 
 
@@ -31,18 +35,12 @@ class GptqParams:
     act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
     static_groups: bool = False  # with act_order: group parameters from the original column order
     true_sequential: bool = True  # inside a block, quantize layer groups in execution order
-    # A linear whose Hessian comes from fewer than this fraction of the block's calibration tokens (an
-    # MoE expert the router rarely picks) is rounded to nearest instead: GPTQModel's FailSafe default
-    # (strategy rtn, threshold 0.5%). With no tokens at all GPTQ would zero the weight (dead columns).
-    min_token_fraction: float = 0.005
 
     def __post_init__(self) -> None:
         if self.blocksize <= 0:
             raise ValueError(f"blocksize must be > 0 columns, got {self.blocksize}")
         if self.percdamp <= 0:
             raise ValueError(f"percdamp must be > 0 (a fraction of the mean Hessian diagonal), got {self.percdamp}")
-        if not 0 <= self.min_token_fraction <= 1:
-            raise ValueError(f"min_token_fraction must be in [0, 1], got {self.min_token_fraction}")
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ class Gptq(Stage):
     linear. With true-sequential, a step's inputs come from the block with the earlier steps
     already quantized; without, every group's Hessian comes from the block as it was. An MoE
     expert's Hessian comes from the tokens routed to it; one reached by too few tokens is
-    rounded to nearest (`min_token_fraction`), and the record's fallbacks say which."""
+    rounded to nearest (`MIN_TOKEN_FRACTION`), and the record's fallbacks say which."""
 
     @classmethod
     def check(cls, params: GptqParams, specs: Specs) -> None:
@@ -181,7 +179,7 @@ class Gptq(Stage):
             step.runner.feed_inputs(firsts, lambda name, _i, x: stats[name].add_batch(x))
             for names in groups:
                 group = {name: linears[name] for name in names}
-                if stats[names[0]].tokens < self.params.min_token_fraction * total:
+                if stats[names[0]].tokens < MIN_TOKEN_FRACTION * total:
                     self._round_to_nearest(step, group, stats[names[0]].tokens, total)
                 else:
                     self._quantize(step, group, stats[names[0]])
@@ -218,4 +216,4 @@ class Gptq(Stage):
             more = f"; and {hidden} more" if hidden else ""
             step.result.fallbacks.append(
                 f"GPTQ rounded {len(self.few_tokens)} groups of linears to nearest, reached by fewer than "
-                f"{self.params.min_token_fraction:.2%} of the calibration tokens: {'; '.join(shown)}{more}")
+                f"{MIN_TOKEN_FRACTION:.2%} of the calibration tokens: {'; '.join(shown)}{more}")
