@@ -159,7 +159,7 @@ class Gptq(Stage):
     def __init__(self, params: GptqParams, specs: Specs, final: bool) -> None:
         super().__init__(params, specs, final)
         self.losses: dict[str, float] = {}  # the reference's per-layer error, summed over blocks by layer name
-        self.few_tokens: list[str] = []  # linears rounded to nearest: too few calibration tokens reached them
+        self.few_tokens: list[str] = []  # linears rounded to nearest: too few calibration tokens
 
     def before_blocks(self, step: ModelStep) -> None:
         if self.params.act_order and not self.params.static_groups and self.specs.weight.granularity == "group":
