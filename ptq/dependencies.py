@@ -31,9 +31,11 @@ EVAL_SPLIT = "test"
 EVAL_SECTIONS = ("eval", "kv_eval", "zero_shot")  # change the metrics, not the weights
 # The code a result depends on besides each stage's own module, and the packages that run it.
 QUANTIZE_CODE = ("ptq.quant", "ptq.calib", "ptq.engine", "ptq.pipeline", "ptq.transforms", "ptq.hadamard",
-                 "ptq.kv", "ptq.registry", "ptq.data", "ptq.config", "ptq.models.adapters", "ptq.models.loading")
-EVALUATE_CODE = ("ptq.cell", "ptq.cache", "ptq.eval.suite", "ptq.eval.perplexity", "ptq.eval.kld", "ptq.eval.decode",
-                 "ptq.eval.passkey", "ptq.eval.zeroshot", "ptq.eval.lm_tasks", "ptq.eval.memory", "ptq.data", "ptq.kv")
+                 "ptq.kv", "ptq.registry", "ptq.data", "ptq.config", "ptq.models.adapters", "ptq.models.moe",
+                 "ptq.models.loading")
+EVALUATE_CODE = ("ptq.cell", "ptq.cache", "ptq.eval.suite", "ptq.eval.perplexity", "ptq.eval.kld",
+                 "ptq.eval.decode", "ptq.eval.passkey", "ptq.eval.zeroshot", "ptq.eval.lm_tasks", "ptq.eval.memory",
+                 "ptq.data", "ptq.kv")
 # Spec fields added after fingerprints were first committed, with the value their absence meant.
 SPEC_FIELDS_ADDED_LATER = {"format": "int", "dynamic": True}
 RESULT_PACKAGES = ("torch", "transformers", "tokenizers", "gguf", "safetensors", "hqq", "optimum-quanto", "lm_eval")
@@ -48,6 +50,8 @@ def settings(config: CellConfig) -> dict[str, Any]:
     payload["method"].pop("description")
     for key in ("size", "needs_gpu", "baseline_note", "head_dim"):
         payload["model"].pop(key)
+    if payload["model"]["source"]["assemble"] is None:  # unused: sources with a file keep their fingerprints
+        payload["model"]["source"].pop("assemble")
     for key in ("calib", "kv_eval"):  # None: not read by this cell
         if payload[key] is None:
             payload.pop(key)

@@ -10,10 +10,12 @@ hooks the engine calls in order for every stage of a pipeline (`smoothquant+gptq
     after_blocks(model step)           model-level work (a quantized KV cache)
 
 `run_stages` is the only walker. With a calibrated stage in the pipeline it captures the
-first block's inputs for the calibration windows once, and feeds each block's outputs (of
-the block as the stages left it, or of the float block with `propagate: float`) to the next;
-only the current block and its activations live on the compute device. Without calibrated
-stages, blocks are visited one at a time on the device with no data.
+first block's inputs for the calibration windows once, with what the model passes each block
+(its mask and rotary embeddings, which differ between sliding-window and global layers), and
+feeds each block's outputs (of the block as the stages left it, or of the float block with
+`propagate: float`) to the next; only the current block and its activations live on the
+compute device. Without calibrated stages, blocks are visited one at a time on the device
+with no data.
 
 A stage writes rounded weights through `BlockStep.quantized`, which records the effective
 spec of each linear: the result says what ran, not what was configured.
@@ -75,7 +77,15 @@ class _Stop(Exception):
 @dataclass
 class BlockBatch:
     hidden: torch.Tensor  # [batch, seqlen, hidden] on the compute device
-    kwargs: dict[str, Any]  # what the model passes its blocks: mask, rotary embeddings, ...
+    kwargs: dict[str, Any]  # what the model passes the current block: mask, rotary embeddings, ...
+    # What the model passes each block, by index: models with several attention types (sliding-window
+    # and global layers) give each type its own mask and rotary embeddings.
+    per_block: tuple[dict[str, Any], ...] = ()
+
+    def at(self, index: int, hidden: torch.Tensor) -> BlockBatch:
+        """This batch entering block `index` with `hidden` states."""
+        return dataclasses.replace(self, hidden=hidden, kwargs=self.per_block[index] if self.per_block
+                                   else self.kwargs)
 
 
 def _copied(output: Any) -> Any:
@@ -92,29 +102,44 @@ def first_tensor(output: Any) -> torch.Tensor:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, adapter: ArchAdapter, tokens: torch.Tensor, batch_size: int,
                          device: torch.device) -> list[BlockBatch]:
-    """Run the model up to its first block on every calibration batch and keep what the block receives."""
-    block0 = adapter.decoder_blocks(model)[0]
-    modules = [model.get_submodule(name) for name in adapter.pre_block_modules()] + [block0]
+    """Run the model up to its blocks on every calibration batch and keep what the first block
+    receives, with the arguments the model gives each block (the blocks themselves do not run:
+    each passes its input on, the last one ends the forward)."""
+    blocks = adapter.decoder_blocks(model)
+    modules = [model.get_submodule(name) for name in adapter.pre_block_modules()]
     homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
     captured: list[BlockBatch] = []
+    hidden: list[torch.Tensor] = []
+    arguments: list[dict[str, Any]] = []
 
-    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(BlockBatch(hidden, kwargs))
-        raise _Stop
+    def catcher(index: int) -> Callable[..., torch.Tensor]:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            states = args[0] if args else kwargs.pop("hidden_states")
+            if index == 0:
+                hidden.append(states)
+            arguments.append(kwargs)
+            if index == len(blocks) - 1:
+                captured.append(BlockBatch(hidden[0], arguments[0], tuple(arguments)))
+                raise _Stop
+            return states
+
+        return forward
 
     for module in modules:
         module.to(device)
-    handle = block0.register_forward_pre_hook(catch, with_kwargs=True)
+    for index, block in enumerate(blocks):  # an instance attribute: nn.Module.__call__ runs it instead
+        block.forward = catcher(index)
     try:
         for batch in tokens.split(batch_size):
+            hidden.clear()
+            arguments.clear()
             try:
                 model(batch.to(device), use_cache=False)
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
         for module, home in zip(modules, homes):
             module.to(home)
     return captured
@@ -180,21 +205,24 @@ class BlockRunner:
 
     @torch.no_grad()
     def feed_inputs(self, modules: dict[str, nn.Module], consume: Callable[[str, int, torch.Tensor], None]) -> None:
-        """Call `consume(name, batch_index, input)` for the input of each named module on every batch.
-        Each forward stops as soon as all of them have been reached (later modules are not run)."""
+        """Call `consume(name, batch_index, input)` for the input of each named module on every batch
+        that reaches it (an MoE expert only sees the batches routing tokens to it; a module called
+        with keywords, as attention is, gives its `hidden_states`). Each forward stops as soon as all
+        of them have been reached (later modules are not run)."""
         seen: set[str] = set()
         with self._passing() as position:
 
             def hook_for(name: str) -> Callable:
-                def hook(module: nn.Module, args: tuple) -> None:
-                    consume(name, position[0], args[0])
+                def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                    consume(name, position[0], args[0] if args else kwargs["hidden_states"])
                     seen.add(name)
                     if len(seen) == len(modules):
                         raise _Stop
 
                 return hook
 
-            handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
+            handles = [module.register_forward_pre_hook(hook_for(name), with_kwargs=True)
+                       for name, module in modules.items()]
             try:
                 for position[0], batch in enumerate(self.batches):
                     seen.clear()
@@ -207,7 +235,7 @@ class BlockRunner:
                     handle.remove()
 
     def inputs_of(self, modules: dict[str, nn.Module]) -> dict[str, list[torch.Tensor]]:
-        """The inputs of each named module, one tensor per batch."""
+        """The inputs of each named module, one tensor per batch that reaches it."""
         inputs: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
         self.feed_inputs(modules, lambda name, _index, x: inputs[name].append(x))
         return inputs
@@ -373,8 +401,9 @@ def _walk(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | No
         if runner is not None:
             with _timed(seconds, ENGINE):
                 outputs = float_outputs if config.propagate == "float" else runner.outputs()
-            batches = [dataclasses.replace(batch, hidden=out) for batch, out in zip(runner.batches, outputs)]
-            if float_batches is not None:
-                float_batches = [dataclasses.replace(batch, hidden=out)
-                                 for batch, out in zip(float_batches, float_outputs)]
+            if index + 1 < len(blocks):
+                batches = [batch.at(index + 1, out) for batch, out in zip(runner.batches, outputs)]
+                if float_batches is not None:
+                    float_batches = [batch.at(index + 1, out)
+                                     for batch, out in zip(float_batches, float_outputs)]
         block.to(home)

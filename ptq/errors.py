@@ -23,6 +23,10 @@ class UnsupportedModel(PtqError):
     """No architecture adapter knows this model."""
 
 
+class NotApplicable(PtqError):
+    """The method cannot run on this model, for a reason its message states: the cell is skipped."""
+
+
 class NonFiniteMetric(PtqError):
     """A metric came out NaN or infinite."""
 

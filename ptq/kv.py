@@ -18,9 +18,10 @@ from functools import partial
 from typing import Callable
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from ptq.config import KVAxis, KVConfig
+from ptq.errors import NotApplicable
 from ptq.quant import QuantSpec, QuantizedTensor, pack_codes, quantize, unpack_codes
 
 META_DTYPE = torch.float16  # scales and zero points as stored
@@ -73,6 +74,26 @@ class StoredChunk:
         return StoredChunk(packed, torch.cat([self.scale, newer.scale], dim=token_dim), zero, self.spec, self.axis,
                            torch.Size(row_shape), self.dtype)
 
+    @property
+    def tokens(self) -> int:
+        return self.row_shape[-2] if self.axis == "token" else self.row_shape[-1]
+
+    def without_oldest(self, count: int) -> StoredChunk:
+        """This chunk less its `count` oldest tokens (whole token groups on the channel axis); codes
+        and parameters of the others are unchanged."""
+        if self.axis == "token":
+            rows = slice(count, None)
+            zero = None if self.zero is None else self.zero[..., rows, :]
+            row_shape = (*self.row_shape[:-2], self.row_shape[-2] - count, self.row_shape[-1])
+            return StoredChunk(self.packed[..., rows, :], self.scale[..., rows, :], zero, self.spec,
+                               self.axis, torch.Size(row_shape), self.dtype)
+        groups = slice(count // self.spec.group_size, None)
+        codes = unpack_codes(self.packed, self.spec.bits, self.row_shape[-1])[..., count:]
+        zero = None if self.zero is None else self.zero[..., groups]
+        row_shape = torch.Size((*self.row_shape[:-1], self.row_shape[-1] - count))
+        return StoredChunk(pack_codes(codes, self.spec.bits), self.scale[..., groups], zero, self.spec,
+                           self.axis, row_shape, self.dtype)
+
 
 class KVStream:
     """Keys or values of one layer: the quantized tokens, then the full-precision tail."""
@@ -100,34 +121,69 @@ class KVStream:
         tail = 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
         return (0 if self.stored is None else self.stored.nbytes()) + tail
 
+    def droppable(self) -> int:
+        """How many of the oldest tokens can leave: quantized ones (whole groups on the channel axis)."""
+        return 0 if self.stored is None else self.stored.tokens
+
+    def drop_oldest(self, count: int) -> None:
+        if count:
+            self.stored = self.stored.without_oldest(count) if count < self.stored.tokens else None
+
 
 class QuantizedKVLayer(DynamicLayer):
-    """One attention layer's cache; `keys`/`values` of the parent stay empty."""
+    """One attention layer's cache; `keys`/`values` of the parent stay empty. A sliding-window
+    layer (`sliding_window` W) keeps, as transformers' `DynamicSlidingWindowLayer` does, what the
+    next forward can still attend to: the W - 1 latest tokens, and as many older ones as the
+    storage units require (the full-precision tail, whole token groups of a channel stream);
+    `get_mask_sizes` tells the mask which positions it holds."""
 
-    def __init__(self, config: KVConfig) -> None:
+    def __init__(self, config: KVConfig, sliding_window: int | None = None) -> None:
         super().__init__()
         self._keys = KVStream(config.key, config.key_axis, config.residual)
         self._values = KVStream(config.value, config.value_axis, config.residual)
-        self._length = 0
+        self._length = 0  # tokens seen
+        self._start = 0  # position of the oldest token held
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        # both streams drop the same tokens: in whole groups if either quantizes channels over tokens
+        self._unit = max(spec.group_size if axis == "channel" else 1
+                         for spec, axis in ((config.key, config.key_axis), (config.value, config.value_axis)))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._length += key_states.shape[-2]
-        return self._keys.append(key_states), self._values.append(value_states)
+        keys, values = self._keys.append(key_states), self._values.append(value_states)
+        if self.is_sliding:
+            excess = self._length - self._start - (self.sliding_window - 1)
+            count = max(0, min(excess, self._keys.droppable(), self._values.droppable()))
+            count -= count % self._unit
+            self._keys.drop_oldest(count)
+            self._values.drop_oldest(count)
+            self._start += count
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self._length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Length and first position of what the next update returns: the held tokens and the query."""
+        return self._length - self._start + query_length, self._start
 
     def nbytes(self) -> int:
         return self._keys.nbytes() + self._values.nbytes()
 
 
 class QuantizedKVCache(Cache):
-    """A cache of `QuantizedKVLayer`s, one per decoder layer."""
+    """A cache of `QuantizedKVLayer`s, one per decoder layer; `sliding_windows` gives each layer's
+    window (None: full attention), as the model's config sets them (`quantized_cache_factory`)."""
 
-    def __init__(self, config: KVConfig, num_layers: int) -> None:
-        super().__init__(layers=[QuantizedKVLayer(config) for _ in range(num_layers)])
+    def __init__(self, config: KVConfig, num_layers: int,
+                 sliding_windows: tuple[int | None, ...] | None = None) -> None:
+        windows = sliding_windows or (None,) * num_layers
+        if len(windows) != num_layers:
+            raise ValueError(f"{len(windows)} sliding windows for {num_layers} layers")
+        super().__init__(layers=[QuantizedKVLayer(config, window) for window in windows])
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
@@ -164,15 +220,51 @@ def cache_bytes(cache: Cache) -> int:
 
 
 def head_dim_of(model_config) -> int:
-    """Attention head size from a transformers config (stated, or hidden size / heads)."""
-    return getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    """Attention head size from a transformers config (stated, or hidden size / heads), read from
+    its text decoder's (a multimodal Gemma 3 keeps it there)."""
+    config = model_config.get_text_config(decoder=True)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """What one decoder layer caches per token, from the model's config."""
+
+    kv_heads: int
+    head_dim: int
+    sliding_window: int | None  # None: full attention
+
+
+def attention_layers(model_config) -> list[AttentionLayer]:
+    """Each decoder layer's cache layout, read as transformers' own caches read it (layer types
+    and sliding windows per layer; heterogeneous configs give each layer its own head size)."""
+    config = model_config.get_text_config(decoder=True)
+    types, kwargs = get_layer_types_and_kwargs(config)
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise NotApplicable(f"layer types {unknown} of {type(config).__name__}: ptq's quantized cache holds "
+                            "full and sliding-window attention layers only")
+    return [AttentionLayer(getattr(layer, "num_key_value_heads", None) or layer.num_attention_heads,
+                           head_dim_of(layer), extra.get("sliding_window"))
+            for layer, extra in zip(config.per_layer_config, kwargs)]
+
+
+def kv_elements(model_config, tokens: int) -> int:
+    """Key and value elements a full-precision cache holds after `tokens` tokens, over all layers: a
+    sliding-window layer holds its window - 1 latest tokens, as transformers' DynamicCache does."""
+    return sum(2 * layer.kv_heads * layer.head_dim
+               * (tokens if layer.sliding_window is None else min(tokens, layer.sliding_window - 1))
+               for layer in attention_layers(model_config))
 
 
 def quantized_cache_factory(model: torch.nn.Module, kv: KVConfig) -> Callable[[], QuantizedKVCache]:
-    """Fresh `QuantizedKVCache`s for `model` under the `kv` settings, checked against the loaded
-    model's head size (a model YAML's stated head_dim was checked at collection and at load)."""
-    kv.check_head_dim(head_dim_of(model.config))
-    return partial(QuantizedKVCache, kv, model.config.num_hidden_layers)
+    """Fresh `QuantizedKVCache`s for `model` under the `kv` settings, with the model's sliding
+    windows, checked against every layer's head size (a model YAML's stated head_dim was checked at
+    collection and at load)."""
+    layers = attention_layers(model.config)
+    for head_dim in sorted({layer.head_dim for layer in layers}):
+        kv.check_head_dim(head_dim)
+    return partial(QuantizedKVCache, kv, len(layers), tuple(layer.sliding_window for layer in layers))
 
 
 def describe(kv: KVConfig) -> dict[str, object]:

@@ -28,7 +28,7 @@ from ptq.config import (
 from ptq.dependencies import fingerprint
 from ptq.engine import Specs
 from ptq.errors import ConfigError
-from ptq.models.adapters import ADAPTERS
+from ptq.models.adapters import FAMILIES
 from ptq.registry import IMPLICIT_QUANTIZER, MethodInfo, Pipeline, baseline_method, discover, parse_pipeline
 
 DEFAULT_EXPERIMENT = "default"  # ids of its cells carry no experiment suffix
@@ -185,14 +185,16 @@ class Catalog:
         self.experiments = {path.stem: path for path in sorted((bench_dir / "experiments").glob("*.yaml"))}
         for layer in (self.defaults, *self.device_profiles.values()):
             check_layer(layer, self.schemas)
-        families = {adapter.family for adapter in ADAPTERS}
+        families = {family.name for family in FAMILIES}
         for stem, layer in self.models.items():
             _check_header(layer, "model", stem)
             check_layer(layer, self.schemas)
-            family = layer.data["model"].get("family")
-            if family not in families:
+            family = layer.data["model"].get("family")  # optional: the loaded class decides
+            if family is not None and family not in families:
                 where = layer.provenance.get(("model", "family"), layer.source)
-                raise ConfigError(f"{where}: unknown model family {family!r}; known: {', '.join(sorted(families))}")
+                known = ", ".join(sorted(families))
+                raise ConfigError(f"{where}: unknown model family {family!r}; known: {known} (or leave it "
+                                  "out: the model's class decides)")
         for stem, layer in self.tracks.items():
             _check_header(layer, "track", stem)
             check_layer(layer, self.schemas)

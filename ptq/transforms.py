@@ -37,25 +37,36 @@ def bits_per_weight(linears: Mapping[str, nn.Linear], weight_specs: Mapping[str,
 
 def scales_fold(block: nn.Module, group: ScalingGroup) -> bool:
     """Whether per-channel scales of the group's input can be folded into `group.prev`: a norm
-    always can; a linear only if its outputs are exactly the group's inputs (not so for
-    v_proj -> o_proj under grouped-query attention)."""
+    always can; a linear only if its outputs (or the rows `prev_rows` of a fused one) are exactly the
+    group's inputs (not so for v_proj -> o_proj under grouped-query attention)."""
     prev = block.get_submodule(group.prev)
     first = block.get_submodule(group.linears[0])
-    return not isinstance(prev, nn.Linear) or prev.out_features == first.in_features
+    if not isinstance(prev, nn.Linear):
+        return True
+    start, stop = group.prev_rows or (0, prev.out_features)
+    return stop - start == first.in_features
 
 
-def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor) -> None:
+def fold_scales(block: nn.Module, group: ScalingGroup, scales: torch.Tensor,
+                norm_offset: float = 0.0) -> None:
     """y = prev(x) / s feeds W·s: the block computes the same function (up to float rounding),
-    with the input channels of the group's linears scaled by s (AWQ, SmoothQuant)."""
+    with the input channels of the group's linears scaled by s (AWQ, SmoothQuant). A norm computing
+    x̂·(norm_offset + w) takes w' = (norm_offset + w) / s - norm_offset (Gemma's x̂·(1 + w)); a fused
+    linear divides only the rows `prev_rows` feeding the group; float readers of the input (an MoE
+    router) take s like the linears."""
     prev = block.get_submodule(group.prev)
     with torch.no_grad():
         if isinstance(prev, nn.Linear):
-            prev.weight.div_(scales.view(-1, 1))
-        else:  # a norm: scale its affine weight
-            prev.weight.div_(scales)
-        if getattr(prev, "bias", None) is not None:
-            prev.bias.div_(scales)
-        for name in group.linears:
+            rows = slice(*group.prev_rows) if group.prev_rows else slice(None)
+            prev.weight[rows].div_(scales.view(-1, 1))
+            if prev.bias is not None:
+                prev.bias[rows].div_(scales)
+        else:  # a norm: scale its affine weight (and bias)
+            wide = torch.promote_types(prev.weight.dtype, torch.float32)  # (1 + w) of a bf16 w, not rounded
+            prev.weight.copy_((prev.weight.to(wide) + norm_offset) / scales.to(wide) - norm_offset)
+            if getattr(prev, "bias", None) is not None:
+                prev.bias.div_(scales)
+        for name in group.linears + group.float_readers:
             block.get_submodule(name).weight.mul_(scales.view(1, -1))
 
 
@@ -87,11 +98,12 @@ def untie_lm_head(model: nn.Module, lm_head: str, embedding: str) -> bool:
     return True
 
 
-def fuse_norm(norm: nn.Module, linears: Sequence[nn.Linear]) -> None:
+def fuse_norm(norm: nn.Module, linears: Sequence[nn.Linear], offset: float = 0.0) -> None:
     """The norm's affine part moves into the linears that read it: W (γ ⊙ n(x) + β) + b =
-    (W diag γ) n(x) + (b + W β). The norm is left computing n(x) alone (weight 1, bias 0); a
-    linear without a bias gets one when the norm has one."""
-    gamma = _f64(norm.weight)
+    (W diag γ) n(x) + (b + W β), γ = offset + weight (Gemma's norms compute n(x)·(1 + w)). The
+    norm is left computing n(x) alone (γ 1, bias 0); a linear without a bias gets one when the
+    norm has one."""
+    gamma = _f64(norm.weight) + offset
     beta = None if getattr(norm, "bias", None) is None else _f64(norm.bias)
     for linear in linears:
         weight = _f64(linear.weight)
@@ -102,7 +114,7 @@ def fuse_norm(norm: nn.Module, linears: Sequence[nn.Linear]) -> None:
             _set(linear.bias, bias)
         _set(linear.weight, weight * gamma)
     with torch.no_grad():
-        norm.weight.fill_(1)
+        norm.weight.fill_(1 - offset)
         if beta is not None:
             norm.bias.zero_()
 
@@ -151,15 +163,17 @@ def rotate_input(linear: nn.Linear, rotation: torch.Tensor) -> None:
     _set(linear.weight, (weight.reshape(weight.shape[0], -1, r) @ rotation).reshape(weight.shape))
 
 
-def rotate_output(linear: nn.Linear, rotation: torch.Tensor) -> None:
+def rotate_output(linear: nn.Linear, rotation: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
     """The linear's output leaves rotated, y R: W ← Rᵀ W, b ← b R. An R smaller than the output
-    acts on each consecutive slice (per head)."""
-    weight = _f64(linear.weight)
+    acts on each consecutive slice (per head); `rows`: only those output rows (the value heads of a
+    fused qkv_proj)."""
+    part = slice(*rows) if rows else slice(None)
+    weight = _f64(linear.weight[part])
     rotation = _f64(rotation).to(weight.device)
     r = rotation.shape[0]
-    _set(linear.weight, (rotation.t() @ weight.reshape(-1, r, weight.shape[1])).reshape(weight.shape))
+    _set(linear.weight[part], (rotation.t() @ weight.reshape(-1, r, weight.shape[1])).reshape(weight.shape))
     if linear.bias is not None:
-        _set(linear.bias, (_f64(linear.bias).reshape(-1, r) @ rotation).reshape(-1))
+        _set(linear.bias[part], (_f64(linear.bias[part]).reshape(-1, r) @ rotation).reshape(-1))
 
 
 def rotate_embedding(embedding: nn.Embedding, rotation: torch.Tensor) -> None:
@@ -192,13 +206,13 @@ def fuse_norms(model: nn.Module, adapter: ArchAdapter) -> None:
             center_embedding(model.get_submodule(name))
     for block in adapter.decoder_blocks(model):
         for norm, linears in norm_groups(block, adapter):
-            fuse_norm(block.get_submodule(norm), [block.get_submodule(name) for name in linears])
+            fuse_norm(block.get_submodule(norm), [block.get_submodule(name) for name in linears], adapter.norm_offset)
             if layer_norm:
                 _replace(block, norm, RMSNorm(block.get_submodule(norm).eps))
         if layer_norm:
             center_output(block.get_submodule(adapter.attn_out))
             center_output(block.get_submodule(adapter.mlp_out))
-    fuse_norm(model.get_submodule(adapter.final_norm), [model.get_submodule(adapter.lm_head)])
+    fuse_norm(model.get_submodule(adapter.final_norm), [model.get_submodule(adapter.lm_head)], adapter.norm_offset)
     if layer_norm:
         _replace(model, adapter.final_norm, RMSNorm(model.get_submodule(adapter.final_norm).eps))
 

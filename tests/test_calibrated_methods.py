@@ -22,7 +22,7 @@ from ptq.errors import ConfigError
 from ptq.matrix import Catalog, Cell, Selection
 from ptq.methods.awq import activation_scales, search_clip, search_scales
 from ptq.methods.gptq import GPTQ, GptqParams, GptqResult
-from ptq.models.adapters import ADAPTERS
+from ptq.models.adapters import adapter_for
 from ptq.pipeline import quantize
 from ptq.quant import QuantSpec, fake_quantize
 from ptq.transforms import fold_scales, scales_fold
@@ -30,7 +30,6 @@ from ptq.transforms import fold_scales, scales_fold
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 ROWS, COLS, GROUP = 64, 576, 128  # 576 = 4 x 128 + 64: every row ends with a smaller group
 TOKENS = 1024  # calibration inputs per layer: more than COLS, so X has full column rank
-LLAMA = ADAPTERS[0]
 CPU = torch.device("cpu")
 
 
@@ -322,6 +321,9 @@ def tiny_llama(kv_heads: int = 2, seed: int = 0) -> LlamaForCausalLM:
 
 def random_tokens(shape: tuple[int, int], seed: int) -> torch.Tensor:
     return torch.randint(0, 400, shape, generator=gen(seed))
+
+
+LLAMA = adapter_for(tiny_llama())  # derived from the module tree; the same for every Llama
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ptq.config import KVConfig
-from ptq.eval.decode import decode_speed, float_cache, kv_elements_per_token, prefill
+from ptq.eval.decode import decode_speed, float_cache, prefill
 from ptq.eval.passkey import PasskeyTrial, prompt_ids, trials
 from ptq.eval.perplexity import perplexity
-from ptq.kv import KVStream, QuantizedKVCache, StoredChunk, cache_bytes, stored_bytes
+from ptq.kv import KVStream, QuantizedKVCache, StoredChunk, cache_bytes, kv_elements, stored_bytes
 from ptq.quant import QuantSpec, fake_quantize, pack_codes, unpack_codes
 
 HEAD_DIM = 16
@@ -149,9 +149,9 @@ def test_residual_window_keeps_recent_tokens_exact_so_a_large_one_changes_nothin
 
 def test_decode_reports_the_float_cache_at_full_size(tiny: LlamaForCausalLM) -> None:
     prompt = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
-    result = decode_speed(tiny, prompt, float_cache, chunk=16, steps=5)
+    result = decode_speed(tiny, prompt, partial(float_cache, tiny.config), chunk=16, steps=5)
     assert result["measured_at_tokens"] == 45 and result["prompt_tokens"] == 40
-    assert kv_elements_per_token(tiny.config) == 2 * 2 * 2 * 16
+    assert kv_elements(tiny.config, 45) == 45 * 2 * 2 * 2 * 16
     assert result["bytes_per_token"] == result["float_bytes_per_token"] == 2 * 2 * 2 * 16 * 4
     assert result["bits_per_element"] == 32
     int4 = KVConfig(per_token(4, 8), per_token(4, 8))
@@ -161,7 +161,7 @@ def test_decode_reports_the_float_cache_at_full_size(tiny: LlamaForCausalLM) -> 
 
 def test_greedy_decoding_through_a_float_cache_matches_full_recomputation(tiny: LlamaForCausalLM) -> None:
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(4))
-    cache = float_cache()
+    cache = float_cache(tiny.config)
     last = prefill(tiny, ids, cache, chunk=8, all_logits=False)
     with torch.inference_mode():
         full = tiny(ids).logits[:, -1:]
@@ -184,10 +184,10 @@ def test_transformers_quantized_cache_is_smaller_than_float_and_close_in_ppl(tin
     assert perplexity(tiny, ids, 64, None, 2, make, prefill_chunk=16).ppl == pytest.approx(plain, rel=0.05)
 
 
-def test_stored_bytes_counts_each_tensor_once_and_wrappers_by_their_parts() -> None:
+def test_stored_bytes_counts_each_tensor_once_and_wrappers_by_their_parts(tiny: LlamaForCausalLM) -> None:
     a = torch.zeros(10, dtype=torch.float16)
     assert stored_bytes({"x": a, "y": [a, (a,)], "z": torch.zeros(3, dtype=torch.uint8)}) == 20 + 3
-    cache = float_cache()
+    cache = float_cache(tiny.config)
     cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), 0)
     assert cache_bytes(cache) == 2 * 2 * 5 * 4 * 4
 

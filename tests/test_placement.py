@@ -11,11 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ptq.calib import CalibrationSet
 from ptq.config import CalibConfig
 from ptq.engine import BlockStep, ModelStep, QuantResult, Specs, Stage, run_stages
-from ptq.models.adapters import ADAPTERS
+from ptq.models.adapters import adapter_for
 from ptq.models import placement
 from ptq.models.placement import on_device
-
-LLAMA = ADAPTERS[0]
 
 
 class Touch(Stage):
@@ -34,6 +32,7 @@ def test_calibration_holds_at_most_one_block_on_the_compute_device(monkeypatch) 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                          num_attention_heads=2, num_key_value_heads=1)).eval()
+    adapter = adapter_for(model)
     compute = torch.device("cpu", 1)  # a device the model is not on (no move is actually made)
     resident: set[int] = set()
     peaks: list[int] = []
@@ -47,7 +46,7 @@ def test_calibration_holds_at_most_one_block_on_the_compute_device(monkeypatch) 
         return original(module, torch.device("cpu"))
 
     monkeypatch.setattr(nn.Module, "to", instrumented)
-    run_stages([Touch(resident, peaks)], ModelStep(model, LLAMA, QuantResult(model)),
+    run_stages([Touch(resident, peaks)], ModelStep(model, adapter, QuantResult(model)),
                CalibrationSet(torch.randint(0, 100, (4, 16)), {}), CalibConfig(batch_size=2), compute)
     assert max(peaks) == 1 and not resident  # one block at a time, none left behind
 

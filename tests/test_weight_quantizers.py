@@ -19,7 +19,7 @@ from ptq.errors import ConfigError
 from ptq.matrix import Catalog, Selection
 from ptq.methods.hqq import HqqParams, hqq_params, hqq_quantize
 from ptq.methods.pot import ApotParams, PotParams, apot_levels, pot_levels
-from ptq.models.adapters import ADAPTERS
+from ptq.models.adapters import OPT
 from ptq.pipeline import quantize
 from ptq.quant import QuantSpec, codebook_fake_quantize, fake_quantize
 from ptq.registry import discover
@@ -266,7 +266,7 @@ def run(catalog: Catalog, method: str, *overrides: str) -> tuple[ToyModel, Quant
                           overrides=tuple(parse_override(text) for text in overrides))
     (cell,) = catalog.cells(selection, "cpu")
     before = ToyModel()
-    adapter = dataclasses.replace(ADAPTERS[0], blocks="layers")
+    adapter = dataclasses.replace(OPT, blocks="layers")  # the methods read only the blocks
     return before, quantize(ToyModel(), adapter, cell.config, cell.pipeline, None, torch.device("cpu")), cell.config
 
 

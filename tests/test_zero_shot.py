@@ -481,7 +481,8 @@ def test_bench_usage_errors_before_any_model_loads(tmp_path: Path) -> None:
 
 def test_evaluate_adds_zero_shot_to_the_metrics_when_configured(offline: Path, tiny_llama: tuple) -> None:
     model, tokenizer = tiny_llama
-    cell = CellConfig(ModelConfig("tiny", "llama", SourceConfig("local", path="unused")), MethodConfig("fp16"),
+    cell = CellConfig(ModelConfig("tiny", SourceConfig("local", path="unused"), family="llama"),
+                      MethodConfig("fp16"),
                       TrackConfig("A"), eval=EvalConfig(seqlen=16, max_windows=2, batch_size=2))
     load_text.cache_clear()  # wikitext2 from this test's data dir
     try:

@@ -10,14 +10,15 @@ from typing import Callable
 import torch
 from transformers.cache_utils import Cache, DynamicCache
 
-from ptq.kv import cache_bytes, head_dim_of
+from ptq.kv import cache_bytes, kv_elements
 
 CacheFactory = Callable[[], Cache]
 
 
-def float_cache() -> Cache:
-    """The unquantized cache: what every quantized cache is compared with."""
-    return DynamicCache()
+def float_cache(model_config) -> Cache:
+    """The unquantized cache the model makes for itself (a sliding-window layer keeps its window):
+    what every quantized cache is compared with."""
+    return DynamicCache(config=model_config)
 
 
 @torch.inference_mode()
@@ -52,12 +53,6 @@ def greedy_decode(model: torch.nn.Module, cache: Cache, last_logits: torch.Tenso
     return Decoded(torch.cat(tokens, dim=1), time.perf_counter() - start)
 
 
-def kv_elements_per_token(model_config) -> int:
-    """Key and value elements one token adds to the cache, over all layers."""
-    heads = getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads
-    return 2 * model_config.num_hidden_layers * heads * head_dim_of(model_config)
-
-
 @torch.inference_mode()
 def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, make_cache: CacheFactory, chunk: int,
                  steps: int) -> dict[str, float | int]:
@@ -66,15 +61,14 @@ def decode_speed(model: torch.nn.Module, prompt: torch.Tensor, make_cache: Cache
     cache = make_cache()
     decoded = greedy_decode(model, cache, prefill(model, prompt, cache, chunk, all_logits=False), steps)
     tokens = cache.get_seq_length()
-    elements = kv_elements_per_token(model.config)
+    elements = kv_elements(model.config, tokens)  # what the float cache holds at this length
     stored = cache_bytes(cache)
-    float_bytes = elements * next(model.parameters()).element_size()
     return {
         "decode_tokens_per_s": steps / decoded.seconds,
         "decode_steps": steps,
         "prompt_tokens": int(prompt.shape[1]),
         "bytes_per_token": stored / tokens,
-        "float_bytes_per_token": float_bytes,
-        "bits_per_element": stored * 8 / (tokens * elements),
+        "float_bytes_per_token": elements * next(model.parameters()).element_size() / tokens,
+        "bits_per_element": stored * 8 / elements,
         "measured_at_tokens": tokens,
     }

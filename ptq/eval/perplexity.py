@@ -61,7 +61,8 @@ def window_logits(model: torch.nn.Module, batch: torch.Tensor, make_cache: Calla
     """Logits [B, T, V] of a batch of windows: one forward, through a fresh cache from `make_cache`
     when given, or chunk by chunk through such a cache (a float one by default) with `prefill_chunk`."""
     if prefill_chunk is not None:
-        return prefill(model, batch, (make_cache or float_cache)(), prefill_chunk, all_logits=True)
+        cache = make_cache() if make_cache is not None else float_cache(model.config)
+        return prefill(model, batch, cache, prefill_chunk, all_logits=True)
     if make_cache is not None:
         return model(batch, past_key_values=make_cache(), use_cache=True).logits
     return model(batch, use_cache=False).logits

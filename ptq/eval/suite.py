@@ -6,6 +6,7 @@ tasks when configured."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -94,7 +95,7 @@ def kv_probes(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device
               config: KVEvalConfig) -> dict[str, Any]:
     """Where a KV cache acts beyond perplexity: passkey retrieval and greedy decoding, both
     through the cell's cache (a float one for methods that leave the cache alone)."""
-    make_cache = quantized.make_cache or float_cache
+    make_cache = quantized.make_cache or partial(float_cache, quantized.model.config)
     cases = trials(config.passkey_lengths, config.passkey_trials, config.passkey_seed)
     passkey = passkey_accuracy(quantized.model, tokenizer, make_cache, config.prefill_chunk, cases)
     prompt = tokenize_once(tokenizer, load_text("wikitext2", EVAL_SPLIT))[:, : config.decode_prompt]

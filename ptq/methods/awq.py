@@ -21,7 +21,9 @@ from ptq.quant import QuantSpec, expand_groups, fake_quantize
 from ptq.registry import register_method
 from ptq.transforms import fold_scales, scales_fold
 
-NO_CLIP = ("q_proj", "k_proj", "query", "key")  # the reference skips clipping where it would distort attention scores
+# The reference skips clipping where it would distort attention scores; a fused qkv_proj holds q and k
+# rows (AutoAWQ's list has "Wqkv" for the same reason).
+NO_CLIP = ("q_proj", "k_proj", "query", "key", "qkv")
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,14 @@ class Awq(Stage):
     def __init__(self, params: AwqParams, specs: Specs, final: bool) -> None:
         super().__init__(params, specs, final)
         self.alphas: dict[str, list[float]] = {}
+        self.unreached: set[str] = set()  # inspected modules without calibration inputs (unrouted experts)
 
     def samples_read(self) -> int | None:
         return self.params.search_samples
 
     def before_blocks(self, step: ModelStep) -> None:
         block = step.adapter.decoder_blocks(step.model)[0]
-        skipped = [f"{g.prev} -> {', '.join(g.linears)}" for g in step.adapter.scaling_groups
-                   if not scales_fold(block, g)]
+        skipped = [g.label for g in step.adapter.scaling_groups if not scales_fold(block, g)]
         if skipped:
             step.result.notes.append(f"AWQ scaling skipped where the previous op's outputs are not the inputs "
                                      f"(grouped-query attention): {'; '.join(skipped)}")
@@ -116,13 +118,18 @@ class Awq(Stage):
     def on_block(self, step: BlockStep) -> None:
         spec, params, block = self.specs.weight, self.params, step.block
         linears = step.linears()
+        groups = [group for group in step.adapter.scaling_groups if scales_fold(block, group)]
         search = step.runner.first(params.search_samples)
-        inputs = search.inputs_of(linears)
-        for group in step.adapter.scaling_groups:
-            if not scales_fold(block, group):
+        # A group's input is its inspected module's (all tokens for an MoE block, whose experts each
+        # see only the tokens routed to them); a module no batch reached (an expert no token was
+        # routed to) has no input, and keeps scale 1 and no clipping.
+        inputs = search.inputs_of({**linears, **{g.inspect: block.get_submodule(g.inspect) for g in groups}})
+        for group in groups:
+            xs = inputs[group.inspect]
+            if not xs:
+                self.unreached.add(f"block {step.index} {group.inspect}")
                 continue
             module = block.get_submodule(group.inspect)
-            xs = inputs[group.linears[0]]
             kwargs = [b.kwargs if group.inspect_takes_block_kwargs else {} for b in search.batches]
             with torch.no_grad():
                 reference = [first_tensor(module(x, **kw)) for x, kw in zip(xs, kwargs)]
@@ -141,13 +148,13 @@ class Awq(Stage):
                 return total / sum(ref.numel() for ref in reference)
 
             scales, alpha, _loss = search_scales(originals, x_mean, spec, params.n_grid, output_error)
-            self.alphas.setdefault(f"{group.prev} -> {', '.join(group.linears)}", []).append(alpha)
-            fold_scales(block, group, scales.to(originals[0].dtype))
+            self.alphas.setdefault(group.label, []).append(alpha)
+            fold_scales(block, group, scales.to(originals[0].dtype), step.adapter.norm_offset)
             for name in group.linears:  # these layers now see x / s
                 inputs[name] = [x / scales.to(x.dtype) for x in inputs[name]]
         if params.clip:
             for name, linear in linears.items():
-                if any(part in name for part in NO_CLIP):
+                if any(part in name for part in NO_CLIP) or not inputs[name]:
                     continue
                 x = torch.cat([t.reshape(-1, t.shape[-1]) for t in inputs[name]])
                 x = x[:: max(1, x.shape[0] // params.clip_tokens)]
@@ -162,3 +169,7 @@ class Awq(Stage):
     def after_blocks(self, step: ModelStep) -> None:
         step.result.notes += [f"AWQ mean alpha over blocks, {group}: {sum(a) / len(a):.2f}"
                               for group, a in self.alphas.items()]
+        if self.unreached:
+            unreached = ", ".join(sorted(self.unreached))
+            step.result.notes.append(f"AWQ: {len(self.unreached)} modules no calibration token reached (MoE "
+                                     f"experts) kept scale 1 and no clipping: {unreached}")

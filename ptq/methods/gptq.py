@@ -17,10 +17,15 @@ import torch
 from torch import nn
 
 from ptq.engine import BlockStep, ModelStep, Specs, Stage
-from ptq.quant import QuantSpec, fake_quantize_with, find_params
+from ptq.quant import QuantSpec, fake_quantize, fake_quantize_with, find_params
 from ptq.registry import register_method
 
 MAX_DAMP_RETRIES = 4  # dampening x10 each time, as far as 10^4 x percdamp
+# A linear whose Hessian comes from fewer than this fraction of the block's calibration tokens (an MoE
+# expert the router rarely picks) is rounded to nearest instead: GPTQModel's FailSafe default (strategy
+# rtn, threshold 0.5%). With no tokens at all GPTQ would zero the weight (the reference's dead columns).
+MIN_TOKEN_FRACTION = 0.005
+FEW_TOKENS_SHOWN = 10  # linears named in the record's fallback for too few calibration tokens
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,14 @@ class GPTQ:
     def __init__(self, columns: int, device: torch.device | None = None) -> None:
         self.H = torch.zeros(columns, columns, device=device)
         self.nsamples = 0
+        self.tokens = 0  # input vectors seen
 
     def add_batch(self, inputs: torch.Tensor) -> None:
-        """Accumulate H as the running mean of 2 x xᵀ over sequences ([batch, seq, columns] inputs)."""
+        """Accumulate H as the running mean of 2 x xᵀ over sequences ([batch, seq, columns] inputs;
+        [tokens, columns] counts as one sequence, as in the reference)."""
         count = inputs.shape[0] if inputs.dim() > 2 else 1
         x = inputs.reshape(-1, inputs.shape[-1]).t().float()
+        self.tokens += x.shape[1]
         self.H *= self.nsamples / (self.nsamples + count)
         self.nsamples += count
         x = (2 / self.nsamples) ** 0.5 * x
@@ -138,8 +146,10 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
                  calibrated=True)
 class Gptq(Stage):
     """Per block: Hessians of each sequential group's shared input, then the GPTQ solve of each
-    linear. With true-sequential, a group's inputs come from the block with the earlier groups
-    already quantized; without, every group's Hessian comes from the block as it was."""
+    linear. With true-sequential, a step's inputs come from the block with the earlier steps
+    already quantized; without, every group's Hessian comes from the block as it was. An MoE
+    expert's Hessian comes from the tokens routed to it; one reached by too few tokens is
+    rounded to nearest (`MIN_TOKEN_FRACTION`), and the record's fallbacks say which."""
 
     @classmethod
     def check(cls, params: GptqParams, specs: Specs) -> None:
@@ -149,6 +159,7 @@ class Gptq(Stage):
     def __init__(self, params: GptqParams, specs: Specs, final: bool) -> None:
         super().__init__(params, specs, final)
         self.losses: dict[str, float] = {}  # the reference's per-layer error, summed over blocks by layer name
+        self.few_tokens: list[str] = []  # linears rounded to nearest: too few calibration tokens
 
     def before_blocks(self, step: ModelStep) -> None:
         if self.params.act_order and not self.params.static_groups and self.specs.weight.granularity == "group":
@@ -157,21 +168,34 @@ class Gptq(Stage):
 
     def on_block(self, step: BlockStep) -> None:
         linears = step.linears()
-        sequential = step.adapter.sequential
-        # The linears of one sequential group read the same input: one Hessian serves the group.
-        rounds = [[group] for group in sequential] if self.params.true_sequential else [list(sequential)]
+        steps = step.adapter.sequential
+        # The linears of one group read the same input: one Hessian serves the group. The groups of a
+        # step (one per MoE expert) are collected in the same forwards.
+        rounds = list(steps) if self.params.true_sequential else [[group for s in steps for group in s]]
+        total = sum(batch.hidden.shape[0] * batch.hidden.shape[1] for batch in step.runner.batches)
         done: set[str] = set()
         for groups in rounds:
             firsts = {names[0]: linears[names[0]] for names in groups}
             stats = {first: GPTQ(linear.in_features, linear.weight.device) for first, linear in firsts.items()}
             step.runner.feed_inputs(firsts, lambda name, _i, x: stats[name].add_batch(x))
             for names in groups:
-                self._quantize(step, {name: linears[name] for name in names}, stats[names[0]])
+                group = {name: linears[name] for name in names}
+                if stats[names[0]].tokens < MIN_TOKEN_FRACTION * total:
+                    self._round_to_nearest(step, group, stats[names[0]].tokens, total)
+                else:
+                    self._quantize(step, group, stats[names[0]])
                 done.update(names)
             # In execution order, a child whose linears are all quantized has final weights and
             # final inputs: later passes (the next groups', the block's outputs) replay it.
             step.runner.freeze({child for child in {name.split(".")[0] for name in linears}
                                 if all(name in done for name in linears if name.split(".")[0] == child)})
+
+    def _round_to_nearest(self, step: BlockStep, linears: dict[str, nn.Linear], tokens: int,
+                          total: int) -> None:
+        """The fallback for linears (MoE experts) that too few calibration tokens reached."""
+        self.few_tokens.append(f"block {step.index} {', '.join(linears)}: {tokens} of {total} tokens")
+        for name, linear in linears.items():
+            step.quantized(name, fake_quantize(linear.weight, self.specs.weight), self.specs.weight)
 
     def _quantize(self, step: BlockStep, linears: dict[str, nn.Linear], stats: GPTQ) -> None:
         """One solve for linears that share a Hessian: their rows stacked (rows are independent
@@ -192,3 +216,10 @@ class Gptq(Stage):
     def after_blocks(self, step: ModelStep) -> None:
         step.result.notes.append("GPTQ loss summed over blocks: "
                                  + ", ".join(f"{k} {v:.4g}" for k, v in self.losses.items()))
+        if self.few_tokens:
+            shown = self.few_tokens[:FEW_TOKENS_SHOWN]
+            hidden = len(self.few_tokens) - len(shown)
+            more = f"; and {hidden} more" if hidden else ""
+            step.result.fallbacks.append(
+                f"GPTQ rounded {len(self.few_tokens)} groups of linears to nearest, reached by fewer than "
+                f"{MIN_TOKEN_FRACTION:.2%} of the calibration tokens: {'; '.join(shown)}{more}")

@@ -17,6 +17,8 @@ from typing import Literal
 from transformers.cache_utils import QuantizedCache
 
 from ptq.engine import ModelStep, Specs, Stage
+from ptq.errors import NotApplicable
+from ptq.kv import attention_layers
 from ptq.registry import register_method
 
 
@@ -38,6 +40,11 @@ class HfCache(Stage):
 
     def after_blocks(self, step: ModelStep) -> None:
         kv, params = self.specs.kv, self.params
+        sliding = sum(layer.sliding_window is not None for layer in attention_layers(step.model.config))
+        if sliding:
+            model = type(step.model).__name__
+            raise NotApplicable(f"transformers' QuantizedCache holds full-attention layers only (it refuses "
+                                f"other layer types); {model} has {sliding} sliding-window layers")
         step.result.make_cache = partial(QuantizedCache, params.backend, step.model.config, nbits=kv.key.bits,
                                          axis_key=params.axis_key, axis_value=params.axis_value,
                                          q_group_size=kv.key.group_size, residual_length=kv.residual)

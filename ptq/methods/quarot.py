@@ -21,7 +21,10 @@ the rotated model and any propagation of block outputs sees rotated blocks:
    activations work there.
 
 Dimensions that are not powers of two use H_d ⊗ H_{2^k} (ptq.hadamard); a dimension with no
-construction is refused before the model is touched, naming it.
+construction is refused before the model is touched, naming it. A fused qkv_proj (Phi-3) takes
+the per-head Hadamard of step 4 on its value rows; Gemma's x̂·(1 + w) norms are fused as such.
+Not applicable (the cell is skipped): mixture-of-experts MLPs, and norms on the attention's and
+the MLP's outputs (Gemma 3), whose weights act on the rotated stream with no linear to take them.
 
 Where this differs from the reference, and why:
 - The reference subtracts the embeddings' mean for every model; under RMSNorm (Llama) that
@@ -44,7 +47,7 @@ import torch
 from torch import nn
 
 from ptq.engine import ModelStep, Stage
-from ptq.errors import UnsupportedModel
+from ptq.errors import NotApplicable, UnsupportedModel
 from ptq.hadamard import (
     NoHadamard,
     describe_order,
@@ -54,7 +57,7 @@ from ptq.hadamard import (
     split_order,
 )
 from ptq.kv import head_dim_of
-from ptq.models.adapters import ArchAdapter
+from ptq.models.adapters import ArchAdapter, is_norm
 from ptq.registry import register_method
 from ptq.transforms import (
     fuse_norms,
@@ -116,7 +119,7 @@ class Quarot(Stage):
         if params.rotate_ov:
             per_head = hadamard_matrix(head_dim) / head_dim**0.5
             for block in blocks:
-                rotate_output(block.get_submodule(adapter.attn_value), per_head)
+                rotate_output(block.get_submodule(adapter.attn_value), per_head, adapter.value_rows())
                 rotate_input(block.get_submodule(adapter.attn_out), per_head)
             notes.append(f"QuaRot: per-head Hadamard of order {describe_order(head_dim)} on "
                          f"{adapter.attn_value} outputs and {adapter.attn_out} inputs")
@@ -140,16 +143,25 @@ class Quarot(Stage):
         if set(widths.values()) != {hidden}:
             raise UnsupportedModel(f"quarot: the embeddings' widths {widths} are not all the hidden size "
                                    f"{hidden} (a projection between embeddings and blocks is not supported)")
+        if adapter.mlp_out is None:
+            raise NotApplicable("quarot: a mixture-of-experts MLP (each expert's output projection writes into "
+                                "the residual stream, the router reads it in float) is not supported")
+        fused = {norm for norm, _ in norm_groups(block, adapter)}
+        unfused = [name for name, child in block.named_children() if is_norm(child, hidden) and name not in fused]
+        if unfused:
+            raise NotApplicable(f"quarot: block norms {unfused} feed no linear (Gemma's norms of the attention's "
+                                "and the MLP's outputs): their weights do not commute with a rotation of the "
+                                "residual stream")
         readers = {name for _, names in norm_groups(block, adapter) for name in names}
         uncovered = sorted(set(adapter.block_linears(block)) - readers - {adapter.attn_out, adapter.mlp_out})
         if uncovered:
             raise UnsupportedModel(f"quarot: block linears {uncovered} neither read the residual stream "
                                    "through a norm nor write into it")
-        value, out = block.get_submodule(adapter.attn_value), block.get_submodule(adapter.attn_out)
-        down = block.get_submodule(adapter.mlp_out)
-        if params.rotate_ov and (value.out_features % head_dim or out.in_features % head_dim):
+        out, down = block.get_submodule(adapter.attn_out), block.get_submodule(adapter.mlp_out)
+        start, stop = adapter.value_rows() or (0, block.get_submodule(adapter.attn_value).out_features)
+        if params.rotate_ov and ((stop - start) % head_dim or out.in_features % head_dim):
             raise UnsupportedModel(f"quarot: rotate_ov needs whole heads of {head_dim} channels; "
-                                   f"{adapter.attn_value} has {value.out_features} outputs, "
+                                   f"{adapter.attn_value} has {stop - start} value outputs, "
                                    f"{adapter.attn_out} {out.in_features} inputs")
         dims = [(params.rotate_mode == "hadamard", hidden, "the hidden size (residual rotation)",
                  "rotate_mode: random"),

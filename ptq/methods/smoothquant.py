@@ -67,19 +67,24 @@ class SmoothQuant(Stage):
 
     def on_block(self, step: BlockStep) -> None:
         groups = self.groups(step.block, step.adapter.scaling_groups)
-        firsts = {group.linears[0]: step.block.get_submodule(group.linears[0]) for group in groups}
+        # A group's input is its inspected module's: every token for an MoE block, whose experts each
+        # see only their routed tokens; a module no token reached (an unrouted expert) is not smoothed.
+        inspected = {group.inspect: step.block.get_submodule(group.inspect) for group in groups}
         act_max: dict[str, torch.Tensor] = {}
 
         def observe(name: str, _batch: int, x: torch.Tensor) -> None:  # max |x| per channel over all tokens
             batch_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
             act_max[name] = torch.maximum(act_max[name], batch_max) if name in act_max else batch_max
 
-        step.float_runner.feed_inputs(firsts, observe)
+        step.float_runner.feed_inputs(inspected, observe)
         for group in groups:
-            weights = [step.block.get_submodule(name).weight for name in group.linears]
-            scales = smoothing_scales(act_max[group.linears[0]], weights, self.params.alpha)
-            fold_scales(step.block, group, scales.to(weights[0].dtype))
-            self.smoothed.add(f"{group.prev} -> {', '.join(group.linears)}")
+            if group.inspect not in act_max:
+                continue
+            # the float readers (an MoE router) count in the weight maximum, as in the reference's Mixtral
+            weights = [step.block.get_submodule(name).weight for name in group.linears + group.float_readers]
+            scales = smoothing_scales(act_max[group.inspect], weights, self.params.alpha)
+            fold_scales(step.block, group, scales.to(weights[0].dtype), step.adapter.norm_offset)
+            self.smoothed.add(group.label)
 
     def after_blocks(self, step: ModelStep) -> None:
         step.result.notes.append(f"SmoothQuant alpha {self.params.alpha}, smoothed in every block: "

