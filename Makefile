@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The default benchmark (bench/experiments/default.yaml): smollm2-135m, fp16 and rtn on tracks A and B,
-# every KV-cache method on track C; writes reports/leaderboard.{md,json,html} and reports/plots/.
+# The default benchmark (bench/experiments/default.yaml): smollm2-135m, each track's headline methods
+# (A: fp16 rtn gptq awq; B: rtn smoothquant; C: float, kv-rtn int4, KIVI-2);
+# writes reports/leaderboard.{md,json,html} and reports/plots/.
 bench: setup
 	$(PY) -m pytest bench $(ARGS)
 
