@@ -492,10 +492,10 @@ def test_evaluate_adds_zero_shot_to_the_metrics_when_configured(offline: Path, t
         without = evaluate(QuantResult(model), tokenizer, cpu, cell)
     finally:
         load_text.cache_clear()
-    assert set(with_tasks.metrics()) == {"ppl", "eval", "eval_tokens_per_s", "zero_shot"}
+    assert set(with_tasks.metrics()) == {"ppl", "eval", "eval_tokens_per_s", "window_nll", "zero_shot"}
     assert with_tasks.metrics()["zero_shot"]["tasks"]["boolq"]["n"] == 1
     assert with_tasks.data["zero_shot"]["boolq"]["origin"] == "local"
-    assert set(without.metrics()) == {"ppl", "eval", "eval_tokens_per_s"} and "zero_shot" not in without.data
+    assert set(without.metrics()) == {"ppl", "eval", "eval_tokens_per_s", "window_nll"} and "zero_shot" not in without.data
     assert with_tasks.metrics()["ppl"] == without.metrics()["ppl"]
 
 
