@@ -87,9 +87,11 @@ class Dependencies:
         return cache_key(self.metrics)
 
 
-def dependencies(config: CellConfig, stage_modules: tuple[str, ...], device_type: str) -> Dependencies:
+def dependencies(config: CellConfig, stage_modules: tuple[str, ...], device_type: str,
+                 environments: dict[str, Any] | None = None) -> Dependencies:
     """Everything a cell's result depends on (see the module docstring); `stage_modules` are the
-    modules of its pipeline's stages, whose code is part of the keys. Needs no model load:
+    modules of its pipeline's stages, whose code is part of the keys; `environments` the locked
+    packages of stages that run in an environment of their own (library backends). Needs no model load:
     calibration tokens are a function of the tokenizer (in the model's identity), the calib
     settings, the calibration text and ptq.calib, all of which are inputs."""
     quantize = settings(config)
@@ -99,6 +101,8 @@ def dependencies(config: CellConfig, stage_modules: tuple[str, ...], device_type
     weights: dict[str, Any] = {
         "model": model_identity(config.model.source), "settings": quantize, "device_type": device_type,
         "packages": package_versions(RESULT_PACKAGES), "code": code_version((*stage_modules, *QUANTIZE_CODE))}
+    if environments:
+        weights["environments"] = environments
     if config.calib is not None:
         split = CALIB_SPLITS[config.calib.dataset]
         weights["calibration_text_sha256"] = load_text(config.calib.dataset, split).sha256

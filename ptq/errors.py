@@ -25,3 +25,8 @@ class UnsupportedModel(PtqError):
 
 class NonFiniteMetric(PtqError):
     """A metric came out NaN or infinite."""
+
+
+class BackendUnavailable(PtqError):
+    """A library backend cannot be installed or cannot run here (no CUDA, a conflicting pin); its
+    cells are skipped with this message, which names the command that installs or runs it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,9 @@ class Cell:
     def keywords(self) -> frozenset[str]:
         """Names that `-k` matches exactly (case-insensitively), see `matches`."""
         names = {self.model, self.method, self.track, self.id, self.config.model.size}
-        names |= {stage.name for stage in self.config.method.stages if not stage.added}
+        asked = [stage.name for stage in self.config.method.stages if not stage.added]
+        # a library backend also answers to its algorithm's stages and its library: -k "gptq and gptqmodel"
+        names |= {part for name in asked for part in (name, *re.split(r"[+@]", name))}
         if self.variant:
             names |= {self.variant, f"{self.method}-{self.variant}"}
         if self.calibrated:
@@ -87,11 +90,16 @@ class Cell:
         """`-k` on cells matches whole names: `-k "rtn and A"` selects the rtn cells of track A.
         A term matches when it equals (ignoring case) one of `keywords`, or, when longer than one
         character, is a substring of the cell id (pytest's own `-k` matches substrings of every
-        name in a test's path, so a bare "A" would match any name holding an "a")."""
+        name in a test's path, so a bare "A" would match any name holding an "a"). An "@" was
+        spelled AT_IN_K for pytest's parser (see `compile_keyword`)."""
         names = {name.lower() for name in self.keywords}
         cell_id = self.id.lower()
-        return expression.evaluate(lambda term, **_: term.lower() in names
-                                   or (len(term) > 1 and term.lower() in cell_id))
+
+        def match(term: str, **_: object) -> bool:
+            term = term.replace(AT_IN_K, "@").lower()
+            return term in names or (len(term) > 1 and term in cell_id)
+
+        return expression.evaluate(match)
 
 
 def cell_of(item: object) -> Cell | None:
@@ -101,10 +109,13 @@ def cell_of(item: object) -> Cell | None:
     return cell if isinstance(cell, Cell) else None
 
 
+AT_IN_K = ":"  # pytest's -k identifiers cannot hold "@" (gptq@gptqmodel); ":" can, and no name has one
+
+
 def compile_keyword(expression: str) -> Expression:
-    """A `-k` expression, or a usage error that quotes it."""
+    """A `-k` expression, or a usage error that quotes it; "@" (library backends) is accepted."""
     try:
-        return Expression.compile(expression)
+        return Expression.compile(expression.replace("@", AT_IN_K))
     except SyntaxError as exc:
         raise ConfigError(f"-k {expression!r} is not a valid expression: {exc.msg} (at column {exc.offset}); "
                           "e.g. -k \"gptq and A\", -k \"not C\"") from None
@@ -312,7 +323,7 @@ class Catalog:
         layers.append(self.tracks[track])
         if variant is not None:
             layers.append(variant)
-        name = pipeline.name
+        name, asked = pipeline.name, len(pipeline.stages)
         description = " Then: ".join(self.methods[stage.name].description for stage in pipeline.stages)
         config = None
         for _ in range(2):  # a second pass when a quantizer is added
@@ -327,7 +338,7 @@ class Catalog:
             if not (pipeline.needs_quantizer() and config.weight is not None):
                 break
             pipeline = pipeline.with_stage(self.registry[IMPLICIT_QUANTIZER])
-        stages = tuple(dataclasses.replace(stage, added=index >= len(name.split("+")))
+        stages = tuple(dataclasses.replace(stage, added=index >= asked)
                        for index, stage in enumerate(config.method.stages))
         config = dataclasses.replace(config, method=dataclasses.replace(config.method, stages=stages))
         return self._reads_only(config, pipeline, track), pipeline

@@ -1,0 +1,202 @@
+"""Library backends (ptq.backends): names with "@" in the registry, the matrix, ids and -k; the
+environments' locks and keys; the file exchange end to end on a tiny random Llama with the two
+backends of the core install (hqq@hqq, rtn@quanto), each checked against its library called
+directly or against a mathematical identity; skips with their reason and command."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from ptq.backends import envs
+from ptq.backends.stage import Backend
+from ptq.backends.worker.common import dense_by_forward
+from ptq.calib import CalibrationSet
+from ptq.config import CalibConfig, StageConfig
+from ptq.errors import BackendUnavailable, ConfigError
+from ptq.matrix import Catalog, Selection, compile_keyword
+from ptq.models.adapters import ADAPTERS
+from ptq.pipeline import quantize
+from ptq.quant import QuantSpec, fake_quantize
+from ptq.registry import discover, parse_pipeline, register_method
+from tests.tiny import write_tiny_llama, write_wikitext
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+LLAMA = ADAPTERS[0]
+CPU = torch.device("cpu")
+
+
+# ---------------------------------------------------------------- names, matrix, -k
+
+
+def test_a_registered_name_with_plus_is_one_library_stage_else_a_pipeline() -> None:
+    registry = discover()
+    assert [s.name for s in parse_pipeline("gptq@gptqmodel", registry).stages] == ["gptq@gptqmodel"]
+    assert [s.name for s in parse_pipeline("smoothquant+gptq@gptqmodel", registry).stages] == \
+        ["smoothquant", "gptq@gptqmodel"]
+    with pytest.raises(ConfigError, match="unknown methods"):
+        parse_pipeline("gptq@nolibrary", registry)
+
+
+def test_plus_in_a_name_is_refused_unless_it_is_a_library_backend() -> None:
+    with pytest.raises(ValueError, match="joins the stages"):
+        register_method("a+b", params=object, tracks=("A",), role="quantizer")(type("X", (Backend,), {}))
+
+
+@pytest.fixture(scope="module")
+def catalog() -> Catalog:
+    return Catalog(BENCH)
+
+
+def test_backend_cells_ids_and_keywords(catalog: Catalog) -> None:
+    cells = {cell.id: cell for cell in catalog.cells(Selection(models=("smollm2-135m",), tracks=("A",),
+                                                               methods=("gptq@gptqmodel", "hqq@hqq", "gptq")), "cpu")}
+    assert set(cells) == {"smollm2-135m-gptq@gptqmodel-c4-A", "smollm2-135m-hqq@hqq-A", "smollm2-135m-gptq-c4-A"}
+    backend = cells["smollm2-135m-gptq@gptqmodel-c4-A"]
+    assert backend.config.calib is not None  # calibrated: it gets the same tokens as our gptq
+    assert backend.config.method.stages[0].params.percdamp == cells["smollm2-135m-gptq-c4-A"].config.method.stages[
+        0].params.percdamp
+
+    def selected(expression: str) -> set[str]:
+        compiled = compile_keyword(expression)
+        return {cell_id for cell_id, cell in cells.items() if cell.matches(compiled)}
+
+    assert selected("gptq@gptqmodel") == {"smollm2-135m-gptq@gptqmodel-c4-A"}
+    assert selected("gptq and gptqmodel") == {"smollm2-135m-gptq@gptqmodel-c4-A"}
+    assert selected("gptq and not gptqmodel") == {"smollm2-135m-gptq-c4-A"}
+    assert selected("hqq") == {"smollm2-135m-hqq@hqq-A"}
+
+
+def test_backend_check_refuses_specs_at_collection(catalog: Catalog) -> None:
+    with pytest.raises(ConfigError, match="asymmetric"):
+        catalog.cells(Selection(models=("smollm2-135m",), tracks=("A",), methods=("hqq@hqq",),
+                                overrides=(_override("weight.symmetric=true"),)), "cpu")
+
+
+def _override(text: str):
+    from ptq.config import parse_override
+
+    return parse_override(text)
+
+
+# ------------------------------------------------------------------------- environments
+
+
+def test_locks_pin_every_package_and_the_core_torch_build() -> None:
+    for lock in envs.LOCKS.glob("*.txt"):
+        pins = envs.locked_packages(lock.stem)
+        assert pins["torch"] == torch.__version__, f"{lock.name} pins torch {pins['torch']}, the core has another"
+        assert not [name for name in pins if name.startswith("nvidia")], f"{lock.name} pulls CUDA packages"
+        requirements = [line for line in lock.read_text().splitlines() if line and not line.lstrip().startswith("#")]
+        assert all("==" in line for line in requirements), f"{lock.name} has unpinned lines"
+
+
+def test_env_key_follows_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(envs, "LOCKS", tmp_path)
+    (tmp_path / "x.txt").write_text("six==1.17.0\n")
+    first = envs.env_key("x")
+    assert envs.describe("x")["packages"] == {"six": "1.17.0"}
+    (tmp_path / "x.txt").write_text("six==1.16.0\n")
+    assert envs.env_key("x") != first
+
+
+def test_an_environment_without_uv_is_unavailable_with_the_install_command(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(envs, "LOCKS", tmp_path)
+    monkeypatch.setenv(envs.ENVS_DIR_ENV, str(tmp_path / "envs"))
+    (tmp_path / "x.txt").write_text("six==1.17.0\n")
+    monkeypatch.setattr(envs.shutil, "which", lambda name: None)
+    monkeypatch.setattr(envs.sys, "executable", str(tmp_path / "python"))  # no uv beside it
+    with pytest.raises(BackendUnavailable, match="pip install uv"):
+        envs.ensure("x")
+
+
+def test_the_core_environment_is_this_interpreter() -> None:
+    assert envs.ensure(envs.CORE) == Path(envs.sys.executable)
+
+
+# ------------------------------------------------------------------ the exchange, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A 2-layer Llama whose rows (192 = 128 + 64 columns) end with a smaller group, as smollm2's."""
+    base = tmp_path_factory.mktemp("backend")
+    _, tokenizer = write_tiny_llama(base / "tok", write_wikitext(base / "data", 200, 300), 300, 4, 2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=192, intermediate_size=384,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=256, attn_implementation="eager")).eval()
+    return model, tokenizer
+
+
+def run_backend(catalog: Catalog, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, method: str,
+                track: str):
+    cell = catalog.cells(Selection(models=("smollm2-135m",), tracks=(track,), methods=(method,)), "cpu")[0]
+    copied = copy.deepcopy(model)
+    calibration = None
+    if cell.pipeline.calibrated:
+        tokens = torch.randint(0, tokenizer.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        calibration = CalibrationSet(tokens, {"seed": 0})
+    result = quantize(copied, LLAMA, cell.config, cell.pipeline, calibration, CPU, tokenizer)
+    return copied, result, cell
+
+
+def test_hqq_at_hqq_returns_hqqs_own_dequantized_weights(catalog: Catalog, tiny) -> None:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    model, tokenizer = tiny
+    quantized, result, cell = run_backend(catalog, model, tokenizer, "hqq@hqq", "A")
+    linear = model.model.layers[1].mlp.down_proj  # 384 columns: 3 groups of 128
+    expected = HQQLinear(copy.deepcopy(linear), BaseQuantizeConfig(nbits=4, group_size=128),
+                         compute_dtype=torch.float32, device="cpu").dequantize()
+    assert torch.allclose(quantized.model.layers[1].mlp.down_proj.weight, expected, atol=1e-6)
+    assert set(result.weight_specs) == set(LLAMA.quantizable_linears(model))
+    assert result.pure_weights
+    details = result.details["hqq@hqq"]
+    assert details["versions"]["hqq"] and details["environment"]["name"] == "core"
+    assert any("span two rows" in note for note in details["notes"])  # 192 = 1.5 groups of 128
+
+
+def test_rtn_at_quanto_int8_is_symmetric_per_channel_rtn(catalog: Catalog, tiny) -> None:
+    """qint8 with absmax scales is round-to-nearest on the symmetric per-channel int8 grid: our
+    quantizer with that spec gives the same weights (an identity, not a shared assumption: quanto's
+    code is not ours)."""
+    model, tokenizer = tiny
+    quantized, result, cell = run_backend(catalog, model, tokenizer, "rtn@quanto", "B")
+    spec = QuantSpec(bits=8, symmetric=True, granularity="channel")
+    for name in LLAMA.quantizable_linears(model):
+        original = model.get_submodule(name).weight
+        ours = fake_quantize(original, spec)
+        theirs = quantized.get_submodule(name).weight
+        assert torch.allclose(theirs, ours, atol=1e-6, rtol=1e-5), name
+    assert result.weight_specs[name] == cell.config.weight
+
+
+def test_rtn_at_quanto_int4_records_the_groups_quanto_chose(catalog: Catalog, tiny) -> None:
+    model, tokenizer = tiny
+    quantized, result, cell = run_backend(catalog, model, tokenizer, "rtn@quanto", "A")
+    q_proj = "model.layers.0.self_attn.q_proj"  # 192 columns: quanto lowers its group of 128 to 96
+    assert result.weight_specs[q_proj].group_size == 96
+    assert result.weight_specs["model.layers.0.mlp.down_proj"].group_size == 128
+    groups = quantized.get_submodule(q_proj).weight.reshape(-1, 96)  # 2 groups per row
+    assert max(len(group.unique()) for group in groups) <= 16  # a 4-bit grid per group
+    assert any("quanto adapts the group" in note for note in result.details["rtn@quanto"]["notes"])
+
+
+def test_dense_by_forward_reads_the_weight_a_module_applies() -> None:
+    linear = torch.nn.Linear(7, 5)
+    assert torch.allclose(dense_by_forward(linear, 7), linear.weight.detach())
+
+
+def test_a_backend_that_needs_cuda_is_unavailable_on_the_cpu(catalog: Catalog, tiny,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer = tiny
+    info = discover()["hqq@hqq"]
+    monkeypatch.setattr(info.stage, "needs_cuda", "its kernels need CUDA")
+    with pytest.raises(BackendUnavailable, match="its kernels need CUDA.*pytest bench --methods hqq@hqq"):
+        run_backend(catalog, model, tokenizer, "hqq@hqq", "A")
