@@ -65,12 +65,36 @@ def reference_state(model_dir: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def require_dividing_groups(request: dict[str, Any], library: str) -> None:
+    """Unavailable when the group size does not divide every linear's row (smollm2's 576 columns at
+    128): libraries that store whole groups only refuse such layers or fail on them."""
+    from safetensors import safe_open
+
+    spec = request["weight"]
+    if spec["granularity"] != "group":
+        return
+    columns = {}
+    for file in Path(request["model_dir"]).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            for name in request["linears"]:
+                if f"{name}.weight" in handle.keys():
+                    columns[name.rsplit(".", 1)[-1]] = handle.get_slice(f"{name}.weight").get_shape()[1]
+    ragged = sorted(f"{name} ({count})" for name, count in columns.items() if count % spec["group_size"])
+    if ragged:
+        raise Unavailable(f"{library} needs the group size to divide every row; {spec['group_size']} does not divide "
+                          f"the columns of {', '.join(ragged)}; it runs with e.g. --override weight.group_size=64")
+
+
 @torch.no_grad()
 def dense_by_forward(module: nn.Module, in_features: int) -> torch.Tensor:
     """The weight a linear-like module applies, [out, in], read off its forward on the identity:
-    whatever the library stores (packed codes, scales, zero points), this is what it computes."""
-    device = next(iter(module.parameters()), next(iter(module.buffers()), torch.empty(0))).device
-    eye = torch.eye(in_features, dtype=torch.float32, device=device)
+    whatever the library stores (packed codes, scales, zero points), this is what it computes. The
+    input has the dtype of the module's floating tensors (a half-precision kernel computes in half;
+    a row of the identity selects one weight, so the product is exact in any dtype)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    floating = [t for t in tensors if t.is_floating_point()]
+    dtype = floating[0].dtype if floating else torch.float32
+    eye = torch.eye(in_features, dtype=dtype, device=tensors[0].device)
     return (module(eye) - module(torch.zeros_like(eye[:1]))).t().float().contiguous().cpu()
 
 

@@ -35,16 +35,24 @@ def quantize(request: dict[str, Any], tokens: torch.Tensor | None) -> Outcome:
     checkpoint = Path(request["out_dir"]) / "checkpoint"
     model.save(str(checkpoint))
     del model
-    loaded = GPTQModel.load(str(checkpoint), backend=BACKEND.TORCH, device="cpu", dtype=torch.float32)
+    # the GPTQ format stores scales in float16; its torch kernel computes in float16 or bfloat16
+    loaded = GPTQModel.load(str(checkpoint), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
     mapping = {"bits": spec["bits"], "group_size": group, "symmetric": f"sym={spec['symmetric']}",
                "percdamp": f"damp_percent={params['percdamp']}", "act_order": f"desc_act={params['act_order']}",
                "static_groups": params["static_groups"], "true_sequential": params["true_sequential"],
                "calibration": f"{tokens.shape[0]} x {tokens.shape[1]} tokens, ours, batch_size={params['batch_size']}",
-               "dtype": "float32 (GPTQModel's CPU default is bfloat16)"}
+               "dtype": "quantized in float32 (GPTQModel's CPU default is bfloat16), checkpoint in float16"}
     defaults = {"act_group_aware": f"{params['act_group_aware']} (GPTQModel's default True: its group-aware "
                                    "reordering, not in the reference)",
                 "damp_auto_increment": f"{params['damp_auto_increment']} (added to damp_percent until H is positive "
                                        "definite; ours multiplies by 10)",
                 "blocksize": "128 (fixed)", "damp_percent default": "0.05 in GPTQModel, 0.01 in the reference (set)"}
     info = {"path": str(checkpoint), "bytes": folder_bytes(checkpoint), "format": "gptq", "kernel": "torch"}
-    return Outcome(loaded.model, mapping, defaults, [], packages=("gptqmodel",), checkpoint=info)
+    notes = ["weights as the saved GPTQ checkpoint computes them: float16 scales (the format's), the torch kernel"]
+    return Outcome(loaded.model, mapping, defaults, notes, packages=("gptqmodel",), checkpoint=info, dense=dense)
+
+
+def dense(module: torch.nn.Module, in_features: int) -> torch.Tensor:
+    """The torch kernel's own dequantization ([in, out], what its forward multiplies by), called
+    eagerly: the instance's copy is wrapped in torch.compile, whose first call takes minutes on a CPU."""
+    return type(module).dequantize_weight(module).t().float().contiguous().cpu()

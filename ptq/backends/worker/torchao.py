@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ptq.backends.worker.common import Outcome, Unavailable, load_float_model
+from ptq.backends.worker.common import Outcome, load_float_model, require_dividing_groups
 
 
 def quantize(request: dict[str, Any], tokens: torch.Tensor | None) -> Outcome:
@@ -20,19 +20,12 @@ def quantize(request: dict[str, Any], tokens: torch.Tensor | None) -> Outcome:
 
     spec = request["weight"]
     model = load_float_model(request["model_dir"], request["device"])
-    modules = dict(model.named_modules())
     per_channel = spec["granularity"] == "channel"
     if spec["bits"] == 8 and spec["symmetric"] and per_channel:
         config = Int8WeightOnlyConfig()
         mapping = {"bits": "Int8WeightOnlyConfig()", "symmetric": "int8 symmetric per output channel"}
     else:
-        if not per_channel:
-            ragged = sorted({name.rsplit(".", 1)[-1] for name in request["linears"]
-                             if modules[name].in_features % spec["group_size"]})
-            if ragged:
-                raise Unavailable(f"torchao's IntxWeightOnlyConfig needs the group size {spec['group_size']} to "
-                                  f"divide every row ({', '.join(ragged)} do not); it runs with e.g. "
-                                  "--override weight.group_size=64")
+        require_dividing_groups(request, "torchao's IntxWeightOnlyConfig")
         dtype = getattr(torch, f"int{spec['bits']}")
         config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0) if per_channel
                                       else PerGroup(spec["group_size"]),
