@@ -243,6 +243,8 @@ class ExperimentHeader:
     methods: tuple[str, ...] | None = None
     tracks: tuple[Literal["A", "B", "C"], ...] | None = None
     calib_datasets: tuple[Literal["c4", "wikitext2"], ...] | None = None  # one cell per set, calibrated methods
+    # pytest markers its cells carry; `pytest bench -m NAME` without --experiment runs the experiments marked NAME
+    markers: tuple[str, ...] = ()
 
 
 # How a layer may spell the sections that differ from the built CellConfig.

@@ -46,6 +46,7 @@ class Cell:
     experiment: str | None = None
     variant: str | None = None  # one of a method YAML's `variants` (e.g. int4), part of the id
     setting: str | None = None  # one entry of the experiment's `sweep` (e.g. w4a8), part of the id
+    markers: tuple[str, ...] = ()  # the experiment's pytest markers (e.g. audit)
 
     @property
     def calibrated(self) -> bool:
@@ -133,7 +134,7 @@ class Selection:
 
 
 def _read_dir(folder: Path) -> dict[str, Layer]:
-    return {path.stem: read_yaml_layer(path) for path in sorted(folder.glob("*.yaml"))}
+    return {path.stem: read_yaml_layer(path) for path in sorted(folder.glob("*.yaml"), key=lambda path: path.stem)}
 
 
 def _check_header(layer: Layer, key: str, stem: str) -> None:
@@ -233,6 +234,21 @@ class Catalog:
         return MethodFile(layer.data["method"].get("description", ""),
                           part(layer.without("tracks", "device_profiles", "variants")),
                           blocks["device_profiles"], blocks["tracks"], blocks["variants"])
+
+    def marked_experiments(self, markexpr: str) -> list[str]:
+        """The experiments a `-m` expression asks for by name: those with markers that it selects
+        and that a cell without markers would not satisfy (`-m audit`, not `-m "not slow"`)."""
+        if not markexpr.strip():
+            return []
+        expression = Expression.compile(markexpr)
+        if expression.evaluate(lambda name, **_: False):
+            return []
+        marked = []
+        for name, path in self.experiments.items():
+            markers = set(self.experiment(path).header.markers)
+            if markers and expression.evaluate(lambda marker, **_: marker in markers):
+                marked.append(name)
+        return marked
 
     def pipeline(self, name: str) -> Pipeline:
         pipeline = parse_pipeline(name, self.registry)
@@ -446,7 +462,7 @@ class Catalog:
                                 _check_kv_fits(config, where)
                                 cells.append(Cell(model, pipeline.name, track, config, runs,
                                                   self.baseline_config(config), header.name if header else None,
-                                                  variant, setting))
+                                                  variant, setting, header.markers if header else ()))
         return cells
 
     @staticmethod

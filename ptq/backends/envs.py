@@ -106,16 +106,18 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the files under `folder`, each inode once (hard links from uv's cache count once)."""
-    seen, total = set(), 0
+def folder_bytes(folder: Path) -> tuple[int, int]:
+    """Bytes of the files under `folder` (each inode once), and of those not hard-linked elsewhere:
+    uv links files from its cache, which environments share, so the second is what this one adds."""
+    seen, total, own = set(), 0, 0
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink():
             stat = path.stat()
             if (stat.st_dev, stat.st_ino) not in seen:
                 seen.add((stat.st_dev, stat.st_ino))
                 total += stat.st_size
-    return total
+                own += stat.st_size if stat.st_nlink == 1 else 0
+    return total, own
 
 
 def ensure(name: str) -> Path:
@@ -143,7 +145,8 @@ def ensure(name: str) -> Path:
                 tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-4:])
                 raise BackendUnavailable(f"environment {name} could not be installed ({' '.join(command[:3])} "
                                          f"failed: {tail}); the command: {install_command(name)}")
-        built = {"seconds": round(time.perf_counter() - start, 1), "bytes": folder_bytes(folder),
+        total, own = folder_bytes(folder)
+        built = {"seconds": round(time.perf_counter() - start, 1), "bytes": total, "unshared_bytes": own,
                  "lock_sha256": describe(name)["lock_sha256"], "find_links": pip_find_links()}
         (folder / COMPLETE).write_text(json.dumps(built, indent=2))
     return python
