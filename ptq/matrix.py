@@ -133,6 +133,30 @@ class Selection:
     overrides: tuple[Layer, ...] = ()
 
 
+CHECKPOINTS = "pretrained_quant_models"  # a model YAML's published quantized checkpoints, by format
+
+
+def _checkpoint_stages(layer: Layer) -> Layer:
+    """`pretrained_quant_models: {gptq: X}` in a model YAML is the location of its `gptq@checkpoint`
+    stage (ptq.methods.at_checkpoint): `stages: {gptq@checkpoint: {params: {location: X}}}`."""
+    named = layer.data.get(CHECKPOINTS)
+    if named is None:
+        return layer
+    where = layer.provenance.get((CHECKPOINTS,), layer.source)
+    if not isinstance(named, dict) or not all(isinstance(v, str) for v in named.values()):
+        raise ConfigError(f"{where}: {CHECKPOINTS} must map formats to hub ids or folders, e.g. {{gptq: org/model}}")
+    data = {key: value for key, value in layer.data.items() if key != CHECKPOINTS}
+    stages = {f"{fmt}@checkpoint": {"params": {"location": location}} for fmt, location in named.items()}
+    data["stages"] = {**(data.get("stages") or {}), **stages}
+    provenance = {path: at for path, at in layer.provenance.items() if path[0] != CHECKPOINTS}
+    for fmt in named:
+        at = layer.provenance.get((CHECKPOINTS, fmt), where)
+        for path in (("stages",), ("stages", f"{fmt}@checkpoint"), ("stages", f"{fmt}@checkpoint", "params"),
+                     ("stages", f"{fmt}@checkpoint", "params", "location")):
+            provenance.setdefault(path, at)
+    return Layer(data, provenance, layer.source)
+
+
 def _read_dir(folder: Path) -> dict[str, Layer]:
     return {path.stem: read_yaml_layer(path) for path in sorted(folder.glob("*.yaml"), key=lambda path: path.stem)}
 
@@ -192,7 +216,7 @@ class Catalog:
         self.device_profiles = {device: defaults.sub("device_profiles").sub(device)
                                 for device in (defaults.data.get("device_profiles") or {})}
         self.defaults = defaults.without("device_profiles")
-        self.models = _read_dir(bench_dir / "models")
+        self.models = {name: _checkpoint_stages(layer) for name, layer in _read_dir(bench_dir / "models").items()}
         self.tracks = _read_dir(bench_dir / "tracks")
         self.experiments = {path.stem: path for path in sorted((bench_dir / "experiments").glob("*.yaml"))}
         for layer in (self.defaults, *self.device_profiles.values()):

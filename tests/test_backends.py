@@ -202,3 +202,45 @@ def test_a_backend_that_needs_cuda_is_unavailable_on_the_cpu(catalog: Catalog, t
     monkeypatch.setattr(info.stage, "needs_cuda", "its kernels need CUDA")
     with pytest.raises(BackendUnavailable, match="its kernels need CUDA.*pytest bench --methods hqq@hqq"):
         run_backend(catalog, model, tokenizer, "hqq@hqq", "A")
+
+
+# ------------------------------------------------------------------------------- the audit
+
+
+def _record(cell: str, method: str, track: str, ppl: float, seconds: float, stages: dict | None = None) -> dict:
+    return {"cell": cell, "method": method, "track": track, "metrics": {"ppl": {"wikitext2": ppl},
+                                                                         "quant_seconds": seconds},
+            "data": {"stages": stages or {}}}
+
+
+def test_audit_pairs_backends_with_our_cells_and_gates_unexplained_differences() -> None:
+    from ptq.report.audit import AuditConfig, audit_rows
+
+    details = {"gptq@gptqmodel": {"versions": {"gptqmodel": "7.6.0"}, "library_defaults": {"blocksize": "128"},
+                                  "seconds": {"quantize": 50.0}}}
+    records = [_record("m-gptq-c4-A-audit", "gptq", "A", 40.0, 100.0),
+               _record("m-gptq@gptqmodel-c4-A-audit", "gptq@gptqmodel", "A", 39.0, 200.0, details),
+               _record("m-hqq-A-audit", "hqq", "A", 30.0, 10.0),
+               _record("m-hqq@hqq-A-audit", "hqq@hqq", "A", 30.1, 20.0),
+               _record("m-rtn@quanto-A-audit", "rtn@quanto", "A", 50.0, 5.0),  # no native partner: no row
+               {"cell": "m-awq@autoawq-c4-A-audit", "method": "awq@autoawq", "track": "A", "metrics": {}}]
+    rows = {row.library: row for row in audit_rows(records, AuditConfig(tolerance=0.02, explain_above=0.005))}
+    assert set(rows) == {"gptqmodel", "hqq"}
+    gptq = rows["gptqmodel"]
+    assert gptq.diff_percent == pytest.approx(100 * (40 - 39) / 39)
+    assert gptq.verdict == "worse" and gptq.failed  # 2.6% worse than the library: over the tolerance
+    assert gptq.time_ratio == pytest.approx(0.5) and gptq.library_own_seconds == 50.0
+    assert rows["hqq"].verdict == "ok"  # within 0.5%
+    explained = audit_rows(records[2:4], AuditConfig(explain_above=0.001))
+    assert explained[0].verdict == "unexplained"
+    explained = audit_rows(records[2:4], AuditConfig(explain_above=0.001, explanations={"hqq@hqq": "why"}))
+    assert explained[0].verdict == "explained" and not explained[0].failed
+
+
+def test_minus_m_audit_runs_the_marked_experiments(catalog: Catalog) -> None:
+    assert set(catalog.marked_experiments("audit")) == {"audit", "audit-w8a8"}
+    assert catalog.marked_experiments("not slow") == []  # an expression any unmarked cell satisfies
+    assert catalog.marked_experiments("") == []
+    cells = catalog.cells(Selection(experiments=(catalog.experiments["audit"],)), "cpu")
+    assert all(cell.markers == ("audit",) for cell in cells)
+    assert {cell.config.calib.n_samples for cell in cells if cell.calibrated} == {32}

@@ -21,6 +21,9 @@ class GptqmodelParams:
     damp_auto_increment: float = 0.01  # added to the dampening while H is not positive definite
     mse: float = 0.0  # GPTQModel's optional MSE grid search of the scales (0: off, as the reference)
     batch_size: int = 1  # calibration sequences per forward
+    # where to keep the GPTQ-format checkpoint it writes (None: a temporary folder); a model YAML's
+    # pretrained_quant_models can then name it (gptq@checkpoint)
+    save_checkpoint: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.percdamp < 1:

@@ -17,7 +17,7 @@ from ptq.backends.worker.common import Outcome, Unavailable, folder_bytes
 def quantize(request: dict[str, Any], tokens: torch.Tensor | None) -> Outcome:
     # GPTQModel's CPU thread pool defaults to half the cores; it stalls with fewer than two workers
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, request["threads"])))
-    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+    from gptqmodel import GPTQModel, QuantizeConfig
 
     spec, params = request["weight"], request["params"]
     if spec["granularity"] not in ("group", "channel"):
@@ -32,11 +32,10 @@ def quantize(request: dict[str, Any], tokens: torch.Tensor | None) -> Outcome:
                    for row in tokens]
     # calibration_sort=None: keep our order (the default sorts by length, a no-op on equal lengths)
     model.quantize(calibration, batch_size=params["batch_size"], calibration_sort=None)
-    checkpoint = Path(request["out_dir"]) / "checkpoint"
+    checkpoint = Path(params["save_checkpoint"] or Path(request["out_dir"]) / "checkpoint")
     model.save(str(checkpoint))
     del model
-    # the GPTQ format stores scales in float16; its torch kernel computes in float16 or bfloat16
-    loaded = GPTQModel.load(str(checkpoint), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+    loaded = load(checkpoint)
     mapping = {"bits": spec["bits"], "group_size": group, "symmetric": f"sym={spec['symmetric']}",
                "percdamp": f"damp_percent={params['percdamp']}", "act_order": f"desc_act={params['act_order']}",
                "static_groups": params["static_groups"], "true_sequential": params["true_sequential"],
@@ -47,9 +46,19 @@ def quantize(request: dict[str, Any], tokens: torch.Tensor | None) -> Outcome:
                 "damp_auto_increment": f"{params['damp_auto_increment']} (added to damp_percent until H is positive "
                                        "definite; ours multiplies by 10)",
                 "blocksize": "128 (fixed)", "damp_percent default": "0.05 in GPTQModel, 0.01 in the reference (set)"}
-    info = {"path": str(checkpoint), "bytes": folder_bytes(checkpoint), "format": "gptq", "kernel": "torch"}
+    info = {"path": str(checkpoint), "bytes": folder_bytes(checkpoint), "format": "gptq", "kernel": "torch",
+            "float_bytes": folder_bytes(Path(request["model_dir"]))}
     notes = ["weights as the saved GPTQ checkpoint computes them: float16 scales (the format's), the torch kernel"]
-    return Outcome(loaded.model, mapping, defaults, notes, packages=("gptqmodel",), checkpoint=info, dense=dense)
+    return Outcome(loaded, mapping, defaults, notes, packages=("gptqmodel",), checkpoint=info, dense=dense)
+
+
+def load(checkpoint: Path | str) -> torch.nn.Module:
+    """A GPTQ-format checkpoint through GPTQModel's torch kernel (the same path for a checkpoint this
+    backend wrote and for a published one). The format stores scales in float16; the kernel
+    computes in float16 or bfloat16."""
+    from gptqmodel import BACKEND, GPTQModel
+
+    return GPTQModel.load(str(checkpoint), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16).model
 
 
 def dense(module: torch.nn.Module, in_features: int) -> torch.Tensor:
