@@ -208,7 +208,7 @@ def test_a_backend_that_needs_cuda_is_unavailable_on_the_cpu(catalog: Catalog, t
 
 
 def _record(cell: str, method: str, track: str, ppl: float, seconds: float, stages: dict | None = None) -> dict:
-    return {"cell": cell, "method": method, "track": track, "metrics": {"ppl": {"wikitext2": ppl},
+    return {"cell_id": cell, "method": method, "track": track, "metrics": {"ppl": {"wikitext2": ppl},
                                                                          "quant_seconds": seconds},
             "data": {"stages": stages or {}}}
 
@@ -223,7 +223,7 @@ def test_audit_pairs_backends_with_our_cells_and_gates_unexplained_differences()
                _record("m-hqq-A-audit", "hqq", "A", 30.0, 10.0),
                _record("m-hqq@hqq-A-audit", "hqq@hqq", "A", 30.1, 20.0),
                _record("m-rtn@quanto-A-audit", "rtn@quanto", "A", 50.0, 5.0),  # no native partner: no row
-               {"cell": "m-awq@autoawq-c4-A-audit", "method": "awq@autoawq", "track": "A", "metrics": {}}]
+               {"cell_id": "m-awq@autoawq-c4-A-audit", "method": "awq@autoawq", "track": "A", "metrics": {}}]
     rows = {row.library: row for row in audit_rows(records, AuditConfig(tolerance=0.02, explain_above=0.005))}
     assert set(rows) == {"gptqmodel", "hqq"}
     gptq = rows["gptqmodel"]

@@ -69,7 +69,7 @@ def _ppl(record: dict[str, Any]) -> float | None:
 
 def audit_rows(records: list[dict[str, Any]], config: AuditConfig) -> list[AuditRow]:
     """Every backend cell that passed or failed on its gates (measured) with its native partner."""
-    measured = {r["cell"]: r for r in records if _ppl(r) is not None}
+    measured = {r["cell_id"]: r for r in records if _ppl(r) is not None}
     rows = []
     for cell, record in sorted(measured.items()):
         method = record["method"]
@@ -86,7 +86,7 @@ def audit_rows(records: list[dict[str, Any]], config: AuditConfig) -> list[Audit
         verdict = "worse" if diff > config.tolerance else \
             "ok" if abs(diff) <= config.explain_above else "explained" if explanation else "unexplained"
         native_s, library_s = native["metrics"]["quant_seconds"], record["metrics"]["quant_seconds"]
-        rows.append(AuditRow(algorithm, library, record["track"], native["cell"], cell, ours, theirs, 100 * diff,
+        rows.append(AuditRow(algorithm, library, record["track"], native["cell_id"], cell, ours, theirs, 100 * diff,
                              native_s, library_s, (details.get("seconds") or {}).get("quantize"),
                              native_s / library_s if library_s else float("nan"), details.get("versions", {}),
                              details.get("library_defaults", {}), explanation, verdict))

@@ -98,7 +98,8 @@ def dense_by_forward(module: nn.Module, in_features: int) -> torch.Tensor:
     return (module(eye) - module(torch.zeros_like(eye[:1]))).t().float().contiguous().cpu()
 
 
-def changed_tensors(outcome: Outcome, linears: list[str], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def changed_tensors(outcome: Outcome, linears: list[str],
+                    reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each linear's dense weight, and every other parameter whose value the library changed."""
     modules = dict(outcome.model.named_modules())
     dense = outcome.dense or dense_by_forward

@@ -57,8 +57,9 @@ def quantize(request: dict[str, Any], tokens: torch.Tensor | None) -> Outcome:
         defaults["smoothquant mappings"] = "llm-compressor's for Llama: input_layernorm -> q,k,v and " \
                                            "post_attention_layernorm -> gate,up (as the reference)"
     if algorithm in ("gptq", "smoothquant+gptq"):
+        actorder = "static" if params["act_order"] else None
         recipe.append(GPTQModifier(**_scheme(request), block_size=params["blocksize"],
-                                   dampening_frac=params["percdamp"], actorder="static" if params["act_order"] else None))
+                                   dampening_frac=params["percdamp"], actorder=actorder))
         mapping.update(blocksize=f"block_size={params['blocksize']}", percdamp=f"dampening_frac={params['percdamp']}",
                        act_order=f"actorder={'static' if params['act_order'] else None}")
         defaults["actorder"] = "llm-compressor's default is 'static' (reorder columns, groups in the original " \

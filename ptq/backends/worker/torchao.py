@@ -29,7 +29,8 @@ def quantize(request: dict[str, Any], tokens: torch.Tensor | None) -> Outcome:
         dtype = getattr(torch, f"int{spec['bits']}")
         config = IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerAxis(0) if per_channel
                                       else PerGroup(spec["group_size"]),
-                                      mapping_type=MappingType.SYMMETRIC if spec["symmetric"] else MappingType.ASYMMETRIC)
+                                      mapping_type=getattr(MappingType, "SYMMETRIC" if spec["symmetric"]
+                                                           else "ASYMMETRIC"))
         mapping = {"bits": f"IntxWeightOnlyConfig(weight_dtype=torch.int{spec['bits']})",
                    "group_size": "PerAxis(0)" if per_channel else f"PerGroup({spec['group_size']})",
                    "symmetric": f"mapping_type={'SYMMETRIC' if spec['symmetric'] else 'ASYMMETRIC'}"}
