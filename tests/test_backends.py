@@ -244,3 +244,46 @@ def test_minus_m_audit_runs_the_marked_experiments(catalog: Catalog) -> None:
     cells = catalog.cells(Selection(experiments=(catalog.experiments["audit"],)), "cpu")
     assert all(cell.markers == ("audit",) for cell in cells)
     assert {cell.config.calib.n_samples for cell in cells if cell.calibrated} == {32}
+
+
+def test_minus_k_with_an_at_sign_on_the_command_line() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "--methods", "gptq", "gptq@gptqmodel", "--tracks", "A", "-k", "gptq@gptqmodel"],
+                          cwd=BENCH.parent, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "test_cell[smollm2-135m-gptq@gptqmodel-c4-A]" in done.stdout
+    assert "test_cell[smollm2-135m-gptq-c4-A]" not in done.stdout
+
+
+BUILD_ENVS = "PTQ_TEST_BACKEND_ENVS"  # building GPTQModel's environment compiles it: minutes
+
+
+@pytest.mark.skipif(not __import__("os").environ.get(BUILD_ENVS),
+                    reason=f"builds the gptqmodel environment (minutes on first use); set {BUILD_ENVS}=1")
+def test_a_checkpoint_gptqmodel_wrote_scores_exactly_as_its_cell(catalog: Catalog, tiny, tmp_path: Path) -> None:
+    """The offline stand-in for a published checkpoint: gptq@gptqmodel keeps the GPTQ checkpoint it
+    writes, gptq@checkpoint loads it as a model YAML would name it; same weights, same logits."""
+    from ptq.config import parse_override
+
+    model, tokenizer = tiny
+    folder = tmp_path / "gptq-checkpoint"
+
+    def run(method: str, override: str) -> tuple[LlamaForCausalLM, object]:
+        cell = catalog.cells(Selection(models=("smollm2-135m",), tracks=("A",), methods=(method,),
+                                       overrides=(parse_override(override),)), "cpu")[0]
+        copied = copy.deepcopy(model)
+        tokens = torch.randint(0, tokenizer.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+        calibration = CalibrationSet(tokens, {"seed": 0}) if cell.pipeline.calibrated else None
+        return copied, quantize(copied, LLAMA, cell.config, cell.pipeline, calibration, CPU, tokenizer)
+
+    written, _ = run("gptq@gptqmodel", f"stages.gptq@gptqmodel.params.save_checkpoint={folder}")
+    loaded, result = run("gptq@checkpoint", f"stages.gptq@checkpoint.params.location={folder}")
+    for (name, a), b in zip(written.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 48), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(written(ids).logits, loaded(ids).logits)
+    sizes = result.details["gptq@checkpoint"]["checkpoint"]
+    assert 0 < sizes["bytes"] < sizes["float_bytes"]
