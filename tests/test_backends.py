@@ -243,7 +243,7 @@ def test_minus_m_audit_runs_the_marked_experiments(catalog: Catalog) -> None:
     assert catalog.marked_experiments("") == []
     cells = catalog.cells(Selection(experiments=(catalog.experiments["audit"],)), "cpu")
     assert all(cell.markers == ("audit",) for cell in cells)
-    assert {cell.config.calib.n_samples for cell in cells if cell.calibrated} == {32}
+    assert {cell.config.calib.n_samples for cell in cells if cell.calibrated} == {16}
 
 
 def test_minus_k_with_an_at_sign_on_the_command_line() -> None:
