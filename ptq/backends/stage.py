@@ -22,6 +22,7 @@ windows as every other cell: the result is a pure weight replacement, cached lik
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -33,6 +34,7 @@ from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import ptq
 from ptq import progress
@@ -43,6 +45,24 @@ from ptq.quant import QuantSpec
 
 REPO = Path(ptq.__file__).resolve().parent.parent  # put on the worker's PYTHONPATH: it imports ptq.backends.worker
 WORKER = "ptq.backends.worker"
+
+
+def save_float_model(model: nn.Module, folder: Path) -> None:
+    """The model's config and float tensors as a transformers folder. Not `save_pretrained`: a model
+    read from a GGUF file keeps its `gguf` quantizer, which refuses to serialize, while its
+    tensors are plain dequantized floats. Tensors sharing memory (tied embeddings) are written
+    once; transformers ties them again on load."""
+    folder.mkdir(parents=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors[name] = tensor.detach().cpu().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 class Backend(Stage):
@@ -80,7 +100,7 @@ class Backend(Stage):
         python = envs.ensure(self.env)
         with tempfile.TemporaryDirectory(prefix="ptq-backend-") as tmp:
             folder = Path(tmp)
-            step.model.save_pretrained(folder / "model")
+            save_float_model(step.model, folder / "model")
             step.tokenizer.save_pretrained(folder / "model")
             if step.calibration is not None:
                 save_file({"input_ids": step.calibration.tokens.contiguous()}, str(folder / "calibration.safetensors"))
