@@ -28,9 +28,10 @@ setup: $(VENV)/.installed
 bench: setup
 	$(PY) -m pytest bench $(ARGS)
 
-# Unit tests, then the default matrix as a regression gate (two xdist workers).
+# Unit tests, then the default matrix and two library backends end to end (experiments/backends-ci.yaml)
+# as a regression gate (two xdist workers).
 test: setup
-	$(PY) -m pytest -n 2 tests bench $(ARGS)
+	$(PY) -m pytest -n 2 tests bench --experiment default backends-ci $(ARGS)
 
 # Micro benchmarks (bench/perf), saved under reports/perf; compare: ARGS=--benchmark-compare
 perf: setup

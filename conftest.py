@@ -25,6 +25,7 @@ from ptq.cache import CACHE_DIR_ENV, DEFAULT_CACHE_DIR, CacheStore, cache_dir
 from ptq.errors import PtqError
 from ptq.gates import BaselineStore
 from ptq.matrix import DEFAULT_EXPERIMENT, Catalog, Cell, cell_of, compile_keyword
+from ptq.report.audit import AuditConfig, AuditRow, render_audit, write_audit
 from ptq.report.compare import Comparison, compare_rows, load_rows, nothing_compared
 from ptq.report.leaderboard import leaderboard_rows, render_comparison
 from ptq.report.markdown import render_terminal
@@ -45,9 +46,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--methods", nargs="+", help="methods (bench/methods/*.yaml), or pipelines of them joined by "
                     "+ (awq+gptq: run in order on one block walk); default: all")
     group.addoption("--tracks", nargs="+", help="tracks A B C; default: all")
-    group.addoption("--experiment", nargs="+", default=[DEFAULT_EXPERIMENT],
-                    help="experiments: names in bench/experiments/ or YAML paths (default: default); "
-                         "cells of experiments other than 'default' carry its name in their id")
+    group.addoption("--experiment", nargs="+",
+                    help="experiments: names in bench/experiments/ or YAML paths (default: default, plus the "
+                         "experiments whose markers -m selects, e.g. -m audit); cells of experiments other than "
+                         "'default' carry its name in their id")
     group.addoption("--override", action="append", default=[], metavar="KEY.PATH=VALUE",
                     help="set any config key last (repeatable), e.g. --override weight.bits=3")
     group.addoption("--update-baselines", action="store_true",
@@ -133,7 +135,8 @@ def pytest_configure(config: pytest.Config) -> None:
     option = config.getoption
     if controller:
         run_id = option("run_id") or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-        config.ptq_run = {"run_id": run_id, "command_line": [sys.executable, "-m", "pytest", *config.invocation_params.args]}
+        config.ptq_run = {"run_id": run_id,
+                          "command_line": [sys.executable, "-m", "pytest", *config.invocation_params.args]}
     else:
         config.ptq_run = json.loads(config.workerinput["ptq_run"])
     _sigterm_as_interrupt(config)
@@ -154,9 +157,12 @@ def pytest_configure(config: pytest.Config) -> None:
             if not option("no_cache"):
                 check_folder(cache_dir(option("cache_dir")), "--cache-dir")
             collector.previous = load_rows(Path(option("compare"))) if option("compare") else None
+            audit_file = Path(option("bench_dir")) / "audit.yaml"
+            collector.audit_config = AuditConfig.load(audit_file) if audit_file.is_file() else None
         catalog = Catalog(Path(option("bench_dir")))
+        experiments = option("experiment") or [DEFAULT_EXPERIMENT, *catalog.marked_experiments(config.option.markexpr)]
         request = Request(option("models") and tuple(option("models")), option("methods") and tuple(option("methods")),
-                          option("tracks") and tuple(option("tracks")), tuple(option("experiment")),
+                          option("tracks") and tuple(option("tracks")), tuple(experiments),
                           tuple(option("override")), option("shard"))
         # missing data is a usage error, before any model loads
         config.stash[CELLS] = plan(catalog, request, config.ptq_device.type, check_data=not config.option.collectonly)
@@ -206,7 +212,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     params = []
     for cell in metafunc.config.stash[CELLS]:
         model = cell.config.model
-        marks = [getattr(pytest.mark, model.size)]
+        marks = [getattr(pytest.mark, model.size), *(getattr(pytest.mark, name) for name in cell.markers)]
         if model.needs_gpu:
             marks.append(pytest.mark.gpu)
         if model.size != "small":
@@ -263,6 +269,8 @@ class LeaderboardCollector:
         self.regressions: list[Comparison] = []
         self.interrupted: str | None = None  # what stopped the run early (SIGTERM, Ctrl-C, -x), if anything
         self.compared_nothing: str | None = None  # why --compare compared no cell (the session fails)
+        self.audit: list[AuditRow] = []
+        self.audit_config: AuditConfig | None = None  # bench/audit.yaml, read and checked at the start
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         for name, value in report.user_properties:
@@ -288,6 +296,11 @@ class LeaderboardCollector:
                 session.exitstatus = pytest.ExitCode.TESTS_FAILED
         write_reports(self.records, Path(self.config.getoption("reports_dir")), self.config.ptq_run["run_id"],
                       comparison, self.interrupted)
+        if self.audit_config is not None:  # backend cells next to our implementations (pytest bench -m audit)
+            self.audit = write_audit(self.records, self.audit_config, Path(self.config.getoption("reports_dir")),
+                                     self.config.ptq_run["run_id"])
+            if any(row.failed for row in self.audit):
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if self.config.getoption("update_baselines"):
             store = BaselineStore(Path(self.config.getoption("bench_dir")) / "baselines.json")
             store.update_passed(self.records)
@@ -303,6 +316,14 @@ class LeaderboardCollector:
         reports = Path(self.config.getoption("reports_dir"))
         terminalreporter.write_line(f"written: {reports / 'leaderboard.md'} (and .json, .html, plots/), records in "
                                     f"{reports / 'runs' / self.config.ptq_run['run_id']}")
+        if self.audit:
+            failed = [row for row in self.audit if row.failed]
+            terminalreporter.write_sep("=", "ptq-bench fidelity audit" + (f": {len(failed)} failed" if failed else ""),
+                                       red=bool(failed))
+            assert self.audit_config is not None
+            table = render_audit(self.audit, self.audit_config, self.config.ptq_run["run_id"]).split("\n\n")[2]
+            terminalreporter.write_line(table)
+            terminalreporter.write_line(f"written: {reports / 'audit.md'} (and audit.json)")
         if self.regressions:
             terminalreporter.write_sep("=", f"regressions against {self.config.getoption('compare')}", red=True)
             terminalreporter.write_line(render_comparison(self.regressions, self.config.getoption("compare")))

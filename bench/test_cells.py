@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from ptq.errors import NotApplicable, PtqError
+from ptq.errors import BackendUnavailable, NotApplicable, PtqError
 from ptq.matrix import Cell
 from ptq.report.records import CellRecord
 from ptq.session import Session
@@ -22,6 +22,8 @@ def test_cell(cell: Cell, bench_session: Session, record: CellRecord) -> None:
         failed = bench_session.run(cell, record)
     except NotApplicable as exc:  # the method cannot run on this model: skipped, with the reason
         pytest.skip(f"{cell.method} on {cell.model}: {exc}")
+    except BackendUnavailable as exc:  # a library that cannot be installed or run here: why, and the command
+        pytest.skip(f"{exc}")
     except PtqError as exc:  # known failures (missing data, model offline, NaN metric): the message only
         failed, message = None, f"{type(exc).__name__}: {exc}"
     if failed is None:

@@ -99,7 +99,12 @@ class CellCopy:
 
 
 def stage_modules(pipeline: Pipeline) -> tuple[str, ...]:
-    return tuple(stage.module for stage in pipeline.stages)
+    return tuple(module for stage in pipeline.stages for module in (stage.module, *stage.stage.code_modules()))
+
+
+def stage_environments(pipeline: Pipeline) -> dict[str, Any]:
+    """The packages of the stages that run outside the core install (library backends), from their locks."""
+    return {stage.name: env for stage in pipeline.stages if (env := stage.stage.environment()) is not None}
 
 
 def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, load: Callable[[], LoadedModel],
@@ -107,7 +112,7 @@ def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, loa
     """The cell's outcome from the metrics entry when it is whole; else quantize (or take the
     quantized weights from their entry), evaluate, and store. The model is loaded only then, and
     `references` (the float model's top-k stores, for the KLD) called only then."""
-    deps = dependencies(config, stage_modules(pipeline), device.type)
+    deps = dependencies(config, stage_modules(pipeline), device.type, stage_environments(pipeline))
     found = store.lookup("metrics", deps.metrics_key)
     if found.status == "hit":
         assert found.path is not None
@@ -139,7 +144,7 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
             result, quant_seconds, calibration_record = _load_weights(found.path, model)
         else:
             start = time.perf_counter()
-            result = quantize(model, loaded.adapter, config, pipeline, calibration, loaded.device)
+            result = quantize(model, loaded.adapter, config, pipeline, calibration, loaded.device, loaded.tokenizer)
             if loaded.device.type == "cuda":
                 torch.cuda.synchronize(loaded.device)
             quant_seconds = time.perf_counter() - start
@@ -166,6 +171,8 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
                                                   result.weight_specs)}
     data = {"eval": evaluation.data, "calibration": calibration_record, "quantized": _quantized(result),
             "placement": placement}
+    if result.details:
+        data["stages"] = result.details
     outcome = CellOutcome(metrics, data, result.notes, result.fallbacks + evaluation.fallbacks,
                           loaded.source.to_dict(), cache={"weights": found.status},
                           cache_problems=[problem for problem in (found.problem, unstored) if problem])
@@ -206,7 +213,7 @@ def _write_weights(changed: dict[str, torch.Tensor], result: QuantResult, quant_
                    calibration_record: dict[str, Any] | None, folder: Path) -> None:
     save_file(changed, str(folder / WEIGHTS_FILE))
     stored = {"notes": result.notes, "fallbacks": result.fallbacks, "quant_seconds": quant_seconds,
-              "stage_seconds": result.stage_seconds, "calibration": calibration_record,
+              "stage_seconds": result.stage_seconds, "calibration": calibration_record, "details": result.details,
               "weight_specs": {name: dataclasses.asdict(spec) for name, spec in result.weight_specs.items()}}
     (folder / "result.json").write_text(json.dumps(stored, indent=2))
 
@@ -222,5 +229,5 @@ def _load_weights(folder: Path, model: nn.Module) -> tuple[QuantResult, float, d
            "covers loading them and the evaluation, not the quantization"
     specs = {name: QuantSpec(**spec) for name, spec in stored["weight_specs"].items()}
     result = QuantResult(model, weight_specs=specs, notes=[*stored["notes"], note], fallbacks=stored["fallbacks"],
-                         stage_seconds=stored["stage_seconds"])
+                         stage_seconds=stored["stage_seconds"], details=stored["details"])
     return result, stored["quant_seconds"], stored["calibration"]

@@ -286,6 +286,8 @@ class ExperimentHeader:
     # Calibrated cells once per calibration seed (setting seedN, joined to any sweep entry's name),
     # so the report can give their mean and spread; data-free cells once.
     seeds: tuple[int, ...] | None = None
+    # pytest markers its cells carry; `pytest bench -m NAME` without --experiment runs the experiments marked NAME
+    markers: tuple[str, ...] = ()
 
 
 # How a layer may spell the sections that differ from the built CellConfig.

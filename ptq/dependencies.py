@@ -4,8 +4,9 @@ only what its pipeline reads, see ptq.matrix):
 - the **fingerprint** (committed baselines, comparisons between runs): the settings that
   determine the metrics, and the device type;
 - the **weights key** (the quantized weights in the cache): those settings without the
-  evaluation and the activation spec (applied after the stages), plus the model's content, the calibration text, the packages and the code of
-  every stage of the pipeline;
+  evaluation and the activation spec (applied after the stages), plus the model's content, the
+  calibration text, the packages, the code of every stage of the pipeline and the locked
+  packages of the environments library backends run in;
 - the **metrics key**: the weights key's inputs plus the evaluation settings, its data and code.
 
 The FP baseline of a cell is the cell's `baseline_config` through the same function.
@@ -101,9 +102,11 @@ class Dependencies:
         return cache_key(self.metrics)
 
 
-def dependencies(config: CellConfig, stage_modules: tuple[str, ...], device_type: str) -> Dependencies:
+def dependencies(config: CellConfig, stage_modules: tuple[str, ...], device_type: str,
+                 environments: dict[str, Any] | None = None) -> Dependencies:
     """Everything a cell's result depends on (see the module docstring); `stage_modules` are the
-    modules of its pipeline's stages, whose code is part of the keys. Needs no model load:
+    modules of its pipeline's stages, whose code is part of the keys; `environments` the locked
+    packages of stages that run in an environment of their own (library backends). Needs no model load:
     calibration tokens are a function of the tokenizer (in the model's identity), the calib
     settings, the calibration text and ptq.calib, all of which are inputs."""
     quantize = settings(config)
@@ -113,6 +116,8 @@ def dependencies(config: CellConfig, stage_modules: tuple[str, ...], device_type
     weights: dict[str, Any] = {
         "model": model_identity(config.model.source), "settings": quantize, "device_type": device_type,
         "packages": package_versions(RESULT_PACKAGES), "code": code_version((*stage_modules, *QUANTIZE_CODE))}
+    if environments:
+        weights["environments"] = environments
     if config.calib is not None:
         split = CALIB_SPLITS[config.calib.dataset]
         weights["calibration_text_sha256"] = load_text(config.calib.dataset, split).sha256

@@ -38,7 +38,7 @@ from ptq import progress
 from ptq.calib import CalibrationSet
 from ptq.config import CalibConfig, KVConfig
 from ptq.models.adapters import ArchAdapter
-from ptq.quant import QuantSpec
+from ptq.quant import ActSpec, QuantSpec
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Specs:
 
     weight: QuantSpec | None = None
     kv: KVConfig | None = None
+    act: ActSpec | None = None  # applied after the stages (ptq.pipeline); read by a stage whose result depends on it
 
 
 @dataclass
@@ -62,6 +63,9 @@ class QuantResult:
     notes: list[str] = field(default_factory=list)  # facts worth recording (uneven groups, ...)
     fallbacks: list[str] = field(default_factory=list)  # anything that ran other than as configured
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # What a stage reports as data, by stage name (a library backend: its packages, the mapping of
+    # the cell's settings onto the library's, the library's own seconds)
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pure_weights(self) -> bool:
@@ -255,11 +259,16 @@ class BlockRunner:
 
 @dataclass
 class ModelStep:
-    """What a stage's model-level hooks work on."""
+    """What a stage's model-level hooks work on. A whole-model stage (a library backend, which
+    quantizes the model in one call) also gets the calibration tokens, the tokenizer and the
+    compute device (the model itself stays on the host)."""
 
     model: nn.Module
     adapter: ArchAdapter
     result: QuantResult
+    calibration: CalibrationSet | None = None
+    tokenizer: Any = None
+    device: torch.device = torch.device("cpu")
 
 
 @dataclass
@@ -319,6 +328,17 @@ class Stage:
 
     def samples_read(self) -> int | None:
         """How many calibration sequences, the first ones, the stage reads (None: all)."""
+        return None
+
+    @classmethod
+    def code_modules(cls) -> tuple[str, ...]:
+        """Modules beside the stage's own whose source its result depends on (part of the cache keys)."""
+        return ()
+
+    @classmethod
+    def environment(cls) -> dict[str, Any] | None:
+        """The packages of an environment of its own the stage runs in (a library backend's lock),
+        part of the cache keys; None for a stage of the core install."""
         return None
 
     @classmethod

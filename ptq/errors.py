@@ -42,3 +42,10 @@ class DataMismatch(PtqError):
 
 class TooFewWindows(PtqError):
     """The evaluation text holds fewer windows than the configuration asks to score."""
+
+
+class BackendUnavailable(PtqError):
+    """A library backend cannot be installed or cannot run here (no CUDA, a conflicting pin), or
+    cannot express the cell's settings (an FP8 weight format, a group size that does not divide the
+    rows); its cells are skipped with this message, which names the command that installs or runs
+    it, or the setting that stands in its way."""

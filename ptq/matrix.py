@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ class Cell:
     experiment: str | None = None
     variant: str | None = None  # one of a method YAML's `variants` (e.g. int4), part of the id
     setting: str | None = None  # one entry of the experiment's `sweep` (e.g. w4a8), part of the id
+    markers: tuple[str, ...] = ()  # the experiment's pytest markers (e.g. audit)
 
     @property
     def calibrated(self) -> bool:
@@ -72,7 +74,9 @@ class Cell:
     def keywords(self) -> frozenset[str]:
         """Names that `-k` matches exactly (case-insensitively), see `matches`."""
         names = {self.model, self.method, self.track, self.id, self.config.model.size}
-        names |= {stage.name for stage in self.config.method.stages if not stage.added}
+        asked = [stage.name for stage in self.config.method.stages if not stage.added]
+        # a library backend also answers to its algorithm's stages and its library: -k "gptq and gptqmodel"
+        names |= {part for name in asked for part in (name, *re.split(r"[+@]", name))}
         if self.variant:
             names |= {self.variant, f"{self.method}-{self.variant}"}
         if self.calibrated:
@@ -87,11 +91,16 @@ class Cell:
         """`-k` on cells matches whole names: `-k "rtn and A"` selects the rtn cells of track A.
         A term matches when it equals (ignoring case) one of `keywords`, or, when longer than one
         character, is a substring of the cell id (pytest's own `-k` matches substrings of every
-        name in a test's path, so a bare "A" would match any name holding an "a")."""
+        name in a test's path, so a bare "A" would match any name holding an "a"). An "@" was
+        spelled AT_IN_K for pytest's parser (see `compile_keyword`)."""
         names = {name.lower() for name in self.keywords}
         cell_id = self.id.lower()
-        return expression.evaluate(lambda term, **_: term.lower() in names
-                                   or (len(term) > 1 and term.lower() in cell_id))
+
+        def match(term: str, **_: object) -> bool:
+            term = term.replace(AT_IN_K, "@").lower()
+            return term in names or (len(term) > 1 and term in cell_id)
+
+        return expression.evaluate(match)
 
 
 def cell_of(item: object) -> Cell | None:
@@ -101,13 +110,25 @@ def cell_of(item: object) -> Cell | None:
     return cell if isinstance(cell, Cell) else None
 
 
+AT_IN_K = ":"  # pytest's -k identifiers cannot hold "@" (gptq@gptqmodel); ":" can, and no name has one
+
+
 def compile_keyword(expression: str) -> Expression:
-    """A `-k` expression, or a usage error that quotes it."""
+    """A `-k` expression, or a usage error that quotes it; "@" (library backends) is accepted."""
+    return _compile("-k", expression, expression.replace("@", AT_IN_K), '-k "gptq and A", -k "not C"')
+
+
+def compile_markers(expression: str) -> Expression:
+    """A `-m` expression, or a usage error that quotes it."""
+    return _compile("-m", expression, expression, '-m audit, -m "not slow"')
+
+
+def _compile(option: str, given: str, parsed: str, examples: str) -> Expression:
     try:
-        return Expression.compile(expression)
+        return Expression.compile(parsed)
     except SyntaxError as exc:
-        raise ConfigError(f"-k {expression!r} is not a valid expression: {exc.msg} (at column {exc.offset}); "
-                          "e.g. -k \"gptq and A\", -k \"not C\"") from None
+        raise ConfigError(f"{option} {given!r} is not a valid expression: {exc.msg} (at column {exc.offset}); "
+                          f"e.g. {examples}") from None
 
 
 @dataclass(frozen=True)
@@ -121,8 +142,32 @@ class Selection:
     overrides: tuple[Layer, ...] = ()
 
 
+CHECKPOINTS = "pretrained_quant_models"  # a model YAML's published quantized checkpoints, by format
+
+
+def _checkpoint_stages(layer: Layer) -> Layer:
+    """`pretrained_quant_models: {gptq: X}` in a model YAML is the location of its `gptq@checkpoint`
+    stage (ptq.methods.at_checkpoint): `stages: {gptq@checkpoint: {params: {location: X}}}`."""
+    named = layer.data.get(CHECKPOINTS)
+    if named is None:
+        return layer
+    where = layer.provenance.get((CHECKPOINTS,), layer.source)
+    if not isinstance(named, dict) or not all(isinstance(v, str) for v in named.values()):
+        raise ConfigError(f"{where}: {CHECKPOINTS} must map formats to hub ids or folders, e.g. {{gptq: org/model}}")
+    data = {key: value for key, value in layer.data.items() if key != CHECKPOINTS}
+    stages = {f"{fmt}@checkpoint": {"params": {"location": location}} for fmt, location in named.items()}
+    data["stages"] = {**(data.get("stages") or {}), **stages}
+    provenance = {path: at for path, at in layer.provenance.items() if path[0] != CHECKPOINTS}
+    for fmt in named:
+        at = layer.provenance.get((CHECKPOINTS, fmt), where)
+        for path in (("stages",), ("stages", f"{fmt}@checkpoint"), ("stages", f"{fmt}@checkpoint", "params"),
+                     ("stages", f"{fmt}@checkpoint", "params", "location")):
+            provenance.setdefault(path, at)
+    return Layer(data, provenance, layer.source)
+
+
 def _read_dir(folder: Path) -> dict[str, Layer]:
-    return {path.stem: read_yaml_layer(path) for path in sorted(folder.glob("*.yaml"))}
+    return {path.stem: read_yaml_layer(path) for path in sorted(folder.glob("*.yaml"), key=lambda path: path.stem)}
 
 
 def _check_header(layer: Layer, key: str, stem: str) -> None:
@@ -180,7 +225,7 @@ class Catalog:
         self.device_profiles = {device: defaults.sub("device_profiles").sub(device)
                                 for device in (defaults.data.get("device_profiles") or {})}
         self.defaults = defaults.without("device_profiles")
-        self.models = _read_dir(bench_dir / "models")
+        self.models = {name: _checkpoint_stages(layer) for name, layer in _read_dir(bench_dir / "models").items()}
         self.tracks = _read_dir(bench_dir / "tracks")
         self.experiments = {path.stem: path for path in sorted((bench_dir / "experiments").glob("*.yaml"))}
         for layer in (self.defaults, *self.device_profiles.values()):
@@ -198,7 +243,8 @@ class Catalog:
         for stem, layer in self.tracks.items():
             _check_header(layer, "track", stem)
             check_layer(layer, self.schemas)
-        self.methods = {stem: self._method_file(stem, layer) for stem, layer in _read_dir(bench_dir / "methods").items()}
+        self.methods = {stem: self._method_file(stem, layer)
+                        for stem, layer in _read_dir(bench_dir / "methods").items()}
         missing = sorted(set(self.registry) - set(self.methods))
         if missing:
             raise ConfigError(f"methods registered in ptq/methods without a YAML in {bench_dir / 'methods'}: {missing}")
@@ -224,6 +270,21 @@ class Catalog:
         return MethodFile(layer.data["method"].get("description", ""),
                           part(layer.without("tracks", "device_profiles", "variants")),
                           blocks["device_profiles"], blocks["tracks"], blocks["variants"])
+
+    def marked_experiments(self, markexpr: str) -> list[str]:
+        """The experiments a `-m` expression asks for by name: those with markers that it selects
+        and that a cell without markers would not satisfy (`-m audit`, not `-m "not slow"`)."""
+        if not markexpr.strip():
+            return []
+        expression = compile_markers(markexpr)
+        if expression.evaluate(lambda name, **_: False):
+            return []
+        marked = []
+        for name, path in self.experiments.items():
+            markers = set(self.experiment(path).header.markers)
+            if markers and expression.evaluate(lambda marker, **_: marker in markers):
+                marked.append(name)
+        return marked
 
     def pipeline(self, name: str) -> Pipeline:
         pipeline = parse_pipeline(name, self.registry)
@@ -300,7 +361,8 @@ class Catalog:
         return "; ".join(f"{stage.name}: {', '.join(f.name for f in dataclasses.fields(stage.params)) or 'none'}"
                          for stage in pipeline.stages)
 
-    def variants(self, pipeline: Pipeline, chosen: dict[str, list[str]] | None = None) -> dict[str | None, Layer | None]:
+    def variants(self, pipeline: Pipeline,
+                 chosen: dict[str, list[str]] | None = None) -> dict[str | None, Layer | None]:
         """The cells a pipeline gives per model and track: one per variant of the (one) stage that
         has variants (those `chosen` for it, when given), else one."""
         with_variants = [stage.name for stage in pipeline.stages if self.methods[stage.name].variants]
@@ -331,7 +393,7 @@ class Catalog:
         layers.append(self.tracks[track])
         if variant is not None:
             layers.append(variant)
-        name = pipeline.name
+        name, asked = pipeline.name, len(pipeline.stages)
         description = " Then: ".join(self.methods[stage.name].description for stage in pipeline.stages)
         config = None
         for _ in range(2):  # a second pass when a quantizer is added
@@ -346,7 +408,7 @@ class Catalog:
             if not (pipeline.needs_quantizer() and config.weight is not None):
                 break
             pipeline = pipeline.with_stage(self.registry[IMPLICIT_QUANTIZER])
-        stages = tuple(dataclasses.replace(stage, added=index >= len(name.split("+")))
+        stages = tuple(dataclasses.replace(stage, added=index >= asked)
                        for index, stage in enumerate(config.method.stages))
         config = dataclasses.replace(config, method=dataclasses.replace(config.method, stages=stages))
         return self._reads_only(config, pipeline, track), pipeline
@@ -364,7 +426,7 @@ class Catalog:
             # KV probes belong to the tracks that ask for them: an experiment may tune them for
             # every cell it covers, but only those cells' tracks run them.
             kv_eval=config.kv_eval if "kv_eval" in self.tracks[track].data else None)
-        specs = Specs(config.weight, config.kv)
+        specs = Specs(config.weight, config.kv, config.act)
         for stage, stage_config in zip(pipeline.stages, config.method.stages):
             for spec in stage.reads:
                 if getattr(specs, spec) is None:
@@ -458,7 +520,7 @@ class Catalog:
                                 _check_kv_fits(config, where)
                                 cells.append(Cell(model, pipeline.name, track, config, runs,
                                                   self.baseline_config(config), header.name if header else None,
-                                                  variant, setting))
+                                                  variant, setting, header.markers if header else ()))
         return cells
 
     @staticmethod

@@ -5,6 +5,8 @@ that the result is what it declares."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -32,15 +34,17 @@ def _structure(model: nn.Module) -> list[tuple[str, str, int, int]]:
 
 
 def quantize(model: nn.Module, adapter: ArchAdapter, config: CellConfig, pipeline: Pipeline,
-             calibration: CalibrationSet | None, device: torch.device) -> QuantResult:
+             calibration: CalibrationSet | None, device: torch.device, tokenizer: Any = None) -> QuantResult:
     """Run the pipeline on `model` in place. Activations are not quantized yet (see
-    `quantize_activations`): the weights the stages leave can be stored as they are."""
+    `quantize_activations`): the weights the stages leave can be stored as they are. The
+    tokenizer goes to whole-model stages (library backends save it beside the model)."""
     if pipeline.calibrated != (calibration is not None):
         raise ValueError(f"pipeline {pipeline.name} is {'' if pipeline.calibrated else 'not '}calibrated: "
                          f"calibration data {'missing' if calibration is None else 'given'}")
     result = QuantResult(model)
     before = _structure(model)
-    run_stages(build_stages(config, pipeline), ModelStep(model, adapter, result), calibration, config.calib, device)
+    run_stages(build_stages(config, pipeline), ModelStep(model, adapter, result, calibration, tokenizer, device),
+               calibration, config.calib, device)
     linears = adapter.quantizable_linears(model)
     if config.weight is not None:
         unrounded = sorted(set(linears) - set(result.weight_specs))

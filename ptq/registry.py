@@ -12,6 +12,12 @@ A pipeline is methods joined by "+", run in order on one block walk: `smoothquan
                 an earlier one must be able to hand the rounding on (`defers_rounding`, AWQ)
     cache       quantizes the KV cache; touches no weight
     baseline    the float model itself, alone
+
+A library backend is a method named `algorithm@library` (`gptq@gptqmodel`,
+`smoothquant+gptq@llmcompressor`): one whole-model quantizer stage (ptq.backends). Its algorithm
+part may itself be a chain: a name is first looked up whole, and only then split on "+", so
+`smoothquant+gptq@llmcompressor` is the library's own pipeline while `smoothquant+gptq@gptqmodel`
+is our SmoothQuant followed by GPTQModel's GPTQ.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from typing import Callable, Literal, TypeVar
 from ptq.engine import Stage
 from ptq.errors import ConfigError
 
-Spec = Literal["weight", "kv"]
+Spec = Literal["weight", "kv", "act"]
 Role = Literal["baseline", "transform", "quantizer", "cache"]
 SEPARATOR = "+"
+LIBRARY = "@"  # algorithm@library: a library backend
 IMPLICIT_QUANTIZER = "rtn"  # rounds the weights of a pipeline of transforms only, as the papers' W8A8 runs do
 
 
@@ -55,8 +62,9 @@ def register_method(name: str, *, params: type, tracks: tuple[str, ...], role: R
     def decorator(stage: S) -> S:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name].module}, {stage.__module__})")
-        if SEPARATOR in name:
-            raise ValueError(f"method name {name!r} contains {SEPARATOR!r}, which joins the stages of a pipeline")
+        if SEPARATOR in name and LIBRARY not in name:
+            raise ValueError(f"method name {name!r} contains {SEPARATOR!r}, which joins the stages of a pipeline "
+                             f"(only a library backend's algorithm, before {LIBRARY!r}, may be a chain)")
         stage.name = name
         _REGISTRY[name] = MethodInfo(name, stage, params, frozenset(tracks), frozenset(reads), role, calibrated,
                                      defers_rounding)
@@ -123,8 +131,9 @@ class Pipeline:
 
 
 def parse_pipeline(name: str, registry: dict[str, MethodInfo]) -> Pipeline:
-    """`a+b+...` as a checked pipeline; a usage error says what is wrong and lists the choices."""
-    names = name.split(SEPARATOR)
+    """`a+b+...` as a checked pipeline; a usage error says what is wrong and lists the choices. A
+    registered name is one stage even if it holds a "+" (a library backend's own pipeline)."""
+    names = [name] if name in registry else name.split(SEPARATOR)
     known = ", ".join(sorted(registry))
     unknown = [part for part in names if part not in registry]
     if unknown:

@@ -123,7 +123,10 @@ def test_command_line_choices_replace_the_experiments(catalog: Catalog) -> None:
 
 @pytest.mark.parametrize(("field", "name", "known"), [
     ("models", "gpt-5", "smollm2-135m"),
-    ("methods", "omniquant", "apot, awq, fp16, gptq, hqq, kivi, kv-hf, kv-rtn, pot, quarot, rtn"),
+    ("methods", "omniquant", "apot, autoround@auto-round, awq, awq@autoawq, awq@checkpoint, awq@llmcompressor, "
+                             "fp16, gptq, gptq@auto-gptq, gptq@checkpoint, gptq@gptqmodel, gptq@llmcompressor, hqq, "
+                             "hqq@hqq, kivi, kv-hf, kv-rtn, pot, quarot, rtn, rtn@quanto, rtn@torchao, smoothquant, "
+                             "smoothquant+gptq@llmcompressor"),
     ("tracks", "D", "A, B, C"),
 ])
 def test_unknown_names_raise_config_error_listing_known_names(catalog: Catalog, field: str, name: str,
@@ -310,7 +313,7 @@ def test_unknown_method_on_the_command_line_is_a_usage_error(pytester: pytest.Py
     assert result.ret == pytest.ExitCode.USAGE_ERROR == 4
     output = result.stdout.str() + result.stderr.str()
     assert "unknown methods ['foo']" in output
-    assert "methods: apot awq fp16 gptq hqq kivi kv-hf kv-rtn pot quarot rtn" in output  # the known names
+    assert "methods: apot autoround@auto-round awq awq@autoawq" in output  # the known names
     assert "Traceback" not in output
     assert collected_ids(result) == []
 
