@@ -4,11 +4,13 @@ once, and a cell run into its record with its gates."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import json
 from dataclasses import dataclass
-from typing import Any
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -140,7 +142,7 @@ class Session:
         # by baseline fingerprint: its outcome, or why it failed (each cell needing it fails with that)
         self._fp_outcomes: dict[str, CellOutcome | str] = {}
         self._fp_pipeline = Pipeline((catalog.baseline,))
-        self._references: dict[str, dict[str, TopKLogprobs]] = {}  # by baseline fingerprint
+        self._references: dict[str, dict[str, TopKLogprobs]] = {}  # by model and evaluation setting
 
     def baseline(self, cell: Cell) -> CellOutcome:
         """The FP baseline the cell is judged against, measured once per model and evaluation
@@ -162,12 +164,13 @@ class Session:
 
     def references(self, cell: Cell) -> dict[str, TopKLogprobs]:
         """The float model's top-k stores of the cell's evaluation windows (for the KLD), computed
-        once per model and evaluation setting, as its FP baseline."""
-        key = fingerprint(cell.baseline_config, self.device.type)
+        once per model and evaluation setting (what decides the windows and the draws)."""
+        key = json.dumps([dataclasses.asdict(cell.config.model), dataclasses.asdict(cell.config.eval)],
+                         sort_keys=True, default=str)
         if key not in self._references:
             loaded = self.models.get(cell.config.model)
             with on_device(loaded.model, loaded.device):
-                self._references[key] = float_references(loaded.model, loaded.tokenizer, cell.baseline_config)
+                self._references[key] = float_references(loaded.model, loaded.tokenizer, cell.config)
         return self._references[key]
 
     def run(self, cell: Cell, record: CellRecord) -> list[GateResult]:
