@@ -28,7 +28,7 @@ from ptq.eval.kld import TopKLogprobs
 from ptq.eval.suite import evaluate
 from ptq.models.adapters import ArchAdapter
 from ptq.models.loading import ResolvedSource
-from ptq.models.placement import on_device
+from ptq.models.placement import on_device, one_cpu_thread
 from ptq.pipeline import quantize, quantize_activations
 from ptq.quant import QuantSpec
 from ptq.registry import Pipeline
@@ -144,7 +144,9 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
             result, quant_seconds, calibration_record = _load_weights(found.path, model)
         else:
             start = time.perf_counter()
-            result = quantize(model, loaded.adapter, config, pipeline, calibration, loaded.device, loaded.tokenizer)
+            with one_cpu_thread(loaded.device):
+                result = quantize(model, loaded.adapter, config, pipeline, calibration, loaded.device,
+                                  loaded.tokenizer)
             if loaded.device.type == "cuda":
                 torch.cuda.synchronize(loaded.device)
             quant_seconds = time.perf_counter() - start

@@ -13,7 +13,7 @@ from ptq.config import CalibConfig
 from ptq.engine import BlockStep, ModelStep, QuantResult, Specs, Stage, run_stages
 from ptq.models.adapters import adapter_for
 from ptq.models import placement
-from ptq.models.placement import on_device
+from ptq.models.placement import on_device, one_cpu_thread
 
 
 class Touch(Stage):
@@ -70,3 +70,16 @@ def test_evaluation_puts_the_model_on_the_device_whole_only_when_it_fits(monkeyp
     with on_device(model, cuda, free=lambda device: 2**20) as how:  # 1 MB free: does not fit
         assert how == "offload"
     assert offloaded == [cuda, "removed"] and placement.model_bytes(model) == 4_004_000
+
+
+def test_quantization_on_cpu_runs_on_one_thread_and_restores_the_count() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with one_cpu_thread(torch.device("cuda")):  # only described: other devices keep their threads
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
