@@ -29,7 +29,7 @@ from ptq.report.plots import Plot
 from ptq.report.records import STATUSES
 from ptq.report.summary import duration, glossary, run_summary, span, tracks_of
 
-TEXT_COLUMNS = ("label", "cell", "status", "verdict")  # left-aligned; the others are numbers
+TEXT_COLUMNS = ("label", "cell", "status", "verdict", "stages")  # left-aligned; the others are numbers
 IN_LISTS = ("reason",)  # columns given as a list under each table instead
 WARNING_ITEMS = ("Full precision",)  # summary items shown as a warning: they qualify every number
 REASON_CHARS = 400  # of a failed or skipped cell's reason, under its table
@@ -47,6 +47,7 @@ table { border-collapse: collapse; margin: 0.3em 0 0.2em; font-size: 0.85em; }
 th, td { border: 1px solid #cbd2d9; padding: 0.25em 0.5em; text-align: right; white-space: nowrap; }
 th { background: #f0f4f8; white-space: normal; vertical-align: bottom; cursor: help; }
 .text { text-align: left; }
+td.stages { white-space: normal; min-width: 9em; }  /* "smoothquant 31.3 + rtn 0.3, walk 72.5" wraps */
 div.table { overflow-x: auto; }  /* the last resort of a table too wide even so: it scrolls, not the page */
 tr.failed td { background: #fde8e8; }
 tr.skipped td { color: #7b8794; }
@@ -58,8 +59,8 @@ figure img { max-width: 100%; }
 figcaption { font-size: 0.85em; color: #52606d; max-width: 900px; }
 @media (max-width: 900px) {
   body { padding: 0 0.5em; }
-  table { font-size: 0.75em; }
-  th, td { padding: 0.2em 0.3em; }
+  table { font-size: 0.7em; }
+  th, td { padding: 0.2em 0.25em; }
 }
 @media (min-width: 1150px) {  /* wide: the caption beside its figure, which stays at its drawn size */
   figure { display: flex; gap: 1.5em; align-items: flex-start; }
