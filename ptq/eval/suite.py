@@ -78,7 +78,8 @@ class Evaluation:
         metrics = {
             "ppl": {name: r.ppl for name, r in self.results.items()},
             "eval": {name: {"windows": r.windows, "seqlen": r.seqlen, "tokens_scored": r.tokens_scored,
-                            "seconds": r.seconds, "prefill_chunk": r.prefill_chunk} for name, r in self.results.items()},
+                            "seconds": r.seconds, "prefill_chunk": r.prefill_chunk}
+                     for name, r in self.results.items()},
             "eval_tokens_per_s": tokens / seconds if seconds > 0 else None,
             # each window's mean NLL: paired comparisons with the FP baseline and committed baselines
             "window_nll": {name: list(r.window_nll) for name, r in self.results.items()},

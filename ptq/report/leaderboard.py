@@ -217,8 +217,9 @@ COLUMNS: tuple[Column, ...] = (
            optional=True),
     Column("quant_seconds", "quant s", _number(1),
            "seconds the quantization step took, calibration included, evaluation excluded"),
-    Column("stages", "stage s", lambda value: value or "", "seconds per stage of a pipeline of several methods, and of the block "
-           "walk's own forwards (capture, propagation)", optional=True),
+    Column("stages", "stage s", lambda value: value or "",
+           "seconds per stage of a pipeline of several methods, and of the block walk's own forwards "
+           "(capture, propagation)", optional=True),
     Column("eval_tokens_per_s", "eval tok/s" + SIMULATED, _number(0),
            "tokens per second of the perplexity evaluation (simulated, see below)"),
     Column("peak_memory_mb", "peak MB", _number(0),
