@@ -149,6 +149,45 @@ def capture_block_inputs(model: nn.Module, adapter: ArchAdapter, tokens: torch.T
     return captured
 
 
+class _Shortcut:
+    """The forward of a frozen child during its recording pass, when the input of its last linear
+    was kept. The first batch runs the child and checks, bit for bit, that its output is that
+    linear's output (no residual, no scaling, no hook after it, nothing else computed in it);
+    then every other batch is the linear applied to its kept input. If the check fails, the
+    child runs on every batch as before."""
+
+    def __init__(self, forward: Callable[..., Any], linear: nn.Module, inputs: dict[int, torch.Tensor],
+                 position: list[int]) -> None:
+        self.forward = forward
+        self.linear = linear
+        self.inputs = inputs
+        self.position = position
+        self.layout: Any = None  # the first batch's output, once it passed the check
+        self.checked = False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        index = self.position[0]
+        if self.layout is None:
+            output = self.forward(*args, **kwargs)
+            if not self.checked:
+                self.checked = True
+                if self._replaceable(output) and torch.equal(first_tensor(output), self._linear_output(index)):
+                    self.layout = output
+            return output
+        computed = self._linear_output(index)
+        return (computed, *self.layout[1:]) if isinstance(self.layout, tuple) else computed
+
+    def _linear_output(self, index: int) -> torch.Tensor:
+        # forward, not __call__: the kept input has been through the linear's pre-hooks already
+        return self.linear.forward(self.inputs[index])
+
+    @staticmethod
+    def _replaceable(output: Any) -> bool:
+        """A tensor, or a plain tuple whose other items are not tensors (attention's weights: None)."""
+        return isinstance(output, torch.Tensor) or type(output) is tuple and isinstance(output[0], torch.Tensor) \
+            and not any(isinstance(item, torch.Tensor) for item in output[1:])
+
+
 class BlockRunner:
     """Runs one block over the calibration batches, with hooks on chosen submodules.
 
@@ -156,13 +195,19 @@ class BlockRunner:
     again and neither will their inputs (everything before them in the block is final too), so
     the next pass through them records their outputs, and later passes replay those instead of
     computing them (GPTQ's true-sequential passes re-run the attention otherwise). The engine
-    forgets them when the next stage starts, as it may change the block."""
+    forgets them when the next stage starts, as it may change the block.
+
+    The recording pass itself is cheap when the stage kept the input of the child's last linear
+    (`feed_inputs(keep=...)`): a child whose output is that linear's output (attention ends in
+    o_proj, the MLP in down_proj) runs on the first batch only, where this is checked bit for bit,
+    and on the others its output is the linear applied to the kept input."""
 
     def __init__(self, block: nn.Module, batches: list[BlockBatch]) -> None:
         self.block = block
         self.batches = batches
         self._frozen: set[str] = set()
         self._replays: dict[str, list[Any]] = {}  # child -> its output per batch
+        self._kept: dict[str, dict[int, torch.Tensor]] = {}  # linear -> its input by batch index
 
     def freeze(self, children: set[str]) -> None:
         self._frozen |= children
@@ -170,6 +215,13 @@ class BlockRunner:
     def thaw(self) -> None:
         self._frozen.clear()
         self._replays.clear()
+        self._kept.clear()
+
+    def _last_linear_of(self, child: str) -> str | None:
+        """The one linear inside `child` whose inputs were kept for every batch, if there is one."""
+        kept = [name for name, inputs in self._kept.items()
+                if name.startswith(child + ".") and len(inputs) == len(self.batches)]
+        return kept[0] if len(kept) == 1 else None
 
     @contextmanager
     def _passing(self) -> Iterator[list[int]]:
@@ -181,6 +233,11 @@ class BlockRunner:
         for name, module in zip(self._replays, patched):
             outputs = self._replays[name]
             module.forward = lambda *_args, _outputs=outputs, **_kwargs: _copied(_outputs[position[0]])
+        shortcuts = {name: linear for name in recording if (linear := self._last_linear_of(name))}
+        for name, linear in shortcuts.items():
+            child = self.block.get_submodule(name)
+            child.forward = _Shortcut(child.forward, self.block.get_submodule(linear), self._kept[linear], position)
+            patched.append(child)
 
         def recorder(name: str) -> Callable:
             def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
@@ -196,8 +253,10 @@ class BlockRunner:
                 handle.remove()
             for module in patched:
                 del module.forward
-        self._replays.update({name: outputs for name, outputs in recording.items()
-                              if len(outputs) == len(self.batches)})
+        recorded = {name: outputs for name, outputs in recording.items() if len(outputs) == len(self.batches)}
+        self._replays.update(recorded)
+        for name in recorded.keys() & shortcuts.keys():
+            del self._kept[shortcuts[name]]  # the child now replays its outputs
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
@@ -208,17 +267,24 @@ class BlockRunner:
         return outputs
 
     @torch.no_grad()
-    def feed_inputs(self, modules: dict[str, nn.Module], consume: Callable[[str, int, torch.Tensor], None]) -> None:
+    def feed_inputs(self, modules: dict[str, nn.Module], consume: Callable[[str, int, torch.Tensor], None],
+                    keep: set[str] = frozenset()) -> None:
         """Call `consume(name, batch_index, input)` for the input of each named module on every batch
         that reaches it (an MoE expert only sees the batches routing tokens to it; a module called
         with keywords, as attention is, gives its `hidden_states`). Each forward stops as soon as all
-        of them have been reached (later modules are not run)."""
+        of them have been reached (later modules are not run).
+
+        The runner keeps the inputs of the linears in `keep`, which the caller vouches are final
+        (every linear that runs before them is), to shortcut their child's recording pass."""
         seen: set[str] = set()
         with self._passing() as position:
 
             def hook_for(name: str) -> Callable:
                 def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-                    consume(name, position[0], args[0] if args else kwargs["hidden_states"])
+                    x = args[0] if args else kwargs["hidden_states"]
+                    if name in keep:
+                        self._kept.setdefault(name, {})[position[0]] = x
+                    consume(name, position[0], x)
                     seen.add(name)
                     if len(seen) == len(modules):
                         raise _Stop

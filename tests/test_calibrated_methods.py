@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -511,17 +512,31 @@ def test_awq_that_changes_nothing_then_gptq_is_gptq_exactly(catalog: Catalog, mo
     assert any("scales and clipping only" in note for note in chained.notes)
 
 
-def test_replaying_final_children_changes_nothing_and_saves_attention_passes(
-        catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """GPTQ freezes self_attn once o_proj is quantized: the down_proj pass and the block's output
-    pass replay its recorded outputs. Same weights and the same propagated activations, bit for bit."""
+@pytest.mark.parametrize("hooked", (False, True), ids=("plain", "hook-after-last-linear"))
+def test_replaying_final_children_changes_nothing_and_saves_block_passes(
+        catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet, monkeypatch: pytest.MonkeyPatch,
+        hooked: bool) -> None:
+    """GPTQ freezes self_attn once o_proj is quantized and the MLP once down_proj is: later passes
+    replay their recorded outputs, and the recording pass computes o_proj / down_proj on their kept
+    inputs instead of re-running the child. Same weights and the same propagated activations, bit
+    for bit. With a hook changing the last linear's output the child's output is not that linear's:
+    the first batch's check sees it and the child runs on every batch."""
 
-    def run(freeze: bool) -> tuple[QuantResult, int, list[torch.Tensor]]:
-        calls, seen = [], []
+    def run(freeze: bool) -> tuple[QuantResult, dict[str, int], list[torch.Tensor]]:
+        calls, seen = {"attention": 0, "mlp": 0}, []
+
+        def count(kind: str) -> Callable:
+            return lambda *_: calls.__setitem__(kind, calls[kind] + 1)
+
         if not freeze:
             monkeypatch.setattr(BlockRunner, "freeze", lambda self, children: None)
-        handles = [layer.self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
-                   for layer in model.model.layers]
+        handles = []
+        for layer in model.model.layers:
+            handles.append(layer.self_attn.q_proj.register_forward_hook(count("attention")))
+            handles.append(layer.mlp.gate_proj.register_forward_hook(count("mlp")))
+            if hooked:
+                handles += [linear.register_forward_hook(lambda _m, _a, out: out * 0.5)
+                            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj)]
         handles.append(model.model.layers[1].register_forward_pre_hook(  # block 1's inputs: block 0's outputs
             lambda _m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
         try:
@@ -530,7 +545,7 @@ def test_replaying_final_children_changes_nothing_and_saves_attention_passes(
             for handle in handles:
                 handle.remove()
             monkeypatch.undo()
-        return result, len(calls), seen
+        return result, calls, seen
 
     replayed, replayed_calls, replayed_inputs = run(freeze=True)
     plain, plain_calls, plain_inputs = run(freeze=False)
@@ -538,9 +553,13 @@ def test_replaying_final_children_changes_nothing_and_saves_attention_passes(
         assert torch.equal(replayed.model.get_submodule(name).weight, linear.weight), name
     assert len(replayed_inputs) == len(plain_inputs) and all(
         torch.equal(a, b) for a, b in zip(replayed_inputs, plain_inputs))
-    # per block and batch, attention runs for o_proj's, gate/up's, down's and the output pass
-    # (4 passes); replayed, down's and the output pass take the recorded outputs (2 passes)
-    assert plain_calls == 2 * replayed_calls == 2 * 2 * 4  # blocks x batches x passes
+    blocks, batches = 2, 2
+    # Without replay, attention runs in o_proj's, gate/up's, down's and the output pass, the MLP in
+    # down's and the output pass. With it, each child runs until its last linear is quantized, then
+    # in its recording pass (the next) on the first batch only, or on all if the check failed.
+    recording = batches if hooked else 1
+    assert plain_calls == {"attention": blocks * batches * 4, "mlp": blocks * batches * 2}
+    assert replayed_calls == {"attention": blocks * (batches + recording), "mlp": blocks * (batches + recording)}
 
 
 @pytest.mark.parametrize("method", ("gptq", "awq", "awq+gptq"))

@@ -126,6 +126,12 @@ class GPTQ:
         return GptqResult(Q.to(weight.dtype), losses, damp_used)
 
 
+def _child_end(order: list[str], name: str) -> bool:
+    """`name` is the last linear of its child of the block (in execution `order`)."""
+    child = name.split(".")[0]
+    return [other for other in order if other.split(".")[0] == child][-1] == name
+
+
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of H⁻¹ after dampening; on failure retry with 10x the dampening."""
     diagonal = torch.arange(H.shape[0], device=H.device)
@@ -173,11 +179,16 @@ class Gptq(Stage):
         # step (one per MoE expert) are collected in the same forwards.
         rounds = list(steps) if self.params.true_sequential else [[group for s in steps for group in s]]
         total = sum(batch.hidden.shape[0] * batch.hidden.shape[1] for batch in step.runner.batches)
+        order = list(linears)
         done: set[str] = set()
         for groups in rounds:
             firsts = {names[0]: linears[names[0]] for names in groups}
             stats = {first: GPTQ(linear.in_features, linear.weight.device) for first, linear in firsts.items()}
-            step.runner.feed_inputs(firsts, lambda name, _i, x: stats[name].add_batch(x))
+            # The input of a child's last linear, when every linear before it is quantized, is final:
+            # the runner keeps it to compute the child's output from it (o_proj, down_proj).
+            final = {first for first in firsts
+                     if _child_end(order, first) and set(order[:order.index(first)]) <= done}
+            step.runner.feed_inputs(firsts, lambda name, _i, x: stats[name].add_batch(x), keep=final)
             for names in groups:
                 group = {name: linears[name] for name in names}
                 if stats[names[0]].tokens < MIN_TOKEN_FRACTION * total:
