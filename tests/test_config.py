@@ -297,7 +297,8 @@ def test_line_numbers_are_recorded_for_every_key(tmp_path: Path) -> None:
 
 
 def test_missing_required_key_after_merge(tmp_path: Path) -> None:
-    path = write(tmp_path / "nosource.yaml", "model:\n  name: m\n  family: llama\nmethod: {name: rtn}\ntrack: {name: A}\n")
+    path = write(tmp_path / "nosource.yaml",
+                 "model:\n  name: m\n  family: llama\nmethod: {name: rtn}\ntrack: {name: A}\n")
     message = config_error([read_yaml_layer(path)])
     assert message.startswith(f"{path}:")
     assert "model is missing required key(s) ['source']" in message

@@ -426,7 +426,8 @@ def test_bits_per_weight_of_linears_is_the_size_weighted_mean() -> None:
 
     linears = {"a": nn.Linear(576, 4, bias=False), "b": nn.Linear(1536, 2, bias=False)}
     spec = QuantSpec(4, symmetric=False, group_size=128)
-    expected = (4 * 576 * spec.bits_per_weight(576, 4) + 2 * 1536 * spec.bits_per_weight(1536, 2)) / (4 * 576 + 2 * 1536)
+    expected = ((4 * 576 * spec.bits_per_weight(576, 4) + 2 * 1536 * spec.bits_per_weight(1536, 2))
+                / (4 * 576 + 2 * 1536))
     assert bits_per_weight(linears, {"a": spec, "b": spec}) == pytest.approx(expected, rel=1e-12)
     assert bits_per_weight(linears, {}) == 32  # float32 weights, as stored
     mixed = (4 * 576 * spec.bits_per_weight(576, 4) + 2 * 1536 * 32) / (4 * 576 + 2 * 1536)

@@ -303,7 +303,8 @@ def test_codebook_methods_run_symmetric_and_say_so(catalog: Catalog, method: str
     # per weight where a group is whole), not the configured asymmetric spec
     assert set(result.weight_specs.values()) == {spec}
     linears = {f"layers.{i}.{n}": getattr(result.model.layers[i], n) for i in (0, 1) for n in ("up", "down")}
-    assert bits_per_weight(linears, result.weight_specs) < bits_per_weight(linears, dict.fromkeys(linears, config.weight))
+    configured = dict.fromkeys(linears, config.weight)
+    assert bits_per_weight(linears, result.weight_specs) < bits_per_weight(linears, configured)
 
 
 def test_apot_k_param_is_used(catalog: Catalog) -> None:

@@ -65,7 +65,8 @@ def search_scales(weights: list[torch.Tensor], x_mean: torch.Tensor, spec: Quant
 
 def search_clip(weight: torch.Tensor, inputs: torch.Tensor, spec: QuantSpec, n_grid: int,
                 max_shrink: float) -> torch.Tensor:
-    """Per-group max|w| after the shrink that minimizes ‖x Wᵀ − x Q(clamp(W))ᵀ‖ per group; [rows, n_groups]."""
+    """Per-group max|w| after the shrink that minimizes ‖x Wᵀ − x Q(clamp(W))ᵀ‖ per group;
+    [rows, n_groups]."""
     rows, columns = weight.shape
     sizes = spec.group_sizes(columns)
     best_max = torch.empty(rows, len(sizes), device=weight.device)

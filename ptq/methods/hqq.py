@@ -58,7 +58,8 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
     return torch.sign(x) * torch.relu(magnitude - magnitude.pow(p - 1) / beta)
 
 
-def hqq_params(weight: torch.Tensor, spec: QuantSpec, params: HqqParams = HqqParams()) -> tuple[torch.Tensor, torch.Tensor]:
+def hqq_params(weight: torch.Tensor, spec: QuantSpec,
+               params: HqqParams = HqqParams()) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale (from min/max, zero not forced into the range) and optimized float zero
     point, [..., n_groups] as `ptq.quant.quantize_with` takes them. The loop stops at the first
     step that does not lower the mean absolute error over the whole tensor, keeping that

@@ -92,7 +92,8 @@ def load_model(
     if offline:  # the local cache only: no request, so no minute of retries before the error
         kwargs["local_files_only"] = True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        tokenizer_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+        tokenizer = AutoTokenizer.from_pretrained(resolved.location, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(resolved.location, **kwargs)
     except OSError as exc:
         if resolved.kind != "hub":

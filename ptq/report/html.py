@@ -148,7 +148,8 @@ def render_html(records: list[dict[str, Any]], run_id: str, comparison: tuple[st
     for experiment, table in sweep_tables(rows).items():
         parts += [f"<h2>{escape(experiment)}</h2>", "<p>The experiment's cells as a study lays them out: a row "
                   "per setting of its sweep and method, o where a stage ran.</p>",
-                  _table(table.headers, table.cells, [""] * len(table.cells), ["label"] + [""] * (len(table.headers) - 1))]
+                  _table(table.headers, table.cells, [""] * len(table.cells),
+                         ["label"] + [""] * (len(table.headers) - 1))]
     if spread := seed_spread(rows):
         parts += ["<h2>Spread over calibration seeds</h2>", "<p>Mean ± standard deviation over the seeds each "
                   "cell ran with (experiment.seeds).</p>",
