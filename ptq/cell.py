@@ -134,8 +134,9 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
     on a copy, so the loaded model stays float for the next cell; the baseline leaves the model
     as it is and gets no copy (and has no weights to store)."""
     found = Lookup("none", None) if pipeline.baseline else store.lookup("weights", deps.weights_key)
-    calibration = calibration_set(loaded.tokenizer, config.calib) if pipeline.calibrated and found.path is None \
-        else None
+    # the stages' data (unless their weights are stored), and what static activation ranges are observed on
+    calibration = calibration_set(loaded.tokenizer, config.calib) \
+        if pipeline.calibrated and found.path is None or config.static_act else None
     float_stores = references() if references is not None and not pipeline.baseline else None
     with PeakMemory(loaded.device) as memory:
         work = None if pipeline.baseline else CellCopy.of(loaded.model, loaded.adapter)
@@ -150,14 +151,14 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
             if loaded.device.type == "cuda":
                 torch.cuda.synchronize(loaded.device)
             quant_seconds = time.perf_counter() - start
-            calibration_record = calibration.record if calibration else None
+            calibration_record = calibration.record if pipeline.calibrated else None
         if work is not None:
             work.check()  # the loaded model serves the next cells: nothing may have written into it
         # what the stages changed, before activation wrappers rename the linears (written after
         # the measurement: serializing them is not the cell's memory)
         changed = changed_tensors(loaded.model, model) if found.status in ("miss", "rebuilt") \
             and result.pure_weights else None
-        quantize_activations(result, loaded.adapter, config)
+        quantize_activations(result, loaded.adapter, config, calibration, loaded.device)
         with on_device(result.model, loaded.device) as placement:
             evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores)
     unstored = None
@@ -171,6 +172,8 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
                "peak_added_over_float": added / loaded.float_bytes,
                "bits_per_weight": bits_per_weight(loaded.adapter.quantizable_linears(loaded.model),
                                                   result.weight_specs)}
+    if calibration_record is None and calibration is not None:  # read for the activation ranges alone
+        calibration_record = calibration.record
     data = {"eval": evaluation.data, "calibration": calibration_record, "quantized": _quantized(result),
             "placement": placement}
     if result.details:
@@ -194,7 +197,8 @@ def _quantized(result: QuantResult) -> dict[str, Any]:
         return [{"spec": dataclasses.asdict(spec), "linears": len(names), "names": names}
                 for spec, names in groups.items()]
 
-    return {"weights": by_spec(result.weight_specs), "inputs": by_spec(result.act_specs), "kv_cache": result.kv,
+    return {"weights": by_spec(result.weight_specs), "inputs": by_spec(result.act_specs),
+            "outputs": by_spec(result.act_output_specs), "kv_cache": result.kv,
             "runtime": result.runtime, "pure_weight_replacement": result.pure_weights}
 
 

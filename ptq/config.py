@@ -261,12 +261,20 @@ class CellConfig:
     track: TrackConfig
     weight: QuantSpec | None = None  # weight quantization (tracks A, B)
     act: ActSpec | None = None  # activation quantization of the block linears' inputs (track B)
+    # With act: also the outputs of the q, k and v projections, the attention matmuls' inputs
+    # (SmoothQuant's quantize_bmm_input)
+    act_attention_inputs: bool = False
     kv: KVConfig | None = None  # KV-cache quantization (track C)
     kv_eval: KVEvalConfig | None = None  # KV-cache probes (track C), for every method of the track
     calib: CalibConfig | None = field(default_factory=CalibConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gates: GateConfig = field(default_factory=GateConfig)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+
+    @property
+    def static_act(self) -> bool:
+        """Activations are quantized with static ranges, observed on the calibration set."""
+        return self.act is not None and not self.act.dynamic
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -62,6 +62,8 @@ def settings(config: CellConfig) -> dict[str, Any]:
             if spec is not None and spec.get(key) == default:
                 spec.pop(key)
     payload["eval"].pop("allow_fewer_windows")  # whether a cell may run, not what it measures
+    if not config.act_attention_inputs:  # added later: cells without it keep their fingerprints
+        payload.pop("act_attention_inputs")
     if not config.zero_shot.tasks:  # unused: cells without zero-shot keep their fingerprints
         payload.pop("zero_shot")
     elif config.zero_shot.sampling == "random":  # added later: the default is what it meant before

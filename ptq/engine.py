@@ -59,6 +59,7 @@ class QuantResult:
     kv: dict[str, Any] | None = None  # what that cache stores, as the stage that made it describes it
     weight_specs: dict[str, QuantSpec] = field(default_factory=dict)  # the spec each linear was rounded with
     act_specs: dict[str, QuantSpec] = field(default_factory=dict)  # linears whose inputs are quantized
+    act_output_specs: dict[str, QuantSpec] = field(default_factory=dict)  # linears whose outputs are, too
     runtime: list[str] = field(default_factory=list)  # modules or hooks added beyond the weights' values
     notes: list[str] = field(default_factory=list)  # facts worth recording (uneven groups, ...)
     fallbacks: list[str] = field(default_factory=list)  # anything that ran other than as configured

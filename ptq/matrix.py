@@ -50,8 +50,8 @@ class Cell:
 
     @property
     def calibrated(self) -> bool:
-        """A stage reads calibration data: its dataset is part of the id."""
-        return self.pipeline.calibrated
+        """A stage, or static activation ranges, read calibration data: its dataset is part of the id."""
+        return self.config.calib is not None
 
     @property
     def id(self) -> str:
@@ -208,7 +208,7 @@ class Experiment:
 
 # What a sweep may vary: what methods read. The FP baseline runs once for all entries, so an
 # entry cannot change what the baseline reads (the model, the evaluation).
-SWEEP_SECTIONS = ("weight", "act", "kv", "calib", "gates", "stages", "method")
+SWEEP_SECTIONS = ("weight", "act", "act_attention_inputs", "kv", "calib", "gates", "stages", "method")
 
 
 class Catalog:
@@ -417,12 +417,15 @@ class Catalog:
         """Sections the pipeline does not read are dropped, so its record never claims them; then
         each stage checks the specs it reads (before any model loads)."""
         reads = pipeline.reads
+        act = None if pipeline.baseline else config.act  # activations are quantized for every method
         config = dataclasses.replace(
             config,
             weight=config.weight if "weight" in reads else None,
             kv=config.kv if "kv" in reads else None,
-            act=None if pipeline.baseline else config.act,  # activations are quantized for every method
-            calib=config.calib if pipeline.calibrated else None,
+            act=act,
+            act_attention_inputs=act is not None and config.act_attention_inputs,
+            # static activation ranges are observed on the calibration set, whatever the method
+            calib=config.calib if pipeline.calibrated or (act is not None and not act.dynamic) else None,
             # KV probes belong to the tracks that ask for them: an experiment may tune them for
             # every cell it covers, but only those cells' tracks run them.
             kv_eval=config.kv_eval if "kv_eval" in self.tracks[track].data else None)

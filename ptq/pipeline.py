@@ -14,8 +14,9 @@ from ptq.calib import CalibrationSet
 from ptq.config import CellConfig
 from ptq.engine import ModelStep, QuantResult, Specs, Stage, run_stages
 from ptq.models.adapters import ArchAdapter
+from ptq.models.placement import one_cpu_thread, on_device
 from ptq.registry import Pipeline
-from ptq.transforms import group_notes, quantize_inputs
+from ptq.transforms import group_notes, quantize_inputs, recording_ranges
 
 
 def build_stages(config: CellConfig, pipeline: Pipeline) -> list[Stage]:
@@ -58,11 +59,30 @@ def quantize(model: nn.Module, adapter: ArchAdapter, config: CellConfig, pipelin
     return result
 
 
-def quantize_activations(result: QuantResult, adapter: ArchAdapter, config: CellConfig) -> None:
+def quantize_activations(result: QuantResult, adapter: ArchAdapter, config: CellConfig,
+                         calibration: CalibrationSet | None = None,
+                         device: torch.device = torch.device("cpu")) -> None:
     """Quantize the input of every block linear with the cell's act spec (track B), for every
-    method: it is the deployment format, not an algorithm."""
+    method: it is the deployment format, not an algorithm; with `act_attention_inputs`, the
+    outputs of the q, k and v projections too. Static ranges (`dynamic: false`) are
+    each input's min and max over the calibration set, run through the model as the stages left
+    it (weights quantized, activations in float), on `device` and on one CPU thread (a range
+    follows the summation order too)."""
     if config.act is None:
         return
     names = list(adapter.quantizable_linears(result.model))
-    quantize_inputs(result.model, names, config.act)
+    outputs = adapter.attention_projections(result.model) if config.act_attention_inputs else []
+    ranges = None
+    if config.static_act:
+        if calibration is None:
+            raise ValueError("static activation quantization needs the calibration set to observe ranges on")
+        with recording_ranges(result.model, names, outputs) as ranges, on_device(result.model, device), \
+                one_cpu_thread(device), torch.no_grad():
+            for batch in calibration.tokens.split(config.calib.batch_size):
+                result.model(batch.to(device), use_cache=False)
+        result.notes.append(f"static activation ranges: min and max of each linear's input over the "
+                            f"{calibration.tokens.shape[0]} calibration sequences, weights as quantized, "
+                            "activations in float")
+    quantize_inputs(result.model, names, config.act, outputs=outputs, ranges=ranges)
     result.act_specs = {name: config.act for name in names}
+    result.act_output_specs = {name: config.act for name in outputs}

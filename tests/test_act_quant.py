@@ -5,6 +5,7 @@ and the wrappers (inputs, outputs, static parameters, what is quantized where)."
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -14,10 +15,14 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ptq.config import CellConfig, Layer, read_yaml_layer, resolve
+from ptq.calib import CalibrationSet
+from ptq.config import CalibConfig, CellConfig, Layer, parse_override, read_yaml_layer, resolve
 from ptq.dependencies import fingerprint, settings
+from ptq.engine import QuantResult
 from ptq.errors import ConfigError
+from ptq.matrix import Catalog, Cell, Selection
 from ptq.models.adapters import adapter_for
+from ptq.pipeline import quantize_activations
 from ptq.registry import discover
 from ptq.quant import (
     ActSpec,
@@ -30,6 +35,7 @@ from ptq.quant import (
 from ptq.transforms import ActQuantizer, ActQuantLinear, act_quant_sites, quantize_inputs, recording_ranges
 
 FP8 = torch.float8_e4m3fn
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 INT8_TOKEN = ActSpec(8, symmetric=True, granularity="token")
 FP8_TOKEN = ActSpec(8, symmetric=True, granularity="token", format="fp8_e4m3")
 
@@ -504,10 +510,73 @@ def test_new_spec_fields_change_the_fingerprint_only_away_from_their_defaults(tm
     payload = settings(int8)
     assert {"format", "dynamic"}.isdisjoint(payload["act"]) and "format" not in payload["weight"]
     fingerprints = {fingerprint(int8, "cpu")}
+    assert "act_attention_inputs" not in payload
     for text in ("act: {format: fp8_e4m3}\n", "act: {granularity: tensor, dynamic: false}\n",
-                 "weight: {format: fp8_e4m3}\n"):
+                 "weight: {format: fp8_e4m3}\n", "act_attention_inputs: true\n"):
         (tmp_path / "top.yaml").write_text(text)
         (tmp_path / "cell.yaml").write_text(HEADER + base)
         config = resolve_rtn([read_yaml_layer(tmp_path / "cell.yaml"), read_yaml_layer(tmp_path / "top.yaml")])
         fingerprints.add(fingerprint(config, "cpu"))
-    assert len(fingerprints) == 4
+    assert len(fingerprints) == 5
+
+
+def rtn_b_cell(*overrides: str) -> Cell:
+    """rtn's track-B cell on smollm2-135m as the catalog resolves it (the model is not loaded)."""
+    selection = Selection(models=("smollm2-135m",), methods=("rtn",), tracks=("B",),
+                          overrides=tuple(parse_override(text) for text in overrides))
+    (cell,) = Catalog(BENCH).cells(selection, "cpu")
+    return cell
+
+
+def test_static_activation_cells_read_the_calibration_set_and_say_so() -> None:
+    """A static act spec makes any method's cell read the calibration set (its dataset enters the
+    id and the fingerprint); a dynamic one does not; the FP baseline never quantizes activations."""
+    dynamic = rtn_b_cell()
+    static = rtn_b_cell("act.granularity=tensor", "act.dynamic=false", "act_attention_inputs=true")
+    assert dynamic.config.calib is None and dynamic.id == "smollm2-135m-rtn-B"
+    assert static.config.calib is not None and static.id == "smollm2-135m-rtn-c4-B"
+    assert static.config.static_act and static.config.act_attention_inputs
+    assert static.baseline_config.act is None and static.baseline_config.calib is None
+    assert not rtn_b_cell("act=null", "act_attention_inputs=true").config.act_attention_inputs
+
+
+def test_static_ranges_come_from_the_calibration_set_through_the_quantized_model() -> None:
+    """quantize_activations with a static spec: each input's scale is its absmax over every
+    calibration token / 127 (SmoothQuant's per-tensor static scale), observed with the weights
+    as quantized and activations in float, here collected by hand; with act_attention_inputs the
+    q, k, v outputs get theirs. Without calibration data it refuses."""
+    model = tiny_llama()
+    adapter = adapter_for(model)
+    linears = list(adapter.quantizable_linears(model))
+    qkv = adapter.attention_projections(model)
+    with torch.no_grad():
+        for name in linears:  # the weights as a W8 stage would leave them
+            weight = model.get_submodule(name).weight
+            weight.copy_(fake_quantize(weight, QuantSpec(8, symmetric=True, granularity="channel")))
+    tokens = torch.randint(0, 128, (5, 24), generator=torch.Generator().manual_seed(3))
+    absmax: dict[tuple[str, str], float] = {}
+
+    def keep(name: str, where: str, x: torch.Tensor) -> None:
+        absmax[name, where] = max(absmax.get((name, where), 0.0), x.abs().max().item())
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, a, n=name: keep(n, "input", a[0]))
+               for name in linears]
+    handles += [model.get_submodule(name).register_forward_hook(lambda _m, _a, y, n=name: keep(n, "output", y))
+                for name in qkv]
+    with torch.no_grad():
+        model(tokens)  # all five sequences at once; the ranges are observed in batches of two
+    for handle in handles:
+        handle.remove()
+
+    static = ActSpec(8, symmetric=True, granularity="tensor", dynamic=False)
+    config = dataclasses.replace(rtn_b_cell().config, act=static, act_attention_inputs=True,
+                                 calib=CalibConfig(n_samples=5, seqlen=24, batch_size=2))
+    with pytest.raises(ValueError, match="needs the calibration set"):
+        quantize_activations(QuantResult(model), adapter, config)
+    result = QuantResult(model)
+    quantize_activations(result, adapter, config, CalibrationSet(tokens, record={}))
+    sites = act_quant_sites(model)
+    for (name, where), value in absmax.items():
+        assert sites[name][where]["scale"] == pytest.approx(value / 127, rel=1e-6), (name, where)
+    assert set(result.act_specs) == set(linears) and set(result.act_output_specs) == set(qkv)
+    assert any("static activation ranges" in note for note in result.notes)
