@@ -302,11 +302,14 @@ def test_11_a_shard_without_cells_is_a_usage_error(pytester: pytest.Pytester, tm
 # Loaded into the run with -p: after its first cell, each process says so and waits, so the run
 # is interrupted in the middle of its cells, at a known point (under xdist each worker may have
 # finished one cell: with one model and two workers, cells go to both).
+# Short sleeps: a signal the kernel hands to another thread (torch's) only sets a flag, which the
+# main thread acts on when it next runs Python; one long sleep would hold the interrupt back.
 PAUSE_PLUGIN = '''
 import os, time
 def pytest_runtest_teardown(item):
     open(os.environ["PTQ_TEST_READY"], "a").close()
-    time.sleep(120)
+    for _ in range(1200):
+        time.sleep(0.1)
 '''
 
 
