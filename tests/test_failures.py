@@ -313,6 +313,14 @@ def pytest_runtest_teardown(item):
 '''
 
 
+def _signals_as_from_a_terminal() -> None:
+    """In the child before exec: SIGINT and SIGTERM unblocked and at their default disposition (a
+    blocked or ignored signal is inherited, and a full test session's worker may carry one)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    for sent in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sent, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(("sent", "workers", "by"), [
     (signal.SIGTERM, 0, "SIGTERM"), (signal.SIGINT, 0, "Ctrl-C"), (signal.SIGTERM, 2, "SIGTERM")],
     ids=["sigterm", "ctrl-c", "sigterm-to-every-xdist-process"])
@@ -324,9 +332,10 @@ def test_12_an_interrupted_run_writes_the_finished_cells_marked_as_interrupted(
     reports = tmp_path / "reports"
     command = bench_command(ws, "-p", "pause_plugin", "-n", str(workers), "--reports-dir", str(reports),
                             "--run-id", "stopped", "--no-cache")
-    # its own process group: the signal goes to the run (and, as Slurm does, to all its processes)
+    # its own process group: the signal goes to the run (and, as Slurm does, to all its processes);
+    # with the signal state of a terminal, not whatever the xdist worker running this test inherited
     run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, start_new_session=True)
+                           text=True, start_new_session=True, preexec_fn=_signals_as_from_a_terminal)
     deadline = time.monotonic() + 300
     while not ready.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
