@@ -172,7 +172,8 @@ class _Shortcut:
             output = self.forward(*args, **kwargs)
             if not self.checked:
                 self.checked = True
-                if self._replaceable(output) and torch.equal(first_tensor(output), self._linear_output(index)):
+                expected = self._linear_output(index)
+                if self._replaceable(output) and torch.equal(first_tensor(output), expected):
                     self.layout = output
             return output
         computed = self._linear_output(index)
@@ -185,7 +186,9 @@ class _Shortcut:
     @staticmethod
     def _replaceable(output: Any) -> bool:
         """A tensor, or a plain tuple whose other items are not tensors (attention's weights: None)."""
-        return isinstance(output, torch.Tensor) or type(output) is tuple and isinstance(output[0], torch.Tensor) \
+        if isinstance(output, torch.Tensor):
+            return True
+        return type(output) is tuple and isinstance(output[0], torch.Tensor) \
             and not any(isinstance(item, torch.Tensor) for item in output[1:])
 
 
@@ -237,7 +240,8 @@ class BlockRunner:
         shortcuts = {name: linear for name in recording if (linear := self._last_linear_of(name))}
         for name, linear in shortcuts.items():
             child = self.block.get_submodule(name)
-            child.forward = _Shortcut(child.forward, self.block.get_submodule(linear), self._kept[linear], position)
+            child.forward = _Shortcut(child.forward, self.block.get_submodule(linear), self._kept[linear],
+                                      position)
             patched.append(child)
 
         def recorder(name: str) -> Callable:

@@ -559,10 +559,10 @@ def test_static_ranges_come_from_the_calibration_set_through_the_quantized_model
     def keep(name: str, where: str, x: torch.Tensor) -> None:
         absmax[name, where] = max(absmax.get((name, where), 0.0), x.abs().max().item())
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, a, n=name: keep(n, "input", a[0]))
-               for name in linears]
-    handles += [model.get_submodule(name).register_forward_hook(lambda _m, _a, y, n=name: keep(n, "output", y))
-                for name in qkv]
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, a, n=name: keep(n, "input", a[0])) for name in linears]
+    handles += [model.get_submodule(name).register_forward_hook(
+        lambda _m, _a, y, n=name: keep(n, "output", y)) for name in qkv]
     with torch.no_grad():
         model(tokens)  # all five sequences at once; the ranges are observed in batches of two
     for handle in handles:

@@ -514,8 +514,8 @@ def test_awq_that_changes_nothing_then_gptq_is_gptq_exactly(catalog: Catalog, mo
 
 @pytest.mark.parametrize("hooked", (False, True), ids=("plain", "hook-after-last-linear"))
 def test_replaying_final_children_changes_nothing_and_saves_block_passes(
-        catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet, monkeypatch: pytest.MonkeyPatch,
-        hooked: bool) -> None:
+        catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet,
+        monkeypatch: pytest.MonkeyPatch, hooked: bool) -> None:
     """GPTQ freezes self_attn once o_proj is quantized and the MLP once down_proj is: later passes
     replay their recorded outputs, and the recording pass computes o_proj / down_proj on their kept
     inputs instead of re-running the child. Same weights and the same propagated activations, bit
@@ -559,7 +559,8 @@ def test_replaying_final_children_changes_nothing_and_saves_block_passes(
     # in its recording pass (the next) on the first batch only, or on all if the check failed.
     recording = batches if hooked else 1
     assert plain_calls == {"attention": blocks * batches * 4, "mlp": blocks * batches * 2}
-    assert replayed_calls == {"attention": blocks * (batches + recording), "mlp": blocks * (batches + recording)}
+    per_child = blocks * (batches + recording)
+    assert replayed_calls == {"attention": per_child, "mlp": per_child}
 
 
 @pytest.mark.parametrize("method", ("gptq", "awq", "awq+gptq"))

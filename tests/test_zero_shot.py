@@ -301,7 +301,8 @@ def test_labels_that_do_not_match_the_examples_are_an_error(offline: Path) -> No
 
 def test_unknown_task_offline_lists_the_known_tasks(offline: Path) -> None:
     known = r"piqa, arc_easy, arc_challenge, boolq, winogrande, lambada_openai, wikitext"
-    with pytest.raises(ConfigError, match=r"unknown zero-shot task\(s\) \['hellaswag'\]; known offline .*" + known):
+    unknown = r"unknown zero-shot task\(s\) \['hellaswag'\]; known offline .*"
+    with pytest.raises(ConfigError, match=unknown + known):
         check_task_names(("piqa", "hellaswag"))
 
 

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="gptq")
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="default: reports/perf/calib_speed_METHOD.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: reports/perf/calib_speed_METHOD.json")
     args = parser.parse_args(argv)
     out = args.out or ROOT / "reports" / "perf" / f"calib_speed_{args.method}.json"
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                 seconds = time.perf_counter() - start
         finally:
             BlockRunner._last_linear_of = shortcut
-        return seconds, {name: linear.weight for name, linear in adapter.quantizable_linears(quantized).items()}
+        linears = adapter.quantizable_linears(quantized)
+        return seconds, {name: linear.weight for name, linear in linears.items()}
 
     seconds: dict[str, list[float]] = {"shortcut": [], "no_shortcut": []}
     weights: dict[str, dict[str, torch.Tensor]] = {}
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             elapsed, weights[name] = run(name == "shortcut")
             seconds[name].append(elapsed)
             print(f"{name}: {elapsed:.1f} s", flush=True)
-    identical = all(torch.equal(weights["shortcut"][name], weight) for name, weight in weights["no_shortcut"].items())
+    identical = all(torch.equal(weights["shortcut"][name], weight)
+                    for name, weight in weights["no_shortcut"].items())
     best = {name: min(values) for name, values in seconds.items()}
     result = {
         "model": args.model, "method": args.method, "blocks": args.blocks, "rounds": args.rounds,
