@@ -417,15 +417,15 @@ class Catalog:
         """Sections the pipeline does not read are dropped, so its record never claims them; then
         each stage checks the specs it reads (before any model loads)."""
         reads = pipeline.reads
-        act = None if pipeline.baseline else config.act  # activations are quantized for every method
+        # activations are quantized for every method but the baseline
+        config = dataclasses.replace(config, act=None if pipeline.baseline else config.act)
         config = dataclasses.replace(
             config,
             weight=config.weight if "weight" in reads else None,
             kv=config.kv if "kv" in reads else None,
-            act=act,
-            act_attention_inputs=act is not None and config.act_attention_inputs,
+            act_attention_inputs=config.act is not None and config.act_attention_inputs,
             # static activation ranges are observed on the calibration set, whatever the method
-            calib=config.calib if pipeline.calibrated or (act is not None and not act.dynamic) else None,
+            calib=config.calib if pipeline.calibrated or config.static_act else None,
             # KV probes belong to the tracks that ask for them: an experiment may tune them for
             # every cell it covers, but only those cells' tracks run them.
             kv_eval=config.kv_eval if "kv_eval" in self.tracks[track].data else None)
