@@ -8,6 +8,7 @@ TORCH ?= torch==2.13.0
 PTQ_DATA_DIR ?= $(abspath $(CURDIR)/../shared/data)
 export PTQ_DATA_DIR
 ARGS ?=
+WORKERS ?= 2
 
 .PHONY: setup bench test perf clean
 
@@ -25,8 +26,10 @@ setup: $(VENV)/.installed
 # The default benchmark (bench/experiments/default.yaml): smollm2-135m, each track's headline methods
 # (A: fp16 rtn gptq awq; B: rtn smoothquant; C: float, kv-rtn int4, KIVI-2);
 # writes reports/leaderboard.{md,json,html} and reports/plots/.
+# Two xdist workers: quantization runs on one thread (see ptq/models/placement.py), so one
+# process would leave a core idle through GPTQ and AWQ. WORKERS=0 runs in one process.
 bench: setup
-	$(PY) -m pytest bench $(ARGS)
+	$(PY) -m pytest bench -n $(WORKERS) $(ARGS)
 
 # Unit tests, then the default matrix and two library backends end to end (experiments/backends-ci.yaml)
 # as a regression gate (two xdist workers).

@@ -240,6 +240,7 @@ def pytest_runtest_call(item: pytest.Item):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`-k` on cells matches whole names (see ptq.matrix.Cell.matches); other tests keep pytest's matching."""
+    calibrated_first(items)
     expression = config.option.keyword.lstrip()
     if not expression:
         return
@@ -255,6 +256,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+def calibrated_first(items: list[pytest.Item]) -> None:
+    """Cells whose pipelines calibrate (the long ones) before the others, each group in its order,
+    in the places cells hold: under xdist the long cells start at once on separate workers rather
+    than last on one, and the others fill in around them."""
+    cells = [(index, item, cell) for index, item in enumerate(items) if (cell := cell_of(item)) is not None]
+    ordered = sorted(cells, key=lambda entry: not entry[2].pipeline.calibrated)
+    for (index, _, _), (_, item, _) in zip(cells, ordered):
+        items[index] = item
 
 
 class LeaderboardCollector:

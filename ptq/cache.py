@@ -9,13 +9,18 @@ and every payload hash; an entry that fails (partial, corrupt, other format, not
 removed and reported as such, never used. An entry that cannot be written (a full disk) is
 reported too, and the result it would have held is kept by the caller.
 
+Processes sharing a store (xdist workers) build an entry once: `exclusive` holds a lock file
+(under `locks`) while one of them looks it up and builds it, and the others wait, then read it.
+
 Only what is recognisably the store's is ever removed: under each kind folder, entries named as
-keys and temporary builds. `clear` leaves anything else, so a cache folder pointed at a folder
-of other files deletes none of them.
+keys and temporary builds; under `locks`, lock files. `clear` leaves anything else, so a cache
+folder pointed at a folder of other files deletes none of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import inspect
@@ -26,7 +31,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from ptq.models.loading import sha256_file
 
@@ -34,9 +39,11 @@ FORMAT_VERSION = 1
 CACHE_DIR_ENV = "PTQ_CACHE_DIR"
 DEFAULT_CACHE_DIR = "~/.cache/ptq-bench"
 MANIFEST = "manifest.json"
-KINDS = ("metrics", "weights")  # the store's folders under its root
+KINDS = ("metrics", "weights", "references")  # the store's folders under its root
 # An entry's folder name (its key), or that of an entry being built (see CacheStore.store).
 ENTRY_NAME = re.compile(r"[0-9a-f]{64}|\.tmp-[0-9a-f]{12}-[0-9a-f]{8}")
+LOCKS = "locks"  # the folder of lock files (see CacheStore.exclusive), named <kind>-<key>.lock
+LOCK_NAME = re.compile(rf"({'|'.join(KINDS)})-[0-9a-f]{{64}}\.lock")
 
 # hit: used; miss: absent, built; rebuilt: present but invalid, removed and built again;
 # off: caching disabled; none: nothing to store for this stage (see ptq.cell).
@@ -127,6 +134,23 @@ class CacheStore:
                 shutil.rmtree(tmp)
         return None
 
+    @contextlib.contextmanager
+    def exclusive(self, kind: str, key: str) -> Iterator[None]:
+        """One process at a time builds the entry: the others wait here until it is stored, then find
+        it. A no-op when the store is off. The lock is the kernel's (flock), so it ends with its process."""
+        if self.root is None:
+            yield
+            return
+        self._entry(kind, key)  # checks the name
+        locks = self.root / LOCKS
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{kind}-{key}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def clear(self) -> None:
         """Remove every entry (and entry being built) of every kind, then the kind folders and the
         root if that leaves them empty. Files and folders the store did not make stay."""
@@ -140,6 +164,12 @@ class CacheStore:
                 if ENTRY_NAME.fullmatch(entry.name):
                     _remove(entry)
             _remove_if_empty(folder)
+        locks = self.root / LOCKS
+        if locks.is_dir():
+            for lock in locks.iterdir():
+                if LOCK_NAME.fullmatch(lock.name):
+                    lock.unlink()
+            _remove_if_empty(locks)
         _remove_if_empty(self.root)
 
 

@@ -113,16 +113,19 @@ def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, loa
     quantized weights from their entry), evaluate, and store. The model is loaded only then, and
     `references` (the float model's top-k stores, for the KLD) called only then."""
     deps = dependencies(config, stage_modules(pipeline), device.type, stage_environments(pipeline))
-    found = store.lookup("metrics", deps.metrics_key)
-    if found.status == "hit":
-        assert found.path is not None
-        stored = json.loads((found.path / "outcome.json").read_text())
-        return CellOutcome(**stored, cache={"metrics": "hit", "weights": "skipped"})
-    outcome = measure(config, pipeline, load(), store, deps, references)
-    def write(folder: Path) -> None:
-        (folder / "outcome.json").write_text(json.dumps(outcome.stored(), indent=2))
+    # two workers needing the same outcome (a model's FP baseline) measure it once
+    with store.exclusive("metrics", deps.metrics_key):
+        found = store.lookup("metrics", deps.metrics_key)
+        if found.status == "hit":
+            assert found.path is not None
+            stored = json.loads((found.path / "outcome.json").read_text())
+            return CellOutcome(**stored, cache={"metrics": "hit", "weights": "skipped"})
+        outcome = measure(config, pipeline, load(), store, deps, references)
 
-    unstored = store.store("metrics", deps.metrics_key, deps.metrics, write)
+        def write(folder: Path) -> None:
+            (folder / "outcome.json").write_text(json.dumps(outcome.stored(), indent=2))
+
+        unstored = store.store("metrics", deps.metrics_key, deps.metrics, write)
     outcome.cache["metrics"] = found.status
     outcome.cache_problems += [problem for problem in (found.problem, unstored) if problem]
     return outcome
@@ -137,8 +140,8 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
     # the stages' data (unless their weights are stored), and what static activation ranges are observed on
     calibration = calibration_set(loaded.tokenizer, config.calib) \
         if pipeline.calibrated and found.path is None or config.static_act else None
-    float_stores = references() if references is not None and not pipeline.baseline else None
-    with PeakMemory(loaded.device) as memory:
+    memory = PeakMemory(loaded.device)
+    with memory:
         work = None if pipeline.baseline else CellCopy.of(loaded.model, loaded.adapter)
         model = loaded.model if work is None else work.model
         if found.path is not None:
@@ -158,6 +161,10 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
         # the measurement: serializing them is not the cell's memory)
         changed = changed_tensors(loaded.model, model) if found.status in ("miss", "rebuilt") \
             and result.pure_weights else None
+    # after quantizing, so a worker waiting for another's float references has done its own work
+    # first; outside the cell's memory: they are the float model's
+    float_stores = references() if references is not None and not pipeline.baseline else None
+    with memory:
         quantize_activations(result, loaded.adapter, config, calibration, loaded.device)
         with on_device(result.model, loaded.device) as placement:
             evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores)

@@ -37,6 +37,8 @@ QUANTIZE_CODE = ("ptq.quant", "ptq.calib", "ptq.engine", "ptq.pipeline", "ptq.tr
 EVALUATE_CODE = ("ptq.cell", "ptq.cache", "ptq.eval.suite", "ptq.eval.perplexity", "ptq.eval.kld",
                  "ptq.eval.decode", "ptq.eval.passkey", "ptq.eval.zeroshot", "ptq.eval.lm_tasks", "ptq.eval.memory",
                  "ptq.data", "ptq.kv")
+# What the float model's top-k stores (the KLD's reference) are computed with.
+REFERENCES_CODE = ("ptq.eval.suite", "ptq.eval.perplexity", "ptq.eval.kld", "ptq.data")
 # Spec fields added after fingerprints were first committed, with the value their absence meant.
 SPEC_FIELDS_ADDED_LATER = {"format": "int", "dynamic": True}
 RESULT_PACKAGES = ("torch", "transformers", "tokenizers", "gguf", "safetensors", "hqq", "optimum-quanto", "lm_eval")
@@ -126,3 +128,14 @@ def dependencies(config: CellConfig, stage_modules: tuple[str, ...], device_type
     metrics = {"weights": weights, "eval": evaluation, "code": code_version(EVALUATE_CODE),
                "eval_data_sha256": {name: load_text(name, EVAL_SPLIT).sha256 for name in config.eval.datasets}}
     return Dependencies(fingerprint(config, device_type), weights, metrics)
+
+
+def references_inputs(config: CellConfig, device_type: str) -> dict[str, Any]:
+    """What the float model's top-k stores of a cell's evaluation windows depend on (the inputs of
+    their cache key): the model's content and settings, the evaluation settings and text, the code
+    and packages; not the method, so every cell of a model and evaluation setting shares them."""
+    payload = settings(config)
+    return {"model": model_identity(config.model.source), "model_settings": payload["model"],
+            "eval": payload["eval"], "device_type": device_type, "packages": package_versions(RESULT_PACKAGES),
+            "code": code_version(REFERENCES_CODE),
+            "eval_data_sha256": {name: load_text(name, EVAL_SPLIT).sha256 for name in config.eval.datasets}}

@@ -4,9 +4,7 @@ once, and a cell run into its record with its gates."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,12 +13,12 @@ from typing import Any
 import torch
 
 from ptq import progress
-from ptq.cache import CacheStore
+from ptq.cache import CacheStore, cache_key
 from ptq.calib import CALIB_SPLITS
 from ptq.cell import CellOutcome, LoadedModel, run_cached
 from ptq.config import ModelConfig, parse_override
 from ptq.data import load_text
-from ptq.dependencies import EVAL_SPLIT, fingerprint
+from ptq.dependencies import EVAL_SPLIT, fingerprint, references_inputs
 from ptq.errors import BaselineFailed, ConfigError, NonFiniteMetric, PtqError, UnsupportedModel
 from ptq.eval.kld import TopKLogprobs
 from ptq.eval.lm_tasks import check_task_files, check_task_names
@@ -142,7 +140,8 @@ class Session:
         # by baseline fingerprint: its outcome, or why it failed (each cell needing it fails with that)
         self._fp_outcomes: dict[str, CellOutcome | str] = {}
         self._fp_pipeline = Pipeline((catalog.baseline,))
-        self._references: dict[str, dict[str, TopKLogprobs]] = {}  # by model and evaluation setting
+        # by cache key (model and evaluation setting): the stores, and why they could not be cached
+        self._references: dict[str, tuple[dict[str, TopKLogprobs], list[str]]] = {}
 
     def baseline(self, cell: Cell) -> CellOutcome:
         """The FP baseline the cell is judged against, measured once per model and evaluation
@@ -164,26 +163,50 @@ class Session:
 
     def references(self, cell: Cell) -> dict[str, TopKLogprobs]:
         """The float model's top-k stores of the cell's evaluation windows (for the KLD), computed
-        once per model and evaluation setting (what decides the windows and the draws)."""
-        key = json.dumps([dataclasses.asdict(cell.config.model), dataclasses.asdict(cell.config.eval)],
-                         sort_keys=True, default=str)
+        once per model and evaluation setting (what decides the windows and the draws), and kept in
+        the disk cache: workers of one run share them, and the next run reads them."""
+        inputs = references_inputs(cell.config, self.device.type)
+        key = cache_key(inputs)
         if key not in self._references:
-            loaded = self.models.get(cell.config.model)
-            with on_device(loaded.model, loaded.device):
-                self._references[key] = float_references(loaded.model, loaded.tokenizer, cell.config)
-        return self._references[key]
+            with self.cache.exclusive("references", key):
+                found = self.cache.lookup("references", key)
+                problems = [found.problem] if found.problem else []
+                if found.path is not None:
+                    stores = {dataset: TopKLogprobs.load(found.path / f"{dataset}.safetensors")
+                              for dataset in cell.config.eval.datasets}
+                else:
+                    loaded = self.models.get(cell.config.model)
+                    with on_device(loaded.model, loaded.device):
+                        stores = float_references(loaded.model, loaded.tokenizer, cell.config)
+
+                    def write(folder: Path) -> None:
+                        for dataset, store in stores.items():
+                            store.save(folder / f"{dataset}.safetensors")
+
+                    unstored = self.cache.store("references", key, inputs, write)
+                    problems += [unstored] if unstored else []
+            self._references[key] = stores, problems
+        return self._references[key][0]
 
     def run(self, cell: Cell, record: CellRecord) -> list[GateResult]:
-        """Measure the cell into `record` and return the gates that failed."""
-        baseline = self.baseline(cell)
-        record.model_source = baseline.model_source
+        """Measure the cell into `record` and return the gates that failed. The method quantizes
+        before the FP baseline and the float references are fetched (they come before its
+        evaluation): under xdist, a worker quantizes while another measures what they share (see
+        ptq.cache's exclusive), instead of measuring it too."""
         load = partial(self.models.get, cell.config.model)
+
+        def references() -> dict[str, TopKLogprobs]:
+            self.baseline(cell)  # a failed baseline fails the cell before its evaluation
+            return self.references(cell)
+
         try:
-            outcome = baseline if cell.pipeline.baseline else \
-                run_cached(cell.config, cell.pipeline, self.device, load, self.cache, partial(self.references, cell))
+            outcome = self.baseline(cell) if cell.pipeline.baseline else \
+                run_cached(cell.config, cell.pipeline, self.device, load, self.cache, references)
         except NonFiniteMetric as exc:  # the float model's metrics are finite: the method's are not
             raise NonFiniteMetric(f"{exc}; the FP baseline's are finite: check the method's scales and the "
                                   "model dtype") from None
+        baseline = self.baseline(cell)
+        record.model_source = baseline.model_source
         metrics, fp_metrics = outcome.metrics, baseline.metrics
         first = next(iter(metrics["ppl"]))
         record.metrics = {**metrics, "fp_ppl": fp_metrics["ppl"], "ppl_ratio": metrics["ppl"][first] /
@@ -191,7 +214,9 @@ class Session:
         if "zero_shot" in metrics:
             record.metrics["fp_zero_shot"] = fp_metrics["zero_shot"]
         record.data, record.notes = outcome.data, outcome.notes
-        record.fallbacks = outcome.fallbacks + [f"cache: {problem}" for problem in outcome.cache_problems]
+        shared = self._references.get(cache_key(references_inputs(cell.config, self.device.type)))
+        problems = outcome.cache_problems + (shared[1] if shared and "kld" in metrics else [])
+        record.fallbacks = outcome.fallbacks + [f"cache: {problem}" for problem in problems]
         record.cache = {**outcome.cache, "fp_baseline": baseline.cache["metrics"]}
         committed = self.baselines.check(cell.id, record.config_fingerprint, metrics,
                                          cell.config.gates.baseline_rel_tol, self.require_baselines) \

@@ -126,3 +126,23 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
     assert "evaluating window" not in third.stderr + third.stdout
     reason = leaderboard(workspace)["tiny-llama-rtn-A-tiny"]["reason"]
     assert "baseline" in reason and "beyond tolerance" in reason
+
+
+def test_workers_sharing_a_model_measure_its_baseline_and_float_references_once(workspace: Path) -> None:
+    """With one model and two workers, cells are dealt one by one; whichever worker first needs the
+    FP baseline (or the float top-k references) measures it, the other waits and reads it from the
+    cache. Each of tracks A/B and C has its own baseline (C's is scored through a float cache)."""
+    cache = workspace / "cache-shared"  # empty, whatever the module's other tests stored
+    run = run_bench(workspace, "--models", "tiny-llama", "-n", "2", "--update-baselines", "--run-id", "shared",
+                    "--cache-dir", str(cache))
+    assert run.returncode == 0, run.stdout[-3000:]
+    records = [json.loads(p.read_text()) for p in (workspace / "reports" / "runs" / "shared").glob("*.json")]
+    assert {r["environment"]["xdist_worker"] for r in records} == {"gw0", "gw1"}
+    for tracks in ("AB", "C"):  # per baseline, one worker measured it (miss), the other read it (hit)
+        measured = {r["environment"]["xdist_worker"] for r in records
+                    if r["track"] in tracks and r["cache"]["fp_baseline"] == "miss"}
+        assert len(measured) == 1, (tracks, [(r["cell_id"], r["cache"]) for r in records])
+    assert len(re.findall(r"float top-k window 4/4$", run.stderr, re.M)) == 1, run.stderr
+    assert len(list((cache / "references").glob("*/manifest.json"))) == 1
+    kld = {r["cell_id"]: r["metrics"]["kld"]["wikitext2"]["mean"] for r in records if "kld" in r["metrics"]}
+    assert set(kld) >= {"tiny-llama-rtn-A-tiny", "tiny-llama-rtn-B-tiny"}

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
@@ -116,9 +118,39 @@ def test_clear_empties_the_store(tmp_path: Path) -> None:
     store.store("metrics", "a" * 64, {}, write_payload("hello"))
     store.store("weights", "b" * 64, {}, write_payload("hello"))
     (tmp_path / "cache" / "weights" / ".tmp-bbbbbbbbbbbb-12345678").mkdir()  # a build a killed run left
+    with store.exclusive("references", "c" * 64):  # leaves its lock file
+        pass
     store.clear()
     assert not (tmp_path / "cache").exists()
     assert store.lookup("metrics", "a" * 64).status == "miss"
+
+
+def test_one_process_builds_a_shared_entry_while_the_others_wait_then_read_it(tmp_path: Path) -> None:
+    """`exclusive` is the kernel's flock on a file beside the entry; two open descriptions of it
+    exclude each other as two processes' would, so two threads stand in for two workers here."""
+    store, key = CacheStore(tmp_path), "d" * 64
+    statuses: list[str] = []
+    building = threading.Event()
+
+    def worker() -> None:
+        with store.exclusive("metrics", key):
+            found = store.lookup("metrics", key)
+            statuses.append(found.status)
+            if found.status == "miss":
+                building.set()
+                time.sleep(0.2)  # the second worker reaches the lock meanwhile
+                store.store("metrics", key, {}, write_payload("built once"))
+
+    first = threading.Thread(target=worker)
+    first.start()
+    assert building.wait(10)
+    second = threading.Thread(target=worker)
+    second.start()
+    first.join(10)
+    second.join(10)
+    assert statuses == ["miss", "hit"]
+    with CacheStore(None).exclusive("metrics", key):  # a disabled store has nothing to lock
+        pass
 
 
 def test_cache_dir_is_the_option_else_the_environment_else_the_default(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,9 @@ class PeakMemory:
 
     On CPU the resident set size is sampled every `interval` seconds in a thread (the
     kernel's own peak, ru_maxrss, covers the whole process life and not one cell).
+
+    Entered again, it keeps the first start and the highest peak: what runs between the
+    entries (work that is not the cell's) is left out.
     """
 
     def __init__(self, device: torch.device, interval: float = 0.05) -> None:
@@ -23,6 +26,7 @@ class PeakMemory:
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss"
         self.peak_bytes = 0
         self.start_bytes = 0
+        self._entered = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -36,17 +40,21 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_bytes = torch.cuda.memory_allocated(self.device)
+            if not self._entered:
+                self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
-            self.start_bytes = psutil.Process().memory_info().rss
+            if not self._entered:
+                self.start_bytes = psutil.Process().memory_info().rss
+            self._stop.clear()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
+        self._entered = True
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self.device.type == "cuda":
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.peak_bytes = max(self.peak_bytes, torch.cuda.max_memory_allocated(self.device))
         else:
             self._stop.set()
             assert self._thread is not None
