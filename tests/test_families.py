@@ -662,3 +662,39 @@ def test_every_method_runs_on_every_family(
         assert error == 0
     else:  # measured on these models: 0.01-0.04 at 8 bits and int4 caches, 0.07-0.7 at 3 bits or int2
         assert 0 < error < 1, error
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("chunk", [None, 6])
+def test_window_logits_are_the_forwards_with_the_head_applied_window_by_window(family: str,
+                                                                             chunk: int | None) -> None:
+    """Evaluation never holds a batch's full-vocabulary logits: the decoder runs on the batch, the
+    LM head (and Gemma's soft-capping) on one window at a time. Same logits as the model's own
+    forward, whole or chunk by chunk through a cache, up to the head's summation order."""
+    from ptq.eval.perplexity import SplitModel, batch_logits, window_logits
+
+    model, ids = build(family), tokens((3, 24), seed=1)
+    if family == "gemma3":
+        model.config.final_logit_softcapping = 2.0  # Gemma 2's; this Gemma 3 has none
+    assert SplitModel.of(model) is not None
+    with torch.inference_mode():
+        whole = batch_logits(model, ids, prefill_chunk=chunk)
+        windows = list(window_logits(model, ids, prefill_chunk=chunk, check=True))
+    assert [w.shape for w in windows] == [(1, *whole.shape[1:])] * 3
+    torch.testing.assert_close(torch.cat(windows), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_that_is_more_than_decoder_and_head_fails_the_check() -> None:
+    from ptq.eval.perplexity import window_logits
+
+    model, ids = build("llama"), tokens((2, 16), seed=1)
+    forward = model.forward
+
+    def doubled(*args, **kwargs):  # a forward that scales the head's logits, as no decoder then head does
+        output = forward(*args, **kwargs)
+        output.logits = output.logits * 2
+        return output
+
+    model.forward = doubled
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="decoder then LM head give logits"):
+        list(window_logits(model, ids, check=True))

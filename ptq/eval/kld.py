@@ -164,23 +164,24 @@ def float_topk(model: torch.nn.Module, windows: torch.Tensor, k: int = DEFAULT_T
     vocab = 0
     for index, batch in enumerate(windows.split(batch_size)):
         progress.report("float top-k window", index * batch_size + len(batch), len(windows))
-        full = _logprobs(window_logits(model, batch.to(device)))
-        vocab = full.shape[-1]
-        if not 0 < k <= vocab or samples < 0:
-            raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, and samples >= 0; "
-                             f"got k={k}, samples={samples}")
-        top, top_ids = full.topk(k, dim=-1)
-        tail = _tail_in_place(full, top_ids)  # `full` now holds the tail's log-probabilities only
-        draws = samples if k < vocab else 0
-        if draws:
-            weights = (full - tail.unsqueeze(-1)).exp_()  # P restricted to the tail, normalized
-            drawn = torch.multinomial(weights.flatten(0, 1), draws, replacement=True, generator=generator)
-            drawn = drawn.view(*tail.shape, draws)
-        else:
-            drawn = torch.zeros(*tail.shape, 0, dtype=torch.long, device=device)
-        values = (top_ids.int(), top, tail, drawn.int(), full.gather(-1, drawn))
-        for name, value in zip(STORED[1:], values):
-            parts[name].append(value.cpu())
+        for logits in window_logits(model, batch.to(device), check=index == 0):
+            full = _logprobs(logits)
+            vocab = full.shape[-1]
+            if not 0 < k <= vocab or samples < 0:
+                raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, and samples >= 0; "
+                                 f"got k={k}, samples={samples}")
+            top, top_ids = full.topk(k, dim=-1)
+            tail = _tail_in_place(full, top_ids)  # `full` now holds the tail's log-probabilities only
+            draws = samples if k < vocab else 0
+            if draws:  # drawn window by window, the generator gives what one draw over the batch gave
+                weights = (full - tail.unsqueeze(-1)).exp_()  # P restricted to the tail, normalized
+                drawn = torch.multinomial(weights.flatten(0, 1), draws, replacement=True, generator=generator)
+                drawn = drawn.view(*tail.shape, draws)
+            else:
+                drawn = torch.zeros(*tail.shape, 0, dtype=torch.long, device=device)
+            values = (top_ids.int(), top, tail, drawn.int(), full.gather(-1, drawn))
+            for name, value in zip(STORED[1:], values):
+                parts[name].append(value.cpu())
     stored = {name: torch.cat(values) for name, values in parts.items()}
     return TopKLogprobs(windows.cpu(), **stored, vocab_size=vocab, seed=seed)
 
@@ -198,7 +199,8 @@ class KLDivergence:
 
     @torch.inference_mode()
     def add(self, batch: torch.Tensor, logits: torch.Tensor) -> None:
-        """The logits [B, T, V] of the next `batch` [B, T] of windows, in window order."""
+        """The logits [B, T, V] of the next `batch` [B, T] of windows (one window at a time in an
+        evaluation), in window order."""
         store, rows = self.store, slice(self.next_row, self.next_row + len(batch))
         if not torch.equal(batch.cpu(), store.windows[rows]):
             raise ValueError(f"windows {rows.start}..{rows.stop - 1} are not those the float model's top-k store "
@@ -246,5 +248,6 @@ def kl_divergence(model: torch.nn.Module, windows: torch.Tensor, store: TopKLogp
                          f"was computed on ({tuple(store.windows.shape)}): compute it on these windows")
     for index, batch in enumerate(windows.split(batch_size)):
         progress.report("KLD window", index * batch_size + len(batch), len(windows))
-        divergence.add(batch, window_logits(model, batch.to(device), make_cache, prefill_chunk))
+        for row, logits in enumerate(window_logits(model, batch.to(device), make_cache, prefill_chunk)):
+            divergence.add(batch[row : row + 1], logits)
     return divergence.result()

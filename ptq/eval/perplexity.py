@@ -11,6 +11,10 @@ With `prefill_chunk`, each window is fed in chunks of that many tokens through a
 (the cell's, or a float one), so every chunk attends to the earlier ones only through what the
 cache stored: the protocol for KV-cache quantization. With a float cache it scores exactly
 what the one-shot forward scores.
+
+The decoder runs on a batch of windows, the LM head on one window at a time (`window_logits`),
+so memory holds one window's full-vocabulary logits, not the batch's; on the first batch the
+first window's logits are checked against the model's own forward.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +60,8 @@ def windows_of(input_ids: torch.Tensor, seqlen: int, max_windows: int | None, al
     return input_ids[0, : count * seqlen].reshape(count, seqlen)
 
 
-def window_logits(model: torch.nn.Module, batch: torch.Tensor, make_cache: Callable[[], Cache] | None = None,
-                  prefill_chunk: int | None = None) -> torch.Tensor:
+def batch_logits(model: torch.nn.Module, batch: torch.Tensor, make_cache: Callable[[], Cache] | None = None,
+                 prefill_chunk: int | None = None) -> torch.Tensor:
     """Logits [B, T, V] of a batch of windows: one forward, through a fresh cache from `make_cache`
     when given, or chunk by chunk through such a cache (a float one by default) with `prefill_chunk`."""
     if prefill_chunk is not None:
@@ -66,6 +70,72 @@ def window_logits(model: torch.nn.Module, batch: torch.Tensor, make_cache: Calla
     if make_cache is not None:
         return model(batch, past_key_values=make_cache(), use_cache=True).logits
     return model(batch, use_cache=False).logits
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """A causal LM as its decoder (to the final norm) and its LM head, as its forward composes
+    them (with Gemma's final soft-capping of the logits)."""
+
+    decoder: torch.nn.Module
+    head: torch.nn.Module
+    softcap: float | None
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> SplitModel | None:
+        """None for a model that does not expose both parts (transformers' get_decoder and
+        get_output_embeddings)."""
+        decoder = getattr(model, "get_decoder", lambda: None)()
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        if decoder is None or head is None or decoder is model:
+            return None
+        return cls(decoder, head, getattr(model.config, "final_logit_softcapping", None))
+
+    def hidden(self, batch: torch.Tensor, make_cache: Callable[[], Cache] | None,
+               prefill_chunk: int | None, config: object) -> torch.Tensor:
+        """The decoder's output [B, T, d] for the batch, fed as `batch_logits` feeds the model."""
+        if prefill_chunk is None:
+            cached = {"past_key_values": make_cache(), "use_cache": True} if make_cache else {"use_cache": False}
+            return self.decoder(input_ids=batch, **cached).last_hidden_state
+        cache = make_cache() if make_cache is not None else float_cache(config)
+        return torch.cat([self.decoder(input_ids=batch[:, start : start + prefill_chunk], past_key_values=cache,
+                                       use_cache=True).last_hidden_state
+                          for start in range(0, batch.shape[1], prefill_chunk)], dim=1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+# how far the split model's logits may be from the whole forward's: the LM head's matmul on one
+# window instead of the batch may sum in another order, nothing more
+SPLIT_TOLERANCE = 1e-4
+
+
+def window_logits(model: torch.nn.Module, batch: torch.Tensor, make_cache: Callable[[], Cache] | None = None,
+                  prefill_chunk: int | None = None, check: bool = False) -> Iterator[torch.Tensor]:
+    """Logits [1, T, V] of each window of the batch, in order, computed as `batch_logits` computes
+    them, but with the LM head applied one window at a time: a batch's full-vocabulary logits never
+    exist at once (8 windows of 2048 tokens with a 128k vocabulary are 8 GB in float32). With
+    `check`, the first window's logits are compared with the whole forward's (one more window's
+    forward); a model whose forward is not its decoder then its head fails loudly."""
+    split = SplitModel.of(model)
+    if split is None:
+        yield from batch_logits(model, batch, make_cache, prefill_chunk).split(1)
+        return
+    hidden = split.hidden(batch, make_cache, prefill_chunk, model.config)
+    for index, row in enumerate(hidden.split(1)):
+        logits = split.logits(row)
+        if check and index == 0:
+            whole = batch_logits(model, batch[:1], make_cache, prefill_chunk)
+            error = (logits - whole).abs().max().item() / max(whole.abs().max().item(), 1e-30)
+            if not error <= SPLIT_TOLERANCE:
+                raise RuntimeError(f"{type(model).__name__}: its decoder then LM head give logits {error:.2e} "
+                                   f"(relative) from its forward's: its forward does more than that; "
+                                   "ptq.eval.perplexity.SplitModel must learn it")
+        yield logits
 
 
 @torch.inference_mode()
@@ -83,7 +153,8 @@ def perplexity(
 ) -> PerplexityResult:
     """Score windows in batches; with `make_cache`, attention reads keys/values through that
     cache; with `prefill_chunk`, windows are fed chunk by chunk (see the module docstring).
-    `source` names the text in errors; `on_logits(batch, logits)` sees each batch's logits (KLD)."""
+    `source` names the text in errors; `on_logits(window, logits)` sees each window's logits
+    ([1, T] and [1, T, V], in order: the KLD)."""
     device = next(model.parameters()).device
     windows = windows_of(input_ids, seqlen, max_windows, allow_fewer_windows, source)
     window_sums: list[torch.Tensor] = []
@@ -91,12 +162,12 @@ def perplexity(
     for index, batch in enumerate(windows.split(batch_size)):
         progress.report("evaluating window", index * batch_size + len(batch), len(windows))
         batch = batch.to(device)
-        logits = window_logits(model, batch, make_cache, prefill_chunk)
-        if on_logits is not None:
-            on_logits(batch, logits)
-        token_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(),
-                                    reduction="none")
-        window_sums.append(token_nll.view(len(batch), -1).double().sum(dim=1).cpu())
+        for row, logits in enumerate(window_logits(model, batch, make_cache, prefill_chunk, check=index == 0)):
+            window = batch[row : row + 1]
+            if on_logits is not None:
+                on_logits(window, logits)
+            token_nll = F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="none")
+            window_sums.append(token_nll.double().sum().reshape(1).cpu())
     seconds = time.perf_counter() - start
     sums = torch.cat(window_sums)
     per_window = seqlen - 1  # predicted tokens per window
