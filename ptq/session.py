@@ -161,6 +161,13 @@ class Session:
             raise BaselineFailed(found)
         return found
 
+    def check_baseline_not_failed(self, cell: Cell) -> None:
+        """Fail the cell at once when its FP baseline already failed in this process (it would
+        quantize for nothing, and try a model that did not load again)."""
+        found = self._fp_outcomes.get(fingerprint(cell.baseline_config, self.device.type))
+        if isinstance(found, str):
+            raise BaselineFailed(found)
+
     def references(self, cell: Cell) -> dict[str, TopKLogprobs]:
         """The float model's top-k stores of the cell's evaluation windows (for the KLD), computed
         once per model and evaluation setting (what decides the windows and the draws), and kept in
@@ -193,6 +200,7 @@ class Session:
         before the FP baseline and the float references are fetched (they come before its
         evaluation): under xdist, a worker quantizes while another measures what they share (see
         ptq.cache's exclusive), instead of measuring it too."""
+        self.check_baseline_not_failed(cell)
         load = partial(self.models.get, cell.config.model)
 
         def references() -> dict[str, TopKLogprobs]:
