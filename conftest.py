@@ -259,11 +259,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def calibrated_first(items: list[pytest.Item]) -> None:
-    """Cells whose pipelines calibrate (the long ones) before the others, each group in its order,
-    in the places cells hold: under xdist the long cells start at once on separate workers rather
-    than last on one, and the others fill in around them."""
+    """Cells whose pipelines calibrate (the long ones) before the others, in the places cells hold:
+    under xdist the long cells start at once on separate workers rather than last on one, and the
+    others fill in around them. Within each group, one sweep setting after another (in their
+    order): cells of one method at W4A16 and W4A8 share their weights, so the second, run later,
+    reads them from the cache instead of quantizing beside the first."""
     cells = [(index, item, cell) for index, item in enumerate(items) if (cell := cell_of(item)) is not None]
-    ordered = sorted(cells, key=lambda entry: not entry[2].pipeline.calibrated)
+    ranks: dict[str | None, int] = {}
+    for _, _, cell in cells:
+        ranks.setdefault(cell.setting, len(ranks))
+    ordered = sorted(cells, key=lambda entry: (not entry[2].pipeline.calibrated, ranks[entry[2].setting]))
     for (index, _, _), (_, item, _) in zip(cells, ordered):
         items[index] = item
 

@@ -4,6 +4,7 @@ measured. Its keys come from ptq.dependencies."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -136,31 +137,38 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
     """Quantize with the pipeline (or take its weights from `store`), then evaluate. Pipelines work
     on a copy, so the loaded model stays float for the next cell; the baseline leaves the model
     as it is and gets no copy (and has no weights to store)."""
-    found = Lookup("none", None) if pipeline.baseline else store.lookup("weights", deps.weights_key)
-    # the stages' data (unless their weights are stored), and what static activation ranges are observed on
-    calibration = calibration_set(loaded.tokenizer, config.calib) \
-        if pipeline.calibrated and found.path is None or config.static_act else None
     memory = PeakMemory(loaded.device)
-    with memory:
-        work = None if pipeline.baseline else CellCopy.of(loaded.model, loaded.adapter)
-        model = loaded.model if work is None else work.model
-        if found.path is not None:
-            result, quant_seconds, calibration_record = _load_weights(found.path, model)
-        else:
-            start = time.perf_counter()
-            with one_cpu_thread(loaded.device):
-                result = quantize(model, loaded.adapter, config, pipeline, calibration, loaded.device,
-                                  loaded.tokenizer)
-            if loaded.device.type == "cuda":
-                torch.cuda.synchronize(loaded.device)
-            quant_seconds = time.perf_counter() - start
-            calibration_record = calibration.record if pipeline.calibrated else None
-        if work is not None:
-            work.check()  # the loaded model serves the next cells: nothing may have written into it
-        # what the stages changed, before activation wrappers rename the linears (written after
-        # the measurement: serializing them is not the cell's memory)
-        changed = changed_tensors(loaded.model, model) if found.status in ("miss", "rebuilt") \
-            and result.pure_weights else None
+    # cells that share their weights (a pipeline at W4A16, W4A8 and W4A4) quantize once: the
+    # others wait here for the entry, then load it
+    with contextlib.nullcontext() if pipeline.baseline else store.exclusive("weights", deps.weights_key):
+        found = Lookup("none", None) if pipeline.baseline else store.lookup("weights", deps.weights_key)
+        # the stages' data (unless their weights are stored), and what static activation ranges
+        # are observed on
+        calibration = calibration_set(loaded.tokenizer, config.calib) \
+            if pipeline.calibrated and found.path is None or config.static_act else None
+        with memory:
+            work = None if pipeline.baseline else CellCopy.of(loaded.model, loaded.adapter)
+            model = loaded.model if work is None else work.model
+            if found.path is not None:
+                result, quant_seconds, calibration_record = _load_weights(found.path, model)
+            else:
+                start = time.perf_counter()
+                with one_cpu_thread(loaded.device):
+                    result = quantize(model, loaded.adapter, config, pipeline, calibration, loaded.device,
+                                      loaded.tokenizer)
+                if loaded.device.type == "cuda":
+                    torch.cuda.synchronize(loaded.device)
+                quant_seconds = time.perf_counter() - start
+                calibration_record = calibration.record if pipeline.calibrated else None
+            if work is not None:
+                work.check()  # the loaded model serves the next cells: nothing may have written into it
+            # what the stages changed, before activation wrappers rename the linears
+            changed = changed_tensors(loaded.model, model) if found.status in ("miss", "rebuilt") \
+                and result.pure_weights else None
+        unstored = None
+        if changed is not None:  # written outside the measurement: serializing them is not the cell's memory
+            write = functools.partial(_write_weights, changed, result, quant_seconds, calibration_record)
+            unstored = store.store("weights", deps.weights_key, deps.weights, write)
     # after quantizing, so a worker waiting for another's float references has done its own work
     # first; outside the cell's memory: they are the float model's
     float_stores = references() if references is not None and not pipeline.baseline else None
@@ -168,10 +176,6 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
         quantize_activations(result, loaded.adapter, config, calibration, loaded.device)
         with on_device(result.model, loaded.device) as placement:
             evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores)
-    unstored = None
-    if changed is not None:
-        write = functools.partial(_write_weights, changed, result, quant_seconds, calibration_record)
-        unstored = store.store("weights", deps.weights_key, deps.weights, write)
     added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "stage_seconds": result.stage_seconds,
                "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import torch
 
+import ptq.cell
 import ptq.data
 import ptq.dependencies
 from ptq.cache import MANIFEST, CacheStore, cache_dir, cache_key, code_version, tree_sha256
@@ -24,6 +25,7 @@ from ptq.matrix import Catalog, Cell, Selection
 from ptq.models.adapters import adapter_for
 from ptq.models.loading import ResolvedSource, sha256_file
 from ptq.cell import CellOutcome, LoadedModel, run_cached, stage_modules
+from ptq.pipeline import quantize
 from ptq.dependencies import QUANTIZE_CODE, dependencies, model_identity
 from ptq.methods.gptq import GptqParams
 from tests.tiny import write_tiny_llama, write_wikitext
@@ -334,10 +336,10 @@ def tiny_run(tiny: SimpleNamespace, cells: dict[str, Cell], monkeypatch: pytest.
         return dataclasses.replace(config, model=model, eval=EvalConfig(seqlen=64, max_windows=4, batch_size=2),
                                    kv_eval=probes)
 
-    def run(cell_id: str, store: CacheStore) -> tuple[CellOutcome, int]:
+    def run(cell_id: str, store: CacheStore, **changes: Any) -> tuple[CellOutcome, int]:
         loads = []
-        outcome = run_cached(config_of(cell_id), cells[cell_id].pipeline, CPU, lambda: loads.append(1) or loaded,
-                             store)
+        config = dataclasses.replace(config_of(cell_id), **changes)
+        outcome = run_cached(config, cells[cell_id].pipeline, CPU, lambda: loads.append(1) or loaded, store)
         return outcome, len(loads)
 
     yield SimpleNamespace(run=run, store=CacheStore(tmp_path / "cache"), root=tmp_path / "cache")
@@ -386,6 +388,35 @@ def test_only_pure_weight_replacements_store_weights(tiny_run: SimpleNamespace) 
         assert outcome.cache == {"metrics": "miss", "weights": weights}, cell_id
     assert len(list((tiny_run.root / "weights").iterdir())) == 1
     assert len(list((tiny_run.root / "metrics").iterdir())) == 3
+
+
+def test_cells_sharing_weights_on_two_workers_quantize_once(tiny_run: SimpleNamespace, cells: dict[str, Cell],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pipeline at W8A8 and at W8A16 (same weights) on two workers at once: the second waits
+    for the first's weights entry and loads it. Threads stand in for the workers (see ptq.cache)."""
+    quantizing = threading.Event()
+
+    def slow_quantize(*args: Any, **kwargs: Any) -> Any:  # the second worker arrives meanwhile
+        quantizing.set()
+        time.sleep(0.5)
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(ptq.cell, "quantize", slow_quantize)
+    outcomes: dict[str, CellOutcome] = {}
+    acts = {"w8a8": cells["smollm2-135m-rtn-B"].config.act, "w8a16": None}
+
+    def worker(setting: str) -> None:
+        outcomes[setting] = tiny_run.run("smollm2-135m-rtn-B", tiny_run.store, act=acts[setting])[0]
+
+    first = threading.Thread(target=worker, args=("w8a8",))
+    first.start()
+    assert quantizing.wait(30)
+    second = threading.Thread(target=worker, args=("w8a16",))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert {s: o.cache["weights"] for s, o in outcomes.items()} == {"w8a8": "miss", "w8a16": "hit"}
+    assert outcomes["w8a16"].data["quantized"]["inputs"] == [] != outcomes["w8a8"].data["quantized"]["inputs"]
 
 
 def test_cached_weights_of_track_b_get_their_activations_quantized_again(tiny_run: SimpleNamespace) -> None:
