@@ -73,6 +73,10 @@ class CellOutcome:
                 "model_source": self.model_source}
 
 
+class SharedTensorsWritten(RuntimeError):
+    """A stage wrote into the loaded model's tensors (a bug in the stage): the model must be loaded again."""
+
+
 @dataclass
 class CellCopy:
     """The model a cell quantizes: its decoder blocks copied, the rest (embeddings, final norm, LM
@@ -95,8 +99,9 @@ class CellCopy:
     def check(self) -> None:
         written = sorted(name for name, t in self.shared.items() if t._version != self.versions[name])
         if written:
-            raise RuntimeError(f"a stage wrote in place into tensors shared with the loaded model: {written[:3]}; "
-                               "replace the module's parameter instead (the loaded model is now damaged)")
+            raise SharedTensorsWritten(f"a stage wrote in place into tensors shared with the loaded model: "
+                                       f"{written[:3]}; replace the module's parameter instead (the loaded "
+                                       "model is now damaged, and is loaded again for the next cell)")
 
 
 def stage_modules(pipeline: Pipeline) -> tuple[str, ...]:

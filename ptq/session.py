@@ -15,7 +15,7 @@ import torch
 from ptq import progress
 from ptq.cache import CacheStore, cache_key
 from ptq.calib import CALIB_SPLITS
-from ptq.cell import CellOutcome, LoadedModel, run_cached
+from ptq.cell import CellOutcome, LoadedModel, SharedTensorsWritten, run_cached
 from ptq.config import ModelConfig, parse_override
 from ptq.data import load_text
 from ptq.dependencies import EVAL_SPLIT, fingerprint, references_inputs
@@ -94,6 +94,9 @@ class ModelStore:
         self.device = device
         self._key: tuple[str, str] | None = None
         self._loaded: LoadedModel | None = None
+
+    def discard(self) -> None:
+        self._key, self._loaded = None, None
 
     def get(self, config: ModelConfig) -> LoadedModel:
         key = (config.name, config.dtype)
@@ -213,6 +216,9 @@ class Session:
         except NonFiniteMetric as exc:  # the float model's metrics are finite: the method's are not
             raise NonFiniteMetric(f"{exc}; the FP baseline's are finite: check the method's scales and the "
                                   "model dtype") from None
+        except SharedTensorsWritten:
+            self.models.discard()  # damaged: the next cell loads it again
+            raise
         baseline = self.baseline(cell)
         record.model_source = baseline.model_source
         metrics, fp_metrics = outcome.metrics, baseline.metrics

@@ -85,6 +85,21 @@ def _f64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.float64)
 
 
+def own_parameters_outside(model: nn.Module, blocks: nn.Module) -> None:
+    """Give every parameter outside `blocks` (embeddings, final norm, LM head) a copy of its own,
+    assigned, not written: a cell's model shares them with the loaded model (ptq.cell.CellCopy),
+    and the rewrites below write in place. Tied parameters stay tied (one copy for both)."""
+    inside = {id(p) for p in blocks.parameters()}
+    copies: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            if id(parameter) not in inside:
+                if id(parameter) not in copies:
+                    copies[id(parameter)] = nn.Parameter(parameter.detach().clone(),
+                                                         requires_grad=parameter.requires_grad)
+                setattr(module, name, copies[id(parameter)])
+
+
 def untie_lm_head(model: nn.Module, lm_head: str, embedding: str) -> bool:
     """Give the LM head its own copy of a weight it shares with the token embedding (tied
     embeddings, as SmolLM2's), so that each can be changed alone; True if they were tied."""

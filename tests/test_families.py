@@ -698,3 +698,20 @@ def test_a_forward_that_is_more_than_decoder_and_head_fails_the_check() -> None:
     model.forward = doubled
     with torch.inference_mode(), pytest.raises(RuntimeError, match="decoder then LM head give logits"):
         list(window_logits(model, ids, check=True))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in QUAROT_NOT_APPLICABLE])
+def test_quarot_on_a_cells_copy_leaves_the_loaded_model_alone(family: str) -> None:
+    """A cell's model shares its embeddings, final norm and LM head with the loaded model
+    (ptq.cell.CellCopy); QuaRot rewrites all three, so it works on copies of its own."""
+    from ptq.cell import CellCopy
+
+    model = build(family).double()
+    adapter = adapter_for(model)
+    ids = tokens((2, 20), 6)
+    before = logits(model, ids)
+    work = CellCopy.of(model, adapter)
+    Quarot(QuarotParams(), Specs(), final=False).before_blocks(ModelStep(work.model, adapter, QuantResult(work.model)))
+    work.check()
+    assert torch.equal(logits(model, ids), before)
+    assert relative_error(logits(work.model, ids), before) < 1e-6

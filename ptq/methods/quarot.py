@@ -63,6 +63,7 @@ from ptq.transforms import (
     fuse_norms,
     hadamard_input,
     norm_groups,
+    own_parameters_outside,
     rotate_input,
     rotate_output,
     rotate_residual,
@@ -97,6 +98,7 @@ class Quarot(Stage):
         self._check(model, blocks[0], adapter, hidden, head_dim)
         notes, runtime = step.result.notes, step.result.runtime
         head, embedding = adapter.lm_head, adapter.embeddings[0]
+        own_parameters_outside(model, blocks)
         if untie_lm_head(model, head, embedding):
             notes.append(f"QuaRot: {head} untied from {embedding} (they shared a weight): each is rotated on "
                          "its own side")
