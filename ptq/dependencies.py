@@ -136,6 +136,6 @@ def references_inputs(config: CellConfig, device_type: str) -> dict[str, Any]:
     and packages; not the method, so every cell of a model and evaluation setting shares them."""
     payload = settings(config)
     return {"model": model_identity(config.model.source), "model_settings": payload["model"],
-            "eval": payload["eval"], "device_type": device_type, "packages": package_versions(RESULT_PACKAGES),
-            "code": code_version(REFERENCES_CODE),
+            "eval": payload["eval"], "device_type": device_type,
+            "packages": package_versions(RESULT_PACKAGES), "code": code_version(REFERENCES_CODE),
             "eval_data_sha256": {name: load_text(name, EVAL_SPLIT).sha256 for name in config.eval.datasets}}

@@ -133,8 +133,8 @@ def test_workers_sharing_a_model_measure_its_baseline_and_float_references_once(
     FP baseline (or the float top-k references) measures it, the other waits and reads it from the
     cache. Each of tracks A/B and C has its own baseline (C's is scored through a float cache)."""
     cache = workspace / "cache-shared"  # empty, whatever the module's other tests stored
-    run = run_bench(workspace, "--models", "tiny-llama", "-n", "2", "--update-baselines", "--run-id", "shared",
-                    "--cache-dir", str(cache))
+    run = run_bench(workspace, "--models", "tiny-llama", "-n", "2", "--update-baselines",
+                    "--run-id", "shared", "--cache-dir", str(cache))
     assert run.returncode == 0, run.stdout[-3000:]
     records = [json.loads(p.read_text()) for p in (workspace / "reports" / "runs" / "shared").glob("*.json")]
     assert {r["environment"]["xdist_worker"] for r in records} == {"gw0", "gw1"}

@@ -711,7 +711,8 @@ def test_quarot_on_a_cells_copy_leaves_the_loaded_model_alone(family: str) -> No
     ids = tokens((2, 20), 6)
     before = logits(model, ids)
     work = CellCopy.of(model, adapter)
-    Quarot(QuarotParams(), Specs(), final=False).before_blocks(ModelStep(work.model, adapter, QuantResult(work.model)))
+    step = ModelStep(work.model, adapter, QuantResult(work.model))
+    Quarot(QuarotParams(), Specs(), final=False).before_blocks(step)
     work.check()
     assert torch.equal(logits(model, ids), before)
     assert relative_error(logits(work.model, ids), before) < 1e-6

@@ -44,8 +44,8 @@ DEFAULT_ORDER = [f"smollm2-135m-{cell}" for cell in (
 DEFAULT_IDS = set(DEFAULT_ORDER)
 # the order pytest runs them in: cells whose methods calibrate first (conftest's calibrated_first)
 RUN_ORDER = [f"smollm2-135m-{cell}" for cell in (
-    "gptq-c4-A", "awq-c4-A", "smoothquant-c4-B", "fp16-A", "rtn-A", "fp16-B", "rtn-B", "fp16-C", "kv-rtn-int4-C",
-    "kivi-int2-C")]
+    "gptq-c4-A", "awq-c4-A", "smoothquant-c4-B", "fp16-A", "rtn-A", "fp16-B", "rtn-B", "fp16-C",
+    "kv-rtn-int4-C", "kivi-int2-C")]
 
 
 @pytest.fixture(scope="module")

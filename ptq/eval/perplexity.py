@@ -95,12 +95,12 @@ class SplitModel:
                prefill_chunk: int | None, config: object) -> torch.Tensor:
         """The decoder's output [B, T, d] for the batch, fed as `batch_logits` feeds the model."""
         if prefill_chunk is None:
-            cached = {"past_key_values": make_cache(), "use_cache": True} if make_cache else {"use_cache": False}
+            cached = {"past_key_values": make_cache(), "use_cache": True} if make_cache \
+                else {"use_cache": False}
             return self.decoder(input_ids=batch, **cached).last_hidden_state
         cache = make_cache() if make_cache is not None else float_cache(config)
-        return torch.cat([self.decoder(input_ids=batch[:, start : start + prefill_chunk], past_key_values=cache,
-                                       use_cache=True).last_hidden_state
-                          for start in range(0, batch.shape[1], prefill_chunk)], dim=1)
+        return torch.cat([self.decoder(input_ids=chunk, past_key_values=cache, use_cache=True)
+                          .last_hidden_state for chunk in batch.split(prefill_chunk, dim=1)], dim=1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden)
@@ -131,12 +131,12 @@ def window_logits(model: torch.nn.Module, batch: torch.Tensor, make_cache: Calla
         if check and index == 0:
             whole = batch_logits(model, batch[:1], make_cache, prefill_chunk)
             finite = torch.isfinite(whole)  # a broken model's NaNs are for the metrics to report
-            error = (logits - whole)[finite].abs().max().item() / max(whole[finite].abs().max().item(), 1e-30) \
-                if finite.any() else 0.0
+            scale = max(whole[finite].abs().max().item(), 1e-30) if finite.any() else 1.0
+            error = (logits - whole)[finite].abs().max().item() / scale if finite.any() else 0.0
             if not (torch.equal(torch.isfinite(logits), finite) and error <= SPLIT_TOLERANCE):
-                raise RuntimeError(f"{type(model).__name__}: its decoder then LM head give logits {error:.2e} "
-                                   f"(relative) from its forward's: its forward does more than that; "
-                                   "ptq.eval.perplexity.SplitModel must learn it")
+                raise RuntimeError(f"{type(model).__name__}: its decoder then LM head give logits "
+                                   f"{error:.2e} (relative) from its forward's: its forward does more than "
+                                   "that; ptq.eval.perplexity.SplitModel must learn it")
         yield logits
 
 
@@ -164,7 +164,8 @@ def perplexity(
     for index, batch in enumerate(windows.split(batch_size)):
         progress.report("evaluating window", index * batch_size + len(batch), len(windows))
         batch = batch.to(device)
-        for row, logits in enumerate(window_logits(model, batch, make_cache, prefill_chunk, check=index == 0)):
+        rows = window_logits(model, batch, make_cache, prefill_chunk, check=index == 0)
+        for row, logits in enumerate(rows):
             window = batch[row : row + 1]
             if on_logits is not None:
                 on_logits(window, logits)
