@@ -716,3 +716,20 @@ def test_quarot_on_a_cells_copy_leaves_the_loaded_model_alone(family: str) -> No
     work.check()
     assert torch.equal(logits(model, ids), before)
     assert relative_error(logits(work.model, ids), before) < 1e-6
+
+
+def test_window_logits_keep_a_batch_wide_activation_scale() -> None:
+    """Per-tensor dynamic activation quantization takes its scale over the whole batch, so one
+    window's logits depend on its batch: the split keeps the batch's decoder pass, and its check
+    compares like with like (the first window alone, both ways)."""
+    from ptq.eval.perplexity import batch_logits, window_logits
+
+    model, ids = build("llama"), tokens((3, 24), seed=1)
+    down = model.model.layers[0].mlp.down_proj
+    down.register_forward_pre_hook(lambda module, args: (args[0] / args[0].abs().max(),))  # batch-wide
+    with torch.inference_mode():
+        whole = batch_logits(model, ids)
+        alone = batch_logits(model, ids[:1])
+        windows = torch.cat(list(window_logits(model, ids, check=True)))
+    assert not torch.allclose(whole[:1], alone, rtol=1e-3, atol=1e-3)  # the batch matters here
+    torch.testing.assert_close(windows, whole, rtol=1e-5, atol=1e-5)

@@ -13,8 +13,8 @@ cache stored: the protocol for KV-cache quantization. With a float cache it scor
 what the one-shot forward scores.
 
 The decoder runs on a batch of windows, the LM head on one window at a time (`window_logits`),
-so memory holds one window's full-vocabulary logits, not the batch's; on the first batch the
-first window's logits are checked against the model's own forward.
+so memory holds one window's full-vocabulary logits, not the batch's; before the first batch the
+split is checked against the model's own forward on the start of the first window.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ class SplitModel:
 # how far the split model's logits may be from the whole forward's: the LM head's matmul on one
 # window instead of the batch may sum in another order, nothing more
 SPLIT_TOLERANCE = 1e-4
+CHECK_TOKENS = 64  # what the check feeds both ways: a causal model's logits there need no more
 
 
 def window_logits(model: torch.nn.Module, batch: torch.Tensor, make_cache: Callable[[], Cache] | None = None,
@@ -119,25 +120,32 @@ def window_logits(model: torch.nn.Module, batch: torch.Tensor, make_cache: Calla
     """Logits [1, T, V] of each window of the batch, in order, computed as `batch_logits` computes
     them, but with the LM head applied one window at a time: a batch's full-vocabulary logits never
     exist at once (8 windows of 2048 tokens with a 128k vocabulary are 8 GB in float32). With
-    `check`, the first window's logits are compared with the whole forward's (one more window's
-    forward); a model whose forward is not its decoder then its head fails loudly."""
+    `check`, the split is first compared with the model's own forward on the start of the first
+    window (two short forwards more); a model whose forward is not its decoder then its head fails
+    loudly."""
     split = SplitModel.of(model)
     if split is None:
         yield from batch_logits(model, batch, make_cache, prefill_chunk).split(1)
         return
+    if check:
+        # on the same input: with per-tensor dynamic activation scales a window's logits depend on
+        # the other windows of its batch
+        first = batch[:1, :CHECK_TOKENS]
+        _check_split(model, split.logits(split.hidden(first, make_cache, prefill_chunk, model.config)),
+                     batch_logits(model, first, make_cache, prefill_chunk))
     hidden = split.hidden(batch, make_cache, prefill_chunk, model.config)
-    for index, row in enumerate(hidden.split(1)):
-        logits = split.logits(row)
-        if check and index == 0:
-            whole = batch_logits(model, batch[:1], make_cache, prefill_chunk)
-            finite = torch.isfinite(whole)  # a broken model's NaNs are for the metrics to report
-            scale = max(whole[finite].abs().max().item(), 1e-30) if finite.any() else 1.0
-            error = (logits - whole)[finite].abs().max().item() / scale if finite.any() else 0.0
-            if not (torch.equal(torch.isfinite(logits), finite) and error <= SPLIT_TOLERANCE):
-                raise RuntimeError(f"{type(model).__name__}: its decoder then LM head give logits "
-                                   f"{error:.2e} (relative) from its forward's: its forward does more than "
-                                   "that; ptq.eval.perplexity.SplitModel must learn it")
-        yield logits
+    for row in hidden.split(1):
+        yield split.logits(row)
+
+
+def _check_split(model: torch.nn.Module, logits: torch.Tensor, whole: torch.Tensor) -> None:
+    finite = torch.isfinite(whole)  # a broken model's NaNs are for the metrics to report
+    scale = max(whole[finite].abs().max().item(), 1e-30) if finite.any() else 1.0
+    error = (logits - whole)[finite].abs().max().item() / scale if finite.any() else 0.0
+    if not (torch.equal(torch.isfinite(logits), finite) and error <= SPLIT_TOLERANCE):
+        raise RuntimeError(f"{type(model).__name__}: its decoder then LM head give logits {error:.2e} "
+                           "(relative) from its forward's on the same window: its forward does more than "
+                           "that; ptq.eval.perplexity.SplitModel must learn it")
 
 
 @torch.inference_mode()
