@@ -159,7 +159,9 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
             else:
                 start = time.perf_counter()
                 with one_cpu_thread(loaded.device):
-                    result = quantize(model, loaded.adapter, config, pipeline, calibration, loaded.device,
+                    # a static act spec reads the calibration set for its ranges alone (below)
+                    stage_data = calibration if pipeline.calibrated else None
+                    result = quantize(model, loaded.adapter, config, pipeline, stage_data, loaded.device,
                                       loaded.tokenizer)
                 if loaded.device.type == "cuda":
                     torch.cuda.synchronize(loaded.device)

@@ -20,7 +20,7 @@ import ptq.cell
 import ptq.data
 import ptq.dependencies
 from ptq.cache import MANIFEST, CacheStore, cache_dir, cache_key, code_version, tree_sha256
-from ptq.config import CellConfig, EvalConfig, KVEvalConfig, SourceConfig, StageConfig
+from ptq.config import CalibConfig, CellConfig, EvalConfig, KVEvalConfig, SourceConfig, StageConfig
 from ptq.matrix import Catalog, Cell, Selection
 from ptq.models.adapters import adapter_for
 from ptq.models.loading import ResolvedSource, sha256_file
@@ -417,6 +417,22 @@ def test_cells_sharing_weights_on_two_workers_quantize_once(tiny_run: SimpleName
     second.join(60)
     assert {s: o.cache["weights"] for s, o in outcomes.items()} == {"w8a8": "miss", "w8a16": "hit"}
     assert outcomes["w8a16"].data["quantized"]["inputs"] == [] != outcomes["w8a8"].data["quantized"]["inputs"]
+
+
+def test_static_ranges_of_a_method_without_calibration_are_observed_on_the_calibration_set(
+        tiny_run: SimpleNamespace, tiny: SimpleNamespace, cells: dict[str, Cell]) -> None:
+    """rtn reads no calibration data; with a static act spec its cell reads the calibration set
+    for the activation ranges alone (w8a8-act-modes' tensor-static rows)."""
+    valid = tiny.base / "data" / "wikitext2" / "wiki.valid.raw"
+    valid.write_text((tiny.base / "data" / "wikitext2" / "wiki.test.raw").read_text())
+    static = dataclasses.replace(cells["smollm2-135m-rtn-B"].config.act, granularity="tensor", dynamic=False)
+    calib = CalibConfig(dataset="wikitext2", n_samples=4, seqlen=32, batch_size=2)
+    try:
+        outcome, _ = tiny_run.run("smollm2-135m-rtn-B", tiny_run.store, act=static, calib=calib)
+    finally:
+        valid.unlink()
+    assert outcome.data["calibration"]["dataset"] == "wikitext2"
+    assert {group["spec"]["dynamic"] for group in outcome.data["quantized"]["inputs"]} == {False}
 
 
 def test_cached_weights_of_track_b_get_their_activations_quantized_again(tiny_run: SimpleNamespace) -> None:
