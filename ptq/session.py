@@ -171,10 +171,11 @@ class Session:
         if isinstance(found, str):
             raise BaselineFailed(found)
 
-    def references(self, cell: Cell) -> dict[str, TopKLogprobs]:
+    def references(self, cell: Cell) -> tuple[dict[str, TopKLogprobs], list[str]]:
         """The float model's top-k stores of the cell's evaluation windows (for the KLD), computed
         once per model and evaluation setting (what decides the windows and the draws), and kept in
-        the disk cache: workers of one run share them, and the next run reads them."""
+        the disk cache: workers of one run share them, and the next run reads them. Also returns
+        why they could not be read from or written to the cache."""
         inputs = references_inputs(cell.config, self.device.type)
         key = cache_key(inputs)
         if key not in self._references:
@@ -196,7 +197,7 @@ class Session:
                     unstored = self.cache.store("references", key, inputs, write)
                     problems += [unstored] if unstored else []
             self._references[key] = stores, problems
-        return self._references[key][0]
+        return self._references[key]
 
     def run(self, cell: Cell, record: CellRecord) -> list[GateResult]:
         """Measure the cell into `record` and return the gates that failed. The method quantizes
@@ -206,9 +207,13 @@ class Session:
         self.check_baseline_not_failed(cell)
         load = partial(self.models.get, cell.config.model)
 
+        reference_problems: list[str] = []
+
         def references() -> dict[str, TopKLogprobs]:
             self.baseline(cell)  # a failed baseline fails the cell before its evaluation
-            return self.references(cell)
+            stores, problems = self.references(cell)
+            reference_problems.extend(problems)
+            return stores
 
         try:
             outcome = self.baseline(cell) if cell.pipeline.baseline else \
@@ -228,8 +233,7 @@ class Session:
         if "zero_shot" in metrics:
             record.metrics["fp_zero_shot"] = fp_metrics["zero_shot"]
         record.data, record.notes = outcome.data, outcome.notes
-        shared = self._references.get(cache_key(references_inputs(cell.config, self.device.type)))
-        problems = outcome.cache_problems + (shared[1] if shared and "kld" in metrics else [])
+        problems = outcome.cache_problems + reference_problems
         record.fallbacks = outcome.fallbacks + [f"cache: {problem}" for problem in problems]
         record.cache = {**outcome.cache, "fp_baseline": baseline.cache["metrics"]}
         committed = self.baselines.check(cell.id, record.config_fingerprint, metrics,
