@@ -109,8 +109,8 @@ class SplitModel:
         return logits
 
 
-# how far the split model's logits may be from the whole forward's: the LM head's matmul on one
-# window instead of the batch may sum in another order, nothing more
+# how far the split model's logits may be from its forward's on the same input: the two may
+# order the head's sums differently (other matmul shapes), nothing more
 SPLIT_TOLERANCE = 1e-4
 CHECK_TOKENS = 64  # what the check feeds both ways: a causal model's logits there need no more
 
