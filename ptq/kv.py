@@ -102,6 +102,10 @@ class KVStream:
         self.spec, self.axis, self.residual = spec, axis, residual
         self.stored: StoredChunk | None = None
         self.tail: torch.Tensor | None = None
+        # `stored` as attention reads it, extended chunk by chunk: codes never change once stored and
+        # dequantization is elementwise, so this is `stored.dequantize()` without redoing it per read
+        # (a simulation's shortcut: not part of what the cache stores, `nbytes`)
+        self.read: torch.Tensor | None = None
 
     def append(self, states: torch.Tensor) -> torch.Tensor:
         """Store new tokens; return every token so far as attention reads it."""
@@ -112,10 +116,12 @@ class KVStream:
         if overflow > 0:
             chunk = StoredChunk.quantize(self.tail[..., :overflow, :], self.spec, self.axis)
             self.stored = chunk if self.stored is None else self.stored.extend(chunk)
+            read = chunk.dequantize()
+            self.read = read if self.read is None else torch.cat([self.read, read], dim=-2)
             self.tail = self.tail[..., overflow:, :]
         if self.stored is None:
             return self.tail
-        return torch.cat([self.stored.dequantize(), self.tail], dim=-2)
+        return torch.cat([self.read, self.tail], dim=-2)
 
     def nbytes(self) -> int:
         tail = 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
@@ -128,6 +134,7 @@ class KVStream:
     def drop_oldest(self, count: int) -> None:
         if count:
             self.stored = self.stored.without_oldest(count) if count < self.stored.tokens else None
+            self.read = None if self.stored is None else self.read[..., count:, :]
 
 
 class QuantizedKVLayer(DynamicLayer):

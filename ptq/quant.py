@@ -166,9 +166,14 @@ def group_reduce(x: torch.Tensor, sizes: list[int], reduce: str) -> torch.Tensor
 
 
 def expand_groups(params: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """Broadcast per-group parameters back over the elements of each group."""
-    repeats = torch.tensor(sizes, device=params.device)
-    return params.repeat_interleave(repeats, dim=-1)
+    """Broadcast per-group parameters back over the elements of each group ([..., n_groups] ->
+    [..., sum(sizes)]): the equal groups as one broadcast view, then the smaller last group
+    (repeat_interleave gives the same values several times slower)."""
+    full = sum(1 for size in sizes if size == sizes[0])
+    parts = [params[..., :full].unsqueeze(-1).expand(*params.shape[:-1], full, sizes[0]).flatten(-2)]
+    if full < len(sizes):
+        parts.append(params[..., full:].expand(*params.shape[:-1], sizes[-1]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def as_rows(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -99,6 +99,22 @@ def test_chunks_extend_into_what_one_quantization_of_the_same_groups_gives(bits:
     assert stepwise.nbytes() == at_once.nbytes()
 
 
+@pytest.mark.parametrize(("axis", "group", "residual"), [("token", 8, 0), ("token", 8, 5), ("channel", 4, 6)])
+def test_a_stream_reads_its_stored_tokens_dequantized_at_once_after_appends_and_drops(axis: str, group: int,
+                                                                                     residual: int) -> None:
+    """What attention reads is, bit for bit, the stored chunk dequantized whole, then the tail:
+    the stream extends its dequantized copy chunk by chunk instead of dequantizing per read."""
+    stream = KVStream(per_token(2, group), axis, residual)
+    x = states(40)
+    for start in range(0, 40, 5):
+        out = stream.append(x[..., start : start + 5, :])
+        if start == 20:
+            stream.drop_oldest(8)  # whole groups, as a sliding-window layer drops them
+            out = stream.append(x[..., :0, :])  # a read, nothing new
+        stored = [] if stream.stored is None else [stream.stored.dequantize()]
+        assert torch.equal(out, torch.cat([*stored, stream.tail], dim=-2))
+
+
 def test_per_channel_keys_beat_per_token_keys_on_an_outlier_channel() -> None:
     """KIVI's premise, on keys with an outlier channel: at 2 bits, per-channel groups err less."""
     x = states(64, seed=1)
