@@ -67,6 +67,7 @@ class CellOutcome:
     # why an entry found on disk was not used.
     cache: dict[str, Status] = field(default_factory=dict)
     cache_problems: list[str] = field(default_factory=list)
+    topk: dict[str, TopKLogprobs] | None = None  # the model's own top-k stores, when measured and asked for
 
     def stored(self) -> dict[str, Any]:
         return {"metrics": self.metrics, "data": self.data, "notes": self.notes, "fallbacks": self.fallbacks,
@@ -114,10 +115,11 @@ def stage_environments(pipeline: Pipeline) -> dict[str, Any]:
 
 
 def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, load: Callable[[], LoadedModel],
-               store: CacheStore, references: References | None = None) -> CellOutcome:
+               store: CacheStore, references: References | None = None, topk: bool = False) -> CellOutcome:
     """The cell's outcome from the metrics entry when it is whole; else quantize (or take the
     quantized weights from their entry), evaluate, and store. The model is loaded only then, and
-    `references` (the float model's top-k stores, for the KLD) called only then."""
+    `references` (the float model's top-k stores, for the KLD) called only then; with `topk`, a
+    measured outcome brings the model's own top-k stores (the FP baseline's are the references)."""
     deps = dependencies(config, stage_modules(pipeline), device.type, stage_environments(pipeline))
     # two workers needing the same outcome (a model's FP baseline) measure it once
     with store.exclusive("metrics", deps.metrics_key):
@@ -126,7 +128,7 @@ def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, loa
             assert found.path is not None
             stored = json.loads((found.path / "outcome.json").read_text())
             return CellOutcome(**stored, cache={"metrics": "hit", "weights": "skipped"})
-        outcome = measure(config, pipeline, load(), store, deps, references)
+        outcome = measure(config, pipeline, load(), store, deps, references, topk)
 
         def write(folder: Path) -> None:
             (folder / "outcome.json").write_text(json.dumps(outcome.stored(), indent=2))
@@ -138,7 +140,7 @@ def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, loa
 
 
 def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: CacheStore,
-            deps: Dependencies, references: References | None = None) -> CellOutcome:
+            deps: Dependencies, references: References | None = None, topk: bool = False) -> CellOutcome:
     """Quantize with the pipeline (or take its weights from `store`), then evaluate. Pipelines work
     on a copy, so the loaded model stays float for the next cell; the baseline leaves the model
     as it is and gets no copy (and has no weights to store)."""
@@ -182,7 +184,7 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
     with memory:
         quantize_activations(result, loaded.adapter, config, calibration, loaded.device)
         with on_device(result.model, loaded.device) as placement:
-            evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores)
+            evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores, topk)
     added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "stage_seconds": result.stage_seconds,
                "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,
@@ -198,7 +200,8 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
         data["stages"] = result.details
     outcome = CellOutcome(metrics, data, result.notes, result.fallbacks + evaluation.fallbacks,
                           loaded.source.to_dict(), cache={"weights": found.status},
-                          cache_problems=[problem for problem in (found.problem, unstored) if problem])
+                          cache_problems=[problem for problem in (found.problem, unstored) if problem],
+                          topk=evaluation.topk if topk else None)
     if found.status in ("miss", "rebuilt") and not result.pure_weights:  # nothing was stored
         outcome.cache["weights"] = "none"
     return outcome

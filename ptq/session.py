@@ -127,6 +127,11 @@ def ratio_intervals(metrics: dict[str, Any], fp_metrics: dict[str, Any]) -> dict
     return intervals
 
 
+def _write_references(stores: dict[str, TopKLogprobs], folder: Path) -> None:
+    for dataset, store in stores.items():
+        store.save(folder / f"{dataset}.safetensors")
+
+
 class Session:
     """Runs cells into their records: the FP baseline of each model and evaluation setting once
     (from the disk cache when it can), the cell's pipeline, then its gates."""
@@ -152,10 +157,8 @@ class Session:
         it again."""
         key = fingerprint(cell.baseline_config, self.device.type)
         if key not in self._fp_outcomes:
-            load = partial(self.models.get, cell.config.model)
             try:
-                outcome: CellOutcome | str = run_cached(cell.baseline_config, self._fp_pipeline, self.device,
-                                                        load, self.cache)
+                outcome: CellOutcome | str = self._measure_baseline(cell)
             except PtqError as exc:
                 outcome = f"the FP baseline of {cell.model} failed: {type(exc).__name__}: {exc}"
             self._fp_outcomes[key] = outcome
@@ -163,6 +166,27 @@ class Session:
         if isinstance(found, str):
             raise BaselineFailed(found)
         return found
+
+    def _measure_baseline(self, cell: Cell) -> CellOutcome:
+        """The FP baseline's outcome (from the cache when it can). Measured with plain forwards, its
+        perplexity pass also builds the float references when neither this process nor the cache
+        has them: the same forward on the same windows, instead of one more. It holds their lock
+        meanwhile, so a worker needing them waits rather than computing them too."""
+        load = partial(self.models.get, cell.config.model)
+        run = partial(run_cached, cell.baseline_config, self._fp_pipeline, self.device, load, self.cache)
+        inputs = references_inputs(cell.config, self.device.type)
+        key = cache_key(inputs)
+        if cell.baseline_config.kv_eval is not None or key in self._references:  # chunked: not the references'
+            return run()
+        with self.cache.exclusive("references", key):
+            found = self.cache.lookup("references", key)
+            if found.path is None:
+                outcome = run(topk=True)
+                if outcome.topk is not None:  # measured, not read from the cache
+                    unstored = self.cache.store("references", key, inputs, partial(_write_references, outcome.topk))
+                    self._references[key] = outcome.topk, [p for p in (found.problem, unstored) if p]
+                return outcome
+        return run()
 
     def check_baseline_not_failed(self, cell: Cell) -> None:
         """Fail the cell at once when its FP baseline already failed in this process (it would
@@ -189,12 +213,7 @@ class Session:
                     loaded = self.models.get(cell.config.model)
                     with on_device(loaded.model, loaded.device):
                         stores = float_references(loaded.model, loaded.tokenizer, cell.config)
-
-                    def write(folder: Path) -> None:
-                        for dataset, store in stores.items():
-                            store.save(folder / f"{dataset}.safetensors")
-
-                    unstored = self.cache.store("references", key, inputs, write)
+                    unstored = self.cache.store("references", key, inputs, partial(_write_references, stores))
                     problems += [unstored] if unstored else []
             self._references[key] = stores, problems
         return self._references[key]

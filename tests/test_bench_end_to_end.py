@@ -142,7 +142,8 @@ def test_workers_sharing_a_model_measure_its_baseline_and_float_references_once(
         measured = {r["environment"]["xdist_worker"] for r in records
                     if r["track"] in tracks and r["cache"]["fp_baseline"] == "miss"}
         assert len(measured) == 1, (tracks, [(r["cell_id"], r["cache"]) for r in records])
-    assert len(re.findall(r"float top-k window 4/4$", run.stderr, re.M)) == 1, run.stderr
+    # the references come from the A/B baseline's own perplexity pass: no float top-k pass of their own
+    assert "float top-k window" not in run.stderr, run.stderr
     assert len(list((cache / "references").glob("*/manifest.json"))) == 1
     kld = {r["cell_id"]: r["metrics"]["kld"]["wikitext2"]["mean"] for r in records if "kld" in r["metrics"]}
     assert set(kld) >= {"tiny-llama-rtn-A-tiny", "tiny-llama-rtn-B-tiny"}

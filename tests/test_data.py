@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from ptq.config import CellConfig, EvalConfig, MethodConfig, ModelConfig, SourceConfig, TrackConfig
+from ptq.config import CellConfig, EvalConfig, KVEvalConfig, MethodConfig, ModelConfig, SourceConfig, TrackConfig
 from ptq.data import SUMS_FILE, listed_sha256, load_text, read_local
 from ptq.errors import DataMismatch, TooFewWindows
 from ptq.eval.lm_tasks import build_tasks, check_task_files
@@ -28,7 +28,7 @@ from ptq.matrix import Catalog, Selection
 from ptq.cell import LoadedModel
 from ptq.dependencies import fingerprint
 from ptq.engine import QuantResult
-from ptq.eval.kld import kl_divergence
+from ptq.eval.kld import STORED, kl_divergence
 from ptq.eval.suite import evaluate, evaluation_windows, float_references
 from tests.tiny import write_tiny_llama, write_wikitext
 
@@ -215,6 +215,31 @@ def test_per_window_nll_is_each_windows_mean_and_gives_the_ppl(tiny: tuple[Path,
             logprobs = torch.log_softmax(loaded.model(window[None]).logits[0, :-1].double(), dim=-1)
             assert nll == pytest.approx(-logprobs.gather(1, window[1:, None]).mean().item(), rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(sum(result.window_nll) / 5), rel=1e-12)
+
+
+def test_evaluate_builds_the_top_k_store_a_separate_float_pass_builds(tiny: tuple[Path, LoadedModel],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FP baseline's perplexity pass gives the float references: its store equals, tensor for
+    tensor (the tail draws included), what float_references' own forward gives on the same
+    windows; a chunked evaluation (Track C) refuses to build one."""
+    root, loaded = tiny
+    monkeypatch.setenv("PTQ_DATA_DIR", str(root))
+    load_text.cache_clear()
+    cell = CellConfig(ModelConfig("tiny", "llama", SourceConfig("local", path="unused")),
+                      MethodConfig("fp16"), TrackConfig("A"), eval=EvalConfig(seqlen=32, max_windows=5, batch_size=2))
+    try:
+        separate = float_references(loaded.model, loaded.tokenizer, cell)["wikitext2"]
+        evaluation = evaluate(QuantResult(loaded.model), loaded.tokenizer, loaded.device, cell, topk=True)
+        built = evaluation.topk["wikitext2"]
+        for name in STORED:
+            assert torch.equal(getattr(built, name), getattr(separate, name)), name
+        assert (built.vocab_size, built.seed) == (separate.vocab_size, separate.seed)
+        assert evaluate(QuantResult(loaded.model), loaded.tokenizer, loaded.device, cell).topk == {}
+        chunked = dataclasses.replace(cell, kv_eval=KVEvalConfig())
+        with pytest.raises(ValueError, match="plain forwards"):
+            evaluate(QuantResult(loaded.model), loaded.tokenizer, loaded.device, chunked, topk=True)
+    finally:
+        load_text.cache_clear()
 
 
 def test_evaluate_scores_the_kld_from_the_perplexity_logits_as_a_separate_pass_would(

@@ -151,39 +151,68 @@ def tail_kld(p_tail: torch.Tensor, p_samples: torch.Tensor, q_tail: torch.Tensor
     return torch.where(mass > 0, mass * within, torch.zeros_like(mass))
 
 
+class FloatTopK:
+    """The float model's top-k store of windows, built from each window's logits as a pass
+    produces them, in window order: `float_topk`'s own forward, or the FP baseline's perplexity
+    pass over the same windows, which then needs no forward of its own. The tail draws come from
+    one seeded generator, window by window (what one draw over a batch gives, too)."""
+
+    def __init__(self, k: int = DEFAULT_TOP_K, samples: int = DEFAULT_TAIL_SAMPLES, seed: int = 0) -> None:
+        self.k, self.samples, self.seed = k, samples, seed
+        self.generator: torch.Generator | None = None  # on the logits' device, at the first window
+        self.windows: list[torch.Tensor] = []
+        self.parts: dict[str, list[torch.Tensor]] = {name: [] for name in STORED[1:]}
+        self.vocab = 0
+        self.nan_windows = 0  # windows with NaN logits: a broken model, whose perplexity fails the pass
+
+    @torch.inference_mode()
+    def add(self, window: torch.Tensor, logits: torch.Tensor) -> None:
+        """One window [1, T] and its logits [1, T, V]."""
+        full = _logprobs(logits)
+        self.vocab = full.shape[-1]
+        if not 0 < self.k <= self.vocab or self.samples < 0:
+            raise ValueError(f"k must be between 1 and the vocabulary size {self.vocab}, and samples >= 0; "
+                             f"got k={self.k}, samples={self.samples}")
+        if self.generator is None:
+            self.generator = torch.Generator(device=full.device).manual_seed(self.seed)
+        top, top_ids = full.topk(self.k, dim=-1)
+        tail = _tail_in_place(full, top_ids)  # `full` now holds the tail's log-probabilities only
+        if torch.isnan(tail).any():  # nothing to draw from; the pass's perplexity reports the NaNs
+            self.nan_windows += 1
+            return
+        draws = self.samples if self.k < self.vocab else 0
+        if draws:
+            weights = (full - tail.unsqueeze(-1)).exp_()  # P restricted to the tail, normalized
+            drawn = torch.multinomial(weights.flatten(0, 1), draws, replacement=True, generator=self.generator)
+            drawn = drawn.view(*tail.shape, draws)
+        else:
+            drawn = torch.zeros(*tail.shape, 0, dtype=torch.long, device=full.device)
+        values = (top_ids.int(), top, tail, drawn.int(), full.gather(-1, drawn))
+        for name, value in zip(STORED[1:], values):
+            self.parts[name].append(value.cpu())
+        self.windows.append(window.cpu())
+
+    def store(self) -> TopKLogprobs:
+        if self.nan_windows:
+            raise ValueError(f"{self.nan_windows} windows had NaN logits: there is no top-k store of them")
+        stored = {name: torch.cat(values) for name, values in self.parts.items()}
+        return TopKLogprobs(torch.cat(self.windows), **stored, vocab_size=self.vocab, seed=self.seed)
+
+
 @torch.inference_mode()
 def float_topk(model: torch.nn.Module, windows: torch.Tensor, k: int = DEFAULT_TOP_K,
                samples: int = DEFAULT_TAIL_SAMPLES, batch_size: int = 4, seed: int = 0) -> TopKLogprobs:
     """What `kl_divergence` needs of the float model at every predicted position of the [W, T]
     windows (one plain forward per batch of windows): its top-k log-probabilities, the log of its
-    tail mass, and `samples` seeded draws from its tail (none when k is the vocabulary size). The
-    draws depend on the seed and on the batch size."""
+    tail mass, and `samples` seeded draws from its tail (none when k is the vocabulary size)."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in STORED[1:]}
-    vocab = 0
+    collector = FloatTopK(k, samples, seed)
     for index, batch in enumerate(windows.split(batch_size)):
         progress.report("float top-k window", index * batch_size + len(batch), len(windows))
-        for logits in window_logits(model, batch.to(device), check=index == 0):
-            full = _logprobs(logits)
-            vocab = full.shape[-1]
-            if not 0 < k <= vocab or samples < 0:
-                raise ValueError(f"k must be between 1 and the vocabulary size {vocab}, and samples >= 0; "
-                                 f"got k={k}, samples={samples}")
-            top, top_ids = full.topk(k, dim=-1)
-            tail = _tail_in_place(full, top_ids)  # `full` now holds the tail's log-probabilities only
-            draws = samples if k < vocab else 0
-            if draws:  # drawn window by window, the generator gives what one draw over the batch gave
-                weights = (full - tail.unsqueeze(-1)).exp_()  # P restricted to the tail, normalized
-                drawn = torch.multinomial(weights.flatten(0, 1), draws, replacement=True, generator=generator)
-                drawn = drawn.view(*tail.shape, draws)
-            else:
-                drawn = torch.zeros(*tail.shape, 0, dtype=torch.long, device=device)
-            values = (top_ids.int(), top, tail, drawn.int(), full.gather(-1, drawn))
-            for name, value in zip(STORED[1:], values):
-                parts[name].append(value.cpu())
-    stored = {name: torch.cat(values) for name, values in parts.items()}
-    return TopKLogprobs(windows.cpu(), **stored, vocab_size=vocab, seed=seed)
+        batch = batch.to(device)
+        for row, logits in enumerate(window_logits(model, batch, check=index == 0)):
+            collector.add(batch[row : row + 1], logits)
+    return collector.store()
 
 
 class KLDivergence:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -18,7 +18,7 @@ from ptq.dependencies import EVAL_SPLIT
 from ptq.engine import QuantResult
 from ptq.eval.decode import decode_speed, float_cache
 from ptq.eval.passkey import passkey_accuracy, trials
-from ptq.eval.kld import KLDivergence, KLDResult, TopKLogprobs, float_topk
+from ptq.eval.kld import FloatTopK, KLDivergence, KLDResult, TopKLogprobs, float_topk
 from ptq.eval.perplexity import PerplexityResult, perplexity, windows_of
 from ptq.eval.zeroshot import zero_shot
 
@@ -71,6 +71,9 @@ class Evaluation:
     kv_probes: dict[str, Any] = field(default_factory=dict)  # passkey, decode speed, cache bytes
     zero_shot: dict[str, Any] | None = None  # see ptq.eval.zeroshot.zero_shot, when configured
     kld: dict[str, KLDResult] = field(default_factory=dict)  # per dataset, given the float model's store
+    # per dataset, the model's own top-k store of the windows, when asked for (the FP baseline's pass
+    # builds the float references)
+    topk: dict[str, TopKLogprobs] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
         seconds = sum(r.seconds for r in self.results.values())
@@ -92,6 +95,14 @@ class Evaluation:
         return metrics
 
 
+def _each(sinks: list[Callable[[torch.Tensor, torch.Tensor], None]]) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """One callback for a pass's window logits that hands them to each sink in turn."""
+    def call(window: torch.Tensor, logits: torch.Tensor) -> None:
+        for sink in sinks:
+            sink(window, logits)
+    return call
+
+
 def kv_probes(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device: torch.device,
               config: KVEvalConfig) -> dict[str, Any]:
     """Where a KV cache acts beyond perplexity: passkey retrieval and greedy decoding, both
@@ -109,15 +120,20 @@ def kv_probes(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device
 
 
 def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device: torch.device,
-             config: CellConfig, references: dict[str, TopKLogprobs] | None = None) -> Evaluation:
+             config: CellConfig, references: dict[str, TopKLogprobs] | None = None,
+             topk: bool = False) -> Evaluation:
     """Perplexity on every configured dataset (and the KLD to the float model where `references`
-    holds its store), then the KV probes and the zero-shot tasks, when configured. On CUDA OOM
-    the perplexity batch is halved and that is recorded."""
+    holds its store; with `topk`, the model's own top-k store from the same logits, as
+    `float_references` computes it), then the KV probes and the zero-shot tasks, when configured.
+    On CUDA OOM the perplexity batch is halved and that is recorded."""
     results: dict[str, PerplexityResult] = {}
     data: dict[str, Any] = {}
     fallbacks: list[str] = []
     klds: dict[str, KLDResult] = {}
+    stores: dict[str, TopKLogprobs] = {}
     chunk = config.kv_eval.prefill_chunk if config.kv_eval else None
+    if topk and chunk is not None:
+        raise ValueError("a top-k store comes from plain forwards (float_references), not from a chunked prefill")
     for dataset in config.eval.datasets:
         text = load_text(dataset, EVAL_SPLIT)
         ids = tokenize_once(tokenizer, text)
@@ -125,14 +141,18 @@ def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device:
         batch_size = config.eval.batch_size
         while True:
             divergence = KLDivergence(references[dataset]) if references and dataset in references else None
+            collector = FloatTopK() if topk else None
+            sinks = [sink.add for sink in (divergence, collector) if sink is not None]
             try:
                 max_windows, allow_fewer = window_budget(dataset, config)
                 results[dataset] = perplexity(quantized.model, ids, config.eval.seqlen, max_windows, batch_size,
                                               quantized.make_cache, chunk, allow_fewer,
                                               f"{dataset}/{EVAL_SPLIT} ({text.origin})",
-                                              divergence.add if divergence else None)
+                                              _each(sinks) if sinks else None)
                 if divergence is not None:
                     klds[dataset] = divergence.result()
+                if collector is not None:
+                    stores[dataset] = collector.store()
                 break
             except torch.OutOfMemoryError:
                 if batch_size == 1:
@@ -144,4 +164,4 @@ def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device:
     accuracy = None
     if config.zero_shot.tasks:
         accuracy, data["zero_shot"] = zero_shot(quantized.model, tokenizer, config.zero_shot, quantized.make_cache)
-    return Evaluation(results, data, fallbacks, probes, accuracy, klds)
+    return Evaluation(results, data, fallbacks, probes, accuracy, klds, stores)
