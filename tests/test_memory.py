@@ -1,4 +1,5 @@
-"""PeakMemory, the cell's memory figure: a pause between two entries is left out."""
+"""PeakMemory, the cell's memory figure: a pause between two entries is left out, and memory freed
+before the start does not hide what the work allocates."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ def test_entered_twice_it_keeps_the_first_start_and_leaves_out_what_ran_between(
     assert memory.start_bytes == start
     assert first_peak <= memory.peak_bytes < start + 64 * MB + 300 * MB
     del kept
+
+
+def test_memory_freed_before_the_start_does_not_hide_what_the_work_allocates() -> None:
+    """glibc keeps freed heap pages resident and reuses them: a cell allocating into what an earlier
+    cell freed would otherwise add nothing to the resident set."""
+    piece = 16 * 1024  # floats: 64 kB tensors, below glibc's mmap threshold, so from the heap
+    freed = [torch.ones(piece) for _ in range(3200)]  # 200 MB
+    pin = torch.ones(piece)  # above them: the heap's top cannot shrink back on its own
+    del freed
+    memory = PeakMemory(torch.device("cpu"), interval=0.01)
+    with memory:
+        held = [torch.ones(piece) for _ in range(1600)]  # 100 MB, the work's own
+        time.sleep(0.1)
+    assert memory.peak_bytes - memory.start_bytes >= 90 * MB
+    del held, pin

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import threading
 from types import TracebackType
 
 import psutil
 import torch
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def release_freed_memory() -> None:
+    """Return to the system what earlier work freed: glibc keeps freed heap pages resident and
+    hands them out again, so work that reuses them would add nothing to the resident set, and a
+    cell's figure would depend on what its process ran before. A no-op beyond garbage
+    collection where the C library has no malloc_trim (not glibc)."""
+    gc.collect()
+    if hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 class PeakMemory:
@@ -14,7 +29,8 @@ class PeakMemory:
     the start is what the work itself added (the cell's model copy, activations, statistics).
 
     On CPU the resident set size is sampled every `interval` seconds in a thread (the
-    kernel's own peak, ru_maxrss, covers the whole process life and not one cell).
+    kernel's own peak, ru_maxrss, covers the whole process life and not one cell), from a start
+    at which the memory earlier work freed has been returned (`release_freed_memory`).
 
     Entered again, it keeps the first start and the highest peak: what runs between the
     entries (work that is not the cell's) is left out.
@@ -44,6 +60,7 @@ class PeakMemory:
                 self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
             if not self._entered:
+                release_freed_memory()
                 self.start_bytes = psutil.Process().memory_info().rss
             self._stop.clear()
             self._thread = threading.Thread(target=self._sample, daemon=True)
