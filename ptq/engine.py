@@ -99,6 +99,14 @@ def _copied(output: Any) -> Any:
     return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
 
 
+Observer = Callable[[int, torch.Tensor], None]  # takes a module's input on one batch (its index)
+
+
+def _input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """A module's input as a forward pre-hook sees it (attention is called with `hidden_states=`)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def first_tensor(output: Any) -> torch.Tensor:
     """The hidden states of a module output that may be a tuple (attention, older decoder blocks)."""
     return output[0] if isinstance(output, tuple) else output
@@ -264,11 +272,26 @@ class BlockRunner:
             del self._kept[shortcuts[name]]  # the child now replays its outputs
 
     @torch.no_grad()
-    def outputs(self) -> list[torch.Tensor]:
+    def outputs(self, observers: dict[str, Observer] | None = None) -> list[torch.Tensor]:
+        """The block's output on every batch; `observers` (module name -> callback) see the inputs of
+        those modules on the way, as `feed_inputs` gives them."""
         outputs = []
         with self._passing() as position:
-            for position[0], batch in enumerate(self.batches):
-                outputs.append(first_tensor(self.block(batch.hidden, **batch.kwargs)))
+
+            def hook_for(observe: Observer) -> Callable:
+                def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                    observe(position[0], _input(args, kwargs))
+                return hook
+
+            handles = [self.block.get_submodule(name).register_forward_pre_hook(hook_for(observe),
+                                                                                with_kwargs=True)
+                       for name, observe in (observers or {}).items()]
+            try:
+                for position[0], batch in enumerate(self.batches):
+                    outputs.append(first_tensor(self.block(batch.hidden, **batch.kwargs)))
+            finally:
+                for handle in handles:
+                    handle.remove()
         return outputs
 
     @torch.no_grad()
@@ -286,7 +309,7 @@ class BlockRunner:
 
             def hook_for(name: str) -> Callable:
                 def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-                    x = args[0] if args else kwargs["hidden_states"]
+                    x = _input(args, kwargs)
                     if name in keep:
                         self._kept.setdefault(name, {})[position[0]] = x
                     consume(name, position[0], x)
@@ -355,6 +378,8 @@ class BlockStep:
     # The float model's activations at this block's input through the block (as the earlier
     # stages left it): for stages that calibrate on the unquantized model (`float_inputs`).
     float_runner: BlockRunner | None = None
+    # The stage's `float_observers` saw this block's float inputs during the engine's float pass.
+    float_observed: bool = False
 
     def linears(self) -> dict[str, nn.Linear]:
         """The block's linears by name inside the block, in execution order."""
@@ -389,6 +414,13 @@ class Stage:
 
     def before_blocks(self, step: ModelStep) -> None:
         """Model-level work before the block walk."""
+
+    def float_observers(self, step: BlockStep) -> dict[str, Observer]:
+        """For a `float_inputs` stage: the modules of the block whose float inputs it reads, each with
+        the callback taking them (batch index, input). When no stage before it walks the blocks, the
+        engine calls them in its own pass over the float block, which it runs anyway for the float
+        outputs, and sets `step.float_observed`: the stage then needs no pass of its own."""
+        return {}
 
     def on_block(self, step: BlockStep) -> None:
         """Per block: collect statistics on the block as the earlier stages left it, then
@@ -478,12 +510,15 @@ def _walk(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | No
         block.to(device)
         runner = None if batches is None else BlockRunner(block, batches)
         float_runner = runner if float_batches is None else BlockRunner(block, float_batches)
+        block_step = BlockStep(index, block, f"{step.adapter.blocks}.{index}", step.adapter, runner,
+                               step.result, float_runner)
         float_outputs = None
         if runner is not None and (config.propagate == "float" or float_batches is not None):
+            # the first stage sees the block as it is: it may take its float inputs from this pass
+            observers = stages[0].float_observers(block_step) if stages[0].float_inputs else {}
             with _timed(seconds, ENGINE):
-                float_outputs = float_runner.outputs()
-        block_step = BlockStep(index, block, f"{step.adapter.blocks}.{index}", step.adapter, runner, step.result,
-                               float_runner)
+                float_outputs = float_runner.outputs(observers)
+            block_step.float_observed = bool(observers)
         for stage in stages:
             if runner is not None:
                 runner.thaw()  # what the previous stage froze, this one may change

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ptq.calib import CalibrationSet
 from ptq.config import CalibConfig, parse_override
-from ptq.engine import ModelStep, QuantResult, Specs, run_stages
+from ptq.engine import BlockStep, ModelStep, QuantResult, Specs, Stage, run_stages
 from ptq.matrix import Catalog, Selection
 from ptq.methods.smoothquant import SmoothQuant, SmoothQuantParams
 from ptq.models.adapters import adapter_for
@@ -162,6 +162,41 @@ def test_inside_smoothquant_gptq_the_statistics_come_from_the_float_model() -> N
         norms[method] = [layer.post_attention_layernorm.weight.clone() for layer in model.model.layers]
     for alone, chained in zip(norms["smoothquant"], norms["smoothquant+gptq"]):
         torch.testing.assert_close(chained, alone, rtol=1e-6, atol=0)
+
+
+class Before(Stage):
+    """A stage that walks the blocks before SmoothQuant and leaves them as they are."""
+
+    name = "before"
+
+    def on_block(self, step: BlockStep) -> None:
+        pass
+
+
+@pytest.mark.parametrize("propagate", ("float", "quantized"))
+def test_first_smoothquant_reads_its_maxima_in_the_engines_float_pass(propagate: str) -> None:
+    """As the first stage, SmoothQuant takes its activation maxima in the pass the engine makes over
+    the float block anyway: the same smoothed model, bit for bit, as with a pass of its own (which
+    it makes behind a stage that walks the blocks first), and attention runs once per batch and
+    block instead of twice."""
+    calibration = tokens((8, 24), 9)
+    states, calls = {}, {}
+    for first in (True, False):
+        model = tiny_llama(outliers=True)
+        counter = [0]
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+        stages = [SmoothQuant(SmoothQuantParams(alpha=0.85), Specs(), final=False)]
+        if not first:
+            stages.insert(0, Before(None, Specs(), final=False))
+        run_stages(stages, ModelStep(model, LLAMA, QuantResult(model)), CalibrationSet(calibration, {}),
+                   CalibConfig(batch_size=4, propagate=propagate), CPU)
+        states[first], calls[first] = model.state_dict(), counter[0]
+    for name, tensor in states[True].items():
+        assert torch.equal(tensor, states[False][name]), name
+    blocks, batches = 2, 2
+    assert calls == {True: blocks * batches * (1 if propagate == "float" else 2),
+                     False: blocks * batches * (2 if propagate == "float" else 3)}
 
 
 def test_alpha_is_checked_and_comes_from_the_model_yaml() -> None:

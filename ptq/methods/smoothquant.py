@@ -23,11 +23,12 @@ weights are rounded by the next quantizer, or to nearest when it runs alone (its
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from ptq.engine import BlockStep, ModelStep, Specs, Stage
+from ptq.engine import BlockStep, ModelStep, Observer, Specs, Stage
 from ptq.models.adapters import ScalingGroup
 from ptq.registry import register_method
 from ptq.transforms import fold_scales, scales_fold
@@ -59,24 +60,33 @@ class SmoothQuant(Stage):
     def __init__(self, params: SmoothQuantParams, specs: Specs, final: bool) -> None:
         super().__init__(params, specs, final)
         self.smoothed: set[str] = set()
+        self.act_max: dict[str, torch.Tensor] = {}  # the current block's, by inspected module
 
     def groups(self, block: nn.Module, groups: tuple[ScalingGroup, ...]) -> list[ScalingGroup]:
         """The scaling groups to smooth: after a norm, and after a linear when asked and possible."""
         return [group for group in groups if scales_fold(block, group)
                 and (self.params.smooth_linears or not isinstance(block.get_submodule(group.prev), nn.Linear))]
 
-    def on_block(self, step: BlockStep) -> None:
-        groups = self.groups(step.block, step.adapter.scaling_groups)
+    def _observe(self, name: str, _batch: int, x: torch.Tensor) -> None:
+        """max |x| per channel over all tokens"""
+        batch_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+        act_max = self.act_max
+        act_max[name] = torch.maximum(act_max[name], batch_max) if name in act_max else batch_max
+
+    def float_observers(self, step: BlockStep) -> dict[str, Observer]:
         # A group's input is its inspected module's: every token for an MoE block, whose experts each
         # see only their routed tokens; a module no token reached (an unrouted expert) is not smoothed.
-        inspected = {group.inspect: step.block.get_submodule(group.inspect) for group in groups}
-        act_max: dict[str, torch.Tensor] = {}
+        self.act_max = {}
+        return {group.inspect: partial(self._observe, group.inspect)
+                for group in self.groups(step.block, step.adapter.scaling_groups)}
 
-        def observe(name: str, _batch: int, x: torch.Tensor) -> None:  # max |x| per channel over all tokens
-            batch_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
-            act_max[name] = torch.maximum(act_max[name], batch_max) if name in act_max else batch_max
-
-        step.float_runner.feed_inputs(inspected, observe)
+    def on_block(self, step: BlockStep) -> None:
+        groups = self.groups(step.block, step.adapter.scaling_groups)
+        if not step.float_observed:  # a stage before this one changed the block: a pass of its own
+            observers = self.float_observers(step)
+            step.float_runner.feed_inputs({name: step.block.get_submodule(name) for name in observers},
+                                          lambda name, batch, x: observers[name](batch, x))
+        act_max = self.act_max
         for group in groups:
             if group.inspect not in act_max:
                 continue
