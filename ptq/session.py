@@ -176,14 +176,16 @@ class Session:
         run = partial(run_cached, cell.baseline_config, self._fp_pipeline, self.device, load, self.cache)
         inputs = references_inputs(cell.config, self.device.type)
         key = cache_key(inputs)
-        if cell.baseline_config.kv_eval is not None or key in self._references:  # chunked: not the references'
+        # a chunked evaluation's logits are not the references' (plain forwards)
+        if cell.baseline_config.kv_eval is not None or key in self._references:
             return run()
         with self.cache.exclusive("references", key):
             found = self.cache.lookup("references", key)
             if found.path is None:
                 outcome = run(topk=True)
                 if outcome.topk is not None:  # measured, not read from the cache
-                    unstored = self.cache.store("references", key, inputs, partial(_write_references, outcome.topk))
+                    write = partial(_write_references, outcome.topk)
+                    unstored = self.cache.store("references", key, inputs, write)
                     self._references[key] = outcome.topk, [p for p in (found.problem, unstored) if p]
                 return outcome
         return run()

@@ -19,7 +19,8 @@ from typing import Iterator
 import pytest
 import torch
 
-from ptq.config import CellConfig, EvalConfig, KVEvalConfig, MethodConfig, ModelConfig, SourceConfig, TrackConfig
+from ptq.config import (CellConfig, EvalConfig, KVEvalConfig, MethodConfig, ModelConfig, SourceConfig,
+                        TrackConfig)
 from ptq.data import SUMS_FILE, listed_sha256, load_text, read_local
 from ptq.errors import DataMismatch, TooFewWindows
 from ptq.eval.lm_tasks import build_tasks, check_task_files
@@ -217,8 +218,8 @@ def test_per_window_nll_is_each_windows_mean_and_gives_the_ppl(tiny: tuple[Path,
     assert result.ppl == pytest.approx(math.exp(sum(result.window_nll) / 5), rel=1e-12)
 
 
-def test_evaluate_builds_the_top_k_store_a_separate_float_pass_builds(tiny: tuple[Path, LoadedModel],
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_builds_the_top_k_store_a_separate_float_pass_builds(
+        tiny: tuple[Path, LoadedModel], monkeypatch: pytest.MonkeyPatch) -> None:
     """The FP baseline's perplexity pass gives the float references: its store equals, tensor for
     tensor (the tail draws included), what float_references' own forward gives on the same
     windows; a chunked evaluation (Track C) refuses to build one."""
@@ -226,7 +227,8 @@ def test_evaluate_builds_the_top_k_store_a_separate_float_pass_builds(tiny: tupl
     monkeypatch.setenv("PTQ_DATA_DIR", str(root))
     load_text.cache_clear()
     cell = CellConfig(ModelConfig("tiny", "llama", SourceConfig("local", path="unused")),
-                      MethodConfig("fp16"), TrackConfig("A"), eval=EvalConfig(seqlen=32, max_windows=5, batch_size=2))
+                      MethodConfig("fp16"), TrackConfig("A"),
+                      eval=EvalConfig(seqlen=32, max_windows=5, batch_size=2))
     try:
         separate = float_references(loaded.model, loaded.tokenizer, cell)["wikitext2"]
         evaluation = evaluate(QuantResult(loaded.model), loaded.tokenizer, loaded.device, cell, topk=True)

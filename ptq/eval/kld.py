@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from transformers.cache_utils import Cache
 
 from ptq import progress
-from ptq.eval.perplexity import window_logits
+from ptq.eval.perplexity import position_spans, window_logits
 
 DEFAULT_TOP_K = 32
 DEFAULT_TAIL_SAMPLES = 16
@@ -112,8 +112,8 @@ class KLDResult:
 
 
 def _logprobs(logits: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities [B, T-1, V] at the predicted positions, in float32."""
-    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    """Log-probabilities [B, P, V] of logits [B, P, V] (predicted positions), in float32."""
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _tail_in_place(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -167,30 +167,40 @@ class FloatTopK:
 
     @torch.inference_mode()
     def add(self, window: torch.Tensor, logits: torch.Tensor) -> None:
-        """One window [1, T] and its logits [1, T, V]."""
-        full = _logprobs(logits)
-        self.vocab = full.shape[-1]
+        """One window [1, T] and its logits [1, T, V], a span of predicted positions at a time (the
+        tail draws too: position after position, as over the whole window)."""
+        if window.shape[0] != 1:
+            raise ValueError(f"one window at a time (its draws follow its positions), got {window.shape[0]}")
+        self.vocab = logits.shape[-1]
         if not 0 < self.k <= self.vocab or self.samples < 0:
             raise ValueError(f"k must be between 1 and the vocabulary size {self.vocab}, and samples >= 0; "
                              f"got k={self.k}, samples={self.samples}")
         if self.generator is None:
-            self.generator = torch.Generator(device=full.device).manual_seed(self.seed)
-        top, top_ids = full.topk(self.k, dim=-1)
-        tail = _tail_in_place(full, top_ids)  # `full` now holds the tail's log-probabilities only
-        if torch.isnan(tail).any():  # nothing to draw from; the pass's perplexity reports the NaNs
+            self.generator = torch.Generator(device=logits.device).manual_seed(self.seed)
+        parts = [self._positions(logits[:, span]) for span in position_spans(logits.shape[1] - 1)]
+        if any(part is None for part in parts):  # nothing to draw from; the pass's perplexity reports NaNs
             self.nan_windows += 1
             return
+        for name, values in zip(STORED[1:], zip(*parts)):
+            self.parts[name].append(torch.cat(values, dim=1).cpu())
+        self.windows.append(window.cpu())
+
+    def _positions(self, logits: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The stored values (STORED[1:]) at some predicted positions; None with NaN logits."""
+        full = _logprobs(logits)
+        top, top_ids = full.topk(self.k, dim=-1)
+        tail = _tail_in_place(full, top_ids)  # `full` now holds the tail's log-probabilities only
+        if torch.isnan(tail).any():
+            return None
         draws = self.samples if self.k < self.vocab else 0
         if draws:
             weights = (full - tail.unsqueeze(-1)).exp_()  # P restricted to the tail, normalized
-            drawn = torch.multinomial(weights.flatten(0, 1), draws, replacement=True, generator=self.generator)
+            drawn = torch.multinomial(weights.flatten(0, 1), draws, replacement=True,
+                                      generator=self.generator)
             drawn = drawn.view(*tail.shape, draws)
         else:
             drawn = torch.zeros(*tail.shape, 0, dtype=torch.long, device=full.device)
-        values = (top_ids.int(), top, tail, drawn.int(), full.gather(-1, drawn))
-        for name, value in zip(STORED[1:], values):
-            self.parts[name].append(value.cpu())
-        self.windows.append(window.cpu())
+        return top_ids.int(), top, tail, drawn.int(), full.gather(-1, drawn)
 
     def store(self) -> TopKLogprobs:
         if self.nan_windows:
@@ -234,18 +244,26 @@ class KLDivergence:
         if not torch.equal(batch.cpu(), store.windows[rows]):
             raise ValueError(f"windows {rows.start}..{rows.stop - 1} are not those the float model's top-k store "
                              f"was computed on ({tuple(store.windows.shape)}): compute it on these windows")
-        full = _logprobs(logits)
-        if full.shape[-1] != store.vocab_size:
-            raise ValueError(f"the model has {full.shape[-1]} logits per token, the store {store.vocab_size}")
-        ids = store.ids[rows].to(full.device).long()
-        top = full.gather(-1, ids).cpu()
-        sampled = full.gather(-1, store.samples[rows].to(full.device).long()).cpu()
-        # ties: the float model's top token agrees when it is (one of) the quantized model's most likely
-        self.agreements.append((top[..., 0] == full.max(dim=-1).values.cpu()))
-        tail = _tail_in_place(full, ids).cpu()
-        self.bounds.append(coarse_kld(store.logprobs[rows], store.tail[rows], top, tail))
-        self.tails.append(tail_kld(store.tail[rows], store.sample_logprobs[rows], tail, sampled))
+        if logits.shape[-1] != store.vocab_size:
+            raise ValueError(f"the model has {logits.shape[-1]} logits per token, the store {store.vocab_size}")
+        parts = [self._positions(logits[:, span], rows, span) for span in position_spans(logits.shape[1] - 1)]
+        for kept, values in zip((self.agreements, self.bounds, self.tails), zip(*parts)):
+            kept.append(torch.cat(values, dim=1))
         self.next_row = rows.stop
+
+    def _positions(self, logits: torch.Tensor, rows: slice, span: slice) -> tuple[torch.Tensor, ...]:
+        """Top-1 agreement, the coarse KLD and the tail term at the predicted positions `span` of the
+        windows `rows`, from their logits."""
+        store = self.store
+        full = _logprobs(logits)
+        ids = store.ids[rows, span].to(full.device).long()
+        top = full.gather(-1, ids).cpu()
+        sampled = full.gather(-1, store.samples[rows, span].to(full.device).long()).cpu()
+        # ties: the float model's top token agrees when it is (one of) the quantized model's most likely
+        agreement = top[..., 0] == full.max(dim=-1).values.cpu()
+        tail = _tail_in_place(full, ids).cpu()
+        return (agreement, coarse_kld(store.logprobs[rows, span], store.tail[rows, span], top, tail),
+                tail_kld(store.tail[rows, span], store.sample_logprobs[rows, span], tail, sampled))
 
     def result(self) -> KLDResult:
         store = self.store

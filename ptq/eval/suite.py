@@ -95,7 +95,10 @@ class Evaluation:
         return metrics
 
 
-def _each(sinks: list[Callable[[torch.Tensor, torch.Tensor], None]]) -> Callable[[torch.Tensor, torch.Tensor], None]:
+LogitsSink = Callable[[torch.Tensor, torch.Tensor], None]  # takes a window and its logits
+
+
+def _each(sinks: list[LogitsSink]) -> LogitsSink:
     """One callback for a pass's window logits that hands them to each sink in turn."""
     def call(window: torch.Tensor, logits: torch.Tensor) -> None:
         for sink in sinks:
@@ -133,7 +136,8 @@ def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device:
     stores: dict[str, TopKLogprobs] = {}
     chunk = config.kv_eval.prefill_chunk if config.kv_eval else None
     if topk and chunk is not None:
-        raise ValueError("a top-k store comes from plain forwards (float_references), not from a chunked prefill")
+        raise ValueError("a top-k store comes from plain forwards (float_references), "
+                         "not from a chunked prefill")
     for dataset in config.eval.datasets:
         text = load_text(dataset, EVAL_SPLIT)
         ids = tokenize_once(tokenizer, text)
