@@ -222,7 +222,8 @@ class Session:
 
     def run(self, cell: Cell, record: CellRecord) -> list[GateResult]:
         """Measure the cell into `record` and return the gates that failed. The method quantizes
-        before the FP baseline and the float references are fetched (they come before its
+        before the float references are fetched (they come before its evaluation), and before the
+        FP baseline where the baseline's pass builds them (else the baseline comes after the
         evaluation): under xdist, a worker quantizes while another measures what they share (see
         ptq.cache's exclusive), instead of measuring it too."""
         self.check_baseline_not_failed(cell)
@@ -231,7 +232,10 @@ class Session:
         reference_problems: list[str] = []
 
         def references() -> dict[str, TopKLogprobs]:
-            self.baseline(cell)  # a failed baseline fails the cell before its evaluation
+            if cell.baseline_config.kv_eval is None:  # its pass builds the references: it comes first
+                self.baseline(cell)  # and when it failed, the cell fails before its evaluation
+            else:  # a chunked baseline (Track C) is not needed before the evaluation: no waiting for it
+                self.check_baseline_not_failed(cell)
             stores, problems = self.references(cell)
             reference_problems.extend(problems)
             return stores
