@@ -36,7 +36,7 @@ def test_entered_twice_it_keeps_the_first_start_and_leaves_out_what_ran_between(
 
 def test_memory_freed_before_the_start_does_not_hide_what_the_work_allocates() -> None:
     """glibc keeps freed heap pages resident and reuses them: a cell allocating into what an earlier
-    cell freed would otherwise add nothing to the resident set."""
+    cell freed adds nothing to the resident set, but what it holds is counted all the same."""
     piece = 16 * 1024  # floats: 64 kB tensors, below glibc's mmap threshold, so from the heap
     freed = [torch.ones(piece) for _ in range(3200)]  # 200 MB
     pin = torch.ones(piece)  # above them: the heap's top cannot shrink back on its own

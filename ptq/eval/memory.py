@@ -1,4 +1,5 @@
-"""Peak memory of a stretch of work: CUDA max allocated on a GPU, else the process's peak RSS."""
+"""Peak memory of a stretch of work: on a GPU, CUDA's max allocated; on CPU, what malloc has
+handed out and not taken back (glibc's mallinfo2), else the process's RSS."""
 
 from __future__ import annotations
 
@@ -14,23 +15,31 @@ import torch
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
 
 
-def release_freed_memory() -> None:
-    """Return to the system what earlier work freed: glibc keeps freed heap pages resident and
-    hands them out again, so work that reuses them would add nothing to the resident set, and a
-    cell's figure would depend on what its process ran before. A no-op beyond garbage
-    collection where the C library has no malloc_trim (not glibc)."""
-    gc.collect()
-    if hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                       "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+if hasattr(_LIBC, "mallinfo2"):  # glibc 2.33+
+    _LIBC.mallinfo2.restype = _Mallinfo2
+
+
+def heap_in_use() -> int:
+    """Bytes malloc has handed out and not taken back: heap blocks in use plus mmapped ones, over
+    every arena (torch's CPU tensors are malloc'd). Unlike the RSS, it leaves out freed pages the
+    allocator keeps for reuse, whose amount depends on what the process ran before: the CPU
+    counterpart of CUDA's memory_allocated."""
+    info = _LIBC.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 class PeakMemory:
     """Context manager; `.peak_bytes`, `.start_bytes` and `.kind` are set on exit. The peak over
     the start is what the work itself added (the cell's model copy, activations, statistics).
 
-    On CPU the resident set size is sampled every `interval` seconds in a thread (the
-    kernel's own peak, ru_maxrss, covers the whole process life and not one cell), from a start
-    at which the memory earlier work freed has been returned (`release_freed_memory`).
+    On CPU the reading (`heap_in_use`, or the resident set size without glibc) is sampled every
+    `interval` seconds in a thread: neither has a per-stretch peak of its own (ru_maxrss covers
+    the whole process life). Garbage is collected before the start.
 
     Entered again, it keeps the first start and the highest peak: what runs between the
     entries (work that is not the cell's) is left out.
@@ -39,17 +48,20 @@ class PeakMemory:
     def __init__(self, device: torch.device, interval: float = 0.05) -> None:
         self.device = device
         self.interval = interval
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss"
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else \
+            "malloc_in_use" if hasattr(_LIBC, "mallinfo2") else "rss"
         self.peak_bytes = 0
         self.start_bytes = 0
         self._entered = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _reading(self) -> int:
+        return heap_in_use() if self.kind == "malloc_in_use" else psutil.Process().memory_info().rss
+
     def _sample(self) -> None:
-        process = psutil.Process()
         while True:
-            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+            self.peak_bytes = max(self.peak_bytes, self._reading())
             if self._stop.wait(self.interval):
                 return
 
@@ -60,8 +72,8 @@ class PeakMemory:
                 self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
             if not self._entered:
-                release_freed_memory()
-                self.start_bytes = psutil.Process().memory_info().rss
+                gc.collect()
+                self.start_bytes = self._reading()
             self._stop.clear()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()

@@ -223,8 +223,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("eval_tokens_per_s", "eval tok/s" + SIMULATED, _number(0),
            "tokens per second of the perplexity evaluation (simulated, see below)"),
     Column("peak_memory_mb", "peak MB", _number(0),
-           "peak memory of the process during the cell, the loaded float model included (RSS on CPU, "
-           "allocated memory on GPU), in MiB"),
+           "peak memory of the process during the cell, the loaded float model included (on CPU what "
+           "malloc has handed out, glibc's count, else the RSS; allocated memory on GPU), in MiB"),
     Column("peak_added_over_float", "added/float", _number(2),
            "peak memory added during the cell over its start, as a multiple of the float model's size"),
     Column("reason", "reason", lambda value: (value or "").replace("\n", " ")[:120],
