@@ -89,9 +89,16 @@ class CellCopy:
     model: nn.Module
     shared: dict[str, torch.Tensor]
     versions: dict[str, int]
+    whole: bool = False  # nothing copied: `model` is the loaded model, none of whose tensors may change
 
     @classmethod
-    def of(cls, model: nn.Module, adapter: ArchAdapter) -> CellCopy:
+    def of(cls, model: nn.Module, adapter: ArchAdapter, copy_blocks: bool = True) -> CellCopy:
+        """With `copy_blocks` false (a pipeline of cache stages only, which build a KV cache from the
+        model's config and change no tensor), the cell works on the loaded model itself, and `check`
+        also finds a tensor replaced."""
+        if not copy_blocks:
+            shared = model.state_dict(keep_vars=True)
+            return cls(model, shared, {name: t._version for name, t in shared.items()}, whole=True)
         blocks = {id(t) for t in adapter.decoder_blocks(model).state_dict(keep_vars=True).values()}
         shared = {name: t for name, t in model.state_dict(keep_vars=True).items() if id(t) not in blocks}
         memo = {id(t): t for t in shared.values()}
@@ -99,6 +106,13 @@ class CellCopy:
 
     def check(self) -> None:
         written = sorted(name for name, t in self.shared.items() if t._version != self.versions[name])
+        if self.whole:
+            now = self.model.state_dict(keep_vars=True)
+            changed = sorted({name for name in self.shared.keys() | now.keys()
+                              if name in written or now.get(name) is not self.shared.get(name)})
+            if changed:
+                raise SharedTensorsWritten(f"a cache stage changed tensors of the loaded model: {changed[:3]} "
+                                           "(it is now damaged, and is loaded again for the next cell)")
         if written:
             raise SharedTensorsWritten(f"a stage wrote in place into tensors shared with the loaded model: "
                                        f"{written[:3]}; replace the module's parameter instead (the loaded "
@@ -154,7 +168,11 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
         calibration = calibration_set(loaded.tokenizer, config.calib) \
             if pipeline.calibrated and found.path is None or config.static_act else None
         with memory:
-            work = None if pipeline.baseline else CellCopy.of(loaded.model, loaded.adapter)
+            # cache stages in a cell that rounds neither weights nor activations change no tensor: no
+            # copy of the blocks (checked all the same)
+            untouched = pipeline.cache_only and config.weight is None and config.act is None
+            work = None if pipeline.baseline else CellCopy.of(loaded.model, loaded.adapter,
+                                                              copy_blocks=not untouched)
             model = loaded.model if work is None else work.model
             if found.path is not None:
                 result, quant_seconds, calibration_record = _load_weights(found.path, model)

@@ -113,6 +113,11 @@ class Pipeline:
         return self.stages[0].role == "baseline"
 
     @property
+    def cache_only(self) -> bool:
+        """Only cache stages: they build a KV cache and change no tensor of the model."""
+        return all(stage.role == "cache" for stage in self.stages)
+
+    @property
     def reads(self) -> frozenset[Spec]:
         return frozenset().union(*(stage.reads for stage in self.stages))
 

@@ -499,6 +499,28 @@ def test_a_second_run_hits_the_cache_and_gives_identical_metrics(workspace: Path
         "metrics": "off", "weights": "off", "fp_baseline": "off"}
 
 
+def test_a_cache_only_cell_works_on_the_loaded_model_and_its_check_sees_any_change(tiny: SimpleNamespace) -> None:
+    """Cache stages change no tensor, so their cell copies nothing; a tensor written in place or
+    replaced is still found."""
+    from ptq.cell import CellCopy
+
+    adapter = adapter_for(tiny.model, "llama")
+    for change in ("write", "replace"):
+        work = CellCopy.of(tiny.model, adapter, copy_blocks=False)
+        assert work.model is tiny.model
+        work.check()
+        up = work.model.model.layers[0].mlp.up_proj
+        original = up.weight
+        with torch.no_grad():
+            if change == "write":
+                up.weight.add_(0)
+            else:
+                up.weight = torch.nn.Parameter(up.weight.clone())
+        with pytest.raises(RuntimeError, match=r"\['model.layers.0.mlp.up_proj.weight'\]"):
+            work.check()
+        up.weight = original
+
+
 def test_a_cell_copies_the_blocks_and_shares_the_rest(tiny: SimpleNamespace) -> None:
     from ptq.cell import CellCopy
 
