@@ -111,8 +111,9 @@ class CellCopy:
             changed = sorted({name for name in self.shared.keys() | now.keys()
                               if name in written or now.get(name) is not self.shared.get(name)})
             if changed:
-                raise SharedTensorsWritten(f"a cache stage changed tensors of the loaded model: {changed[:3]} "
-                                           "(it is now damaged, and is loaded again for the next cell)")
+                raise SharedTensorsWritten(f"a cache stage changed tensors of the loaded model: "
+                                           f"{changed[:3]} (it is now damaged, and is loaded again for "
+                                           "the next cell)")
         if written:
             raise SharedTensorsWritten(f"a stage wrote in place into tensors shared with the loaded model: "
                                        f"{written[:3]}; replace the module's parameter instead (the loaded "

@@ -499,7 +499,8 @@ def test_a_second_run_hits_the_cache_and_gives_identical_metrics(workspace: Path
         "metrics": "off", "weights": "off", "fp_baseline": "off"}
 
 
-def test_a_cache_only_cell_works_on_the_loaded_model_and_its_check_sees_any_change(tiny: SimpleNamespace) -> None:
+def test_a_cache_only_cell_works_on_the_loaded_model_and_its_check_sees_any_change(
+        tiny: SimpleNamespace) -> None:
     """Cache stages change no tensor, so their cell copies nothing; a tensor written in place or
     replaced is still found."""
     from ptq.cell import CellCopy

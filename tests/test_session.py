@@ -26,7 +26,8 @@ class Evaluating(Exception):
 @pytest.mark.parametrize(("method", "track", "expected"), [("rtn", "A", ["baseline", "references"]),
                                                             ("kv-rtn", "C", ["references"])])
 def test_a_cell_waits_for_its_baseline_only_when_the_baseline_builds_its_references(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, method: str, track: str, expected: list[str]) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, method: str, track: str,
+        expected: list[str]) -> None:
     catalog = Catalog(BENCH)
     cell = catalog.cells(Selection(models=("smollm2-135m",), methods=(method,), tracks=(track,)), "cpu")[0]
     session = Session(catalog, torch.device("cpu"), CacheStore(None), BaselineStore(tmp_path / "none.json"),

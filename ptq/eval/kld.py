@@ -245,7 +245,8 @@ class KLDivergence:
             raise ValueError(f"windows {rows.start}..{rows.stop - 1} are not those the float model's top-k store "
                              f"was computed on ({tuple(store.windows.shape)}): compute it on these windows")
         if logits.shape[-1] != store.vocab_size:
-            raise ValueError(f"the model has {logits.shape[-1]} logits per token, the store {store.vocab_size}")
+            raise ValueError(f"the model has {logits.shape[-1]} logits per token, "
+                             f"the store {store.vocab_size}")
         parts = [self._positions(logits[:, span], rows, span) for span in position_spans(logits.shape[1] - 1)]
         for kept, values in zip((self.agreements, self.bounds, self.tails), zip(*parts)):
             kept.append(torch.cat(values, dim=1))

@@ -186,7 +186,8 @@ def perplexity(
             window = batch[row : row + 1]
             if on_logits is not None:
                 on_logits(window, logits)
-            token_nll = torch.cat([F.cross_entropy(logits[0, span].float(), window[0, 1:][span], reduction="none")
+            targets = window[0, 1:]
+            token_nll = torch.cat([F.cross_entropy(logits[0, span].float(), targets[span], reduction="none")
                                    for span in position_spans(logits.shape[1] - 1)])
             window_sums.append(token_nll.double().sum().reshape(1).cpu())
     seconds = time.perf_counter() - start
