@@ -174,10 +174,11 @@ class Session:
         meanwhile, so a worker needing them waits rather than computing them too."""
         load = partial(self.models.get, cell.config.model)
         run = partial(run_cached, cell.baseline_config, self._fp_pipeline, self.device, load, self.cache)
-        inputs = references_inputs(cell.config, self.device.type)
+        if cell.baseline_config.kv_eval is not None:  # chunked: its logits are not the references' (plain)
+            return run()
+        inputs = references_inputs(cell.config, self.device.type)  # hashes code and packages: only here
         key = cache_key(inputs)
-        # a chunked evaluation's logits are not the references' (plain forwards)
-        if cell.baseline_config.kv_eval is not None or key in self._references:
+        if key in self._references:
             return run()
         with self.cache.exclusive("references", key):
             found = self.cache.lookup("references", key)
