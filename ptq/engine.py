@@ -102,6 +102,12 @@ def _copied(output: Any) -> Any:
 Observer = Callable[[int, torch.Tensor], None]  # takes a module's input on one batch (its index)
 
 
+def _taken(items: list[Any], index: int) -> Any:
+    """items[index], which the list no longer holds (it is not needed again)."""
+    item, items[index] = items[index], None
+    return item
+
+
 def _input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     """A module's input as a forward pre-hook sees it (attention is called with `hidden_states=`)."""
     return args[0] if args else kwargs["hidden_states"]
@@ -166,11 +172,12 @@ class _Shortcut:
     child runs on every batch as before."""
 
     def __init__(self, forward: Callable[..., Any], linear: nn.Module, inputs: dict[int, torch.Tensor],
-                 position: list[int]) -> None:
+                 position: list[int], consume: bool) -> None:
         self.forward = forward
         self.linear = linear
         self.inputs = inputs
         self.position = position
+        self.consume = consume  # the block's last pass: each kept input is dropped once used
         self.layout: Any = None  # the first batch's output, once it passed the check
         self.checked = False
 
@@ -189,7 +196,7 @@ class _Shortcut:
 
     def _linear_output(self, index: int) -> torch.Tensor:
         # forward, not __call__: the kept input has been through the linear's pre-hooks already
-        return self.linear.forward(self.inputs[index])
+        return self.linear.forward(self.inputs.pop(index) if self.consume else self.inputs[index])
 
     @staticmethod
     def _replaceable(output: Any) -> bool:
@@ -236,20 +243,23 @@ class BlockRunner:
         return kept[0] if len(kept) == 1 else None
 
     @contextmanager
-    def _passing(self) -> Iterator[list[int]]:
+    def _passing(self, last: bool = False) -> Iterator[list[int]]:
         """A pass over the batches: frozen children replay what they recorded, or record it;
-        yields the index of the batch being run (to set)."""
+        yields the index of the batch being run (to set). The `last` pass over the block records
+        nothing and drops each kept input once used: nothing runs the block again."""
         position = [0]
-        recording = {name: [] for name in self._frozen - set(self._replays)}
+        unrecorded = self._frozen - set(self._replays)
+        recording = {} if last else {name: [] for name in unrecorded}
         patched = [self.block.get_submodule(name) for name in self._replays]
         for name, module in zip(self._replays, patched):
             outputs = self._replays[name]
-            module.forward = lambda *_args, _outputs=outputs, **_kwargs: _copied(_outputs[position[0]])
-        shortcuts = {name: linear for name in recording if (linear := self._last_linear_of(name))}
+            module.forward = (lambda *_args, _outputs=outputs, **_kwargs: _taken(_outputs, position[0])) if last \
+                else (lambda *_args, _outputs=outputs, **_kwargs: _copied(_outputs[position[0]]))
+        shortcuts = {name: linear for name in unrecorded if (linear := self._last_linear_of(name))}
         for name, linear in shortcuts.items():
             child = self.block.get_submodule(name)
             child.forward = _Shortcut(child.forward, self.block.get_submodule(linear), self._kept[linear],
-                                      position)
+                                      position, consume=last)
             patched.append(child)
 
         def recorder(name: str) -> Callable:
@@ -266,17 +276,21 @@ class BlockRunner:
                 handle.remove()
             for module in patched:
                 del module.forward
+        if last:
+            self._replays.clear()
+            self._kept.clear()
         recorded = {name: outputs for name, outputs in recording.items() if len(outputs) == len(self.batches)}
         self._replays.update(recorded)
         for name in recorded.keys() & shortcuts.keys():
             del self._kept[shortcuts[name]]  # the child now replays its outputs
 
     @torch.no_grad()
-    def outputs(self, observers: dict[str, Observer] | None = None) -> list[torch.Tensor]:
+    def outputs(self, observers: dict[str, Observer] | None = None, last: bool = False) -> list[torch.Tensor]:
         """The block's output on every batch; `observers` (module name -> callback) see the inputs of
-        those modules on the way, as `feed_inputs` gives them."""
+        those modules on the way, as `feed_inputs` gives them. After the `last` pass the runner holds
+        no recorded outputs or kept inputs (they go batch by batch, as used)."""
         outputs = []
-        with self._passing() as position:
+        with self._passing(last) as position:
 
             def hook_for(observe: Observer) -> Callable:
                 def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -526,7 +540,7 @@ def _walk(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | No
                 stage.on_block(block_step)
         if runner is not None:
             with _timed(seconds, ENGINE):
-                outputs = float_outputs if config.propagate == "float" else runner.outputs()
+                outputs = float_outputs if config.propagate == "float" else runner.outputs(last=True)
             if index + 1 < len(blocks):
                 batches = [batch.at(index + 1, out) for batch, out in zip(runner.batches, outputs)]
                 if float_batches is not None:

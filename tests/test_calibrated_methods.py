@@ -22,7 +22,7 @@ from ptq.engine import BlockRunner, BlockStep, ModelStep, QuantResult, Specs, St
 from ptq.errors import ConfigError
 from ptq.matrix import Catalog, Cell, Selection
 from ptq.methods.awq import activation_scales, search_clip, search_scales
-from ptq.methods.gptq import GPTQ, GptqParams, GptqResult
+from ptq.methods.gptq import GPTQ, GRAM_BLOCKED_COLUMNS, GptqParams, GptqResult, gram
 from ptq.models.adapters import adapter_for
 from ptq.pipeline import quantize
 from ptq.quant import QuantSpec, fake_quantize
@@ -148,6 +148,17 @@ def test_gptq_is_deterministic(params: dict) -> None:
     second = gptq_solve(gaussian_weight(3), inputs("ill_conditioned", seed=4), spec, **params)
     assert torch.equal(first.weight, second.weight)
     assert first.loss == second.loss and first.damp_used == second.damp_used
+
+
+@pytest.mark.parametrize("columns", [GRAM_BLOCKED_COLUMNS, 1536, 1537])
+def test_blocked_gram_is_symmetric_and_the_product_to_float_rounding(columns: int) -> None:
+    # The reference (float64) is independent of how the float32 product is blocked.
+    x = inputs("ill_conditioned", seed=7, tokens=512, columns=columns).t().contiguous()
+    product = gram(x)
+    exact = x.double() @ x.double().t()
+    assert torch.equal(product, product.t())
+    assert torch.allclose(product.double(), exact, rtol=1e-4, atol=1e-3 * exact.diagonal().mean().item())
+    assert (product.double() - exact).abs().max() <= 2 * (x @ x.t() - exact).abs().max().double()
 
 
 def hessian_with_spectrum(eigenvalues: list[float], seed: int = 5) -> torch.Tensor:
@@ -522,8 +533,18 @@ def test_replaying_final_children_changes_nothing_and_saves_block_passes(
     for bit. With a hook changing the last linear's output the child's output is not that linear's:
     the first batch's check sees it and the child runs on every batch."""
 
+    held_after_last_pass = []  # what a runner still holds after the block's last pass
+    outputs = BlockRunner.outputs
+
+    def outputs_then_holdings(self: BlockRunner, *args, last: bool = False, **kwargs) -> list[torch.Tensor]:
+        result = outputs(self, *args, last=last, **kwargs)
+        if last:
+            held_after_last_pass.append({**self._replays, **self._kept})
+        return result
+
     def run(freeze: bool) -> tuple[QuantResult, dict[str, int], list[torch.Tensor]]:
         calls, seen = {"attention": 0, "mlp": 0}, []
+        monkeypatch.setattr(BlockRunner, "outputs", outputs_then_holdings)
 
         def count(kind: str) -> Callable:
             return lambda *_: calls.__setitem__(kind, calls[kind] + 1)
@@ -561,6 +582,8 @@ def test_replaying_final_children_changes_nothing_and_saves_block_passes(
     assert plain_calls == {"attention": blocks * batches * 4, "mlp": blocks * batches * 2}
     per_child = blocks * (batches + recording)
     assert replayed_calls == {"attention": per_child, "mlp": per_child}
+    # The last pass over a block dropped the recorded outputs and kept inputs (as it used them).
+    assert held_after_last_pass == [{}] * (2 * blocks)
 
 
 @pytest.mark.parametrize("method", ("gptq", "awq", "awq+gptq"))
