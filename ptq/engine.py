@@ -253,8 +253,9 @@ class BlockRunner:
         patched = [self.block.get_submodule(name) for name in self._replays]
         for name, module in zip(self._replays, patched):
             outputs = self._replays[name]
-            module.forward = (lambda *_args, _outputs=outputs, **_kwargs: _taken(_outputs, position[0])) if last \
-                else (lambda *_args, _outputs=outputs, **_kwargs: _copied(_outputs[position[0]]))
+            replay = _taken if last else lambda items, index: _copied(items[index])
+            module.forward = lambda *_args, _outputs=outputs, _replay=replay, **_kwargs: \
+                _replay(_outputs, position[0])
         shortcuts = {name: linear for name in unrecorded if (linear := self._last_linear_of(name))}
         for name, linear in shortcuts.items():
             child = self.block.get_submodule(name)
