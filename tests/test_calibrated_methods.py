@@ -21,8 +21,10 @@ from ptq.config import CalibConfig, StageConfig
 from ptq.engine import BlockRunner, BlockStep, ModelStep, QuantResult, Specs, Stage, capture_block_inputs, run_stages
 from ptq.errors import ConfigError
 from ptq.matrix import Catalog, Cell, Selection
+from ptq.methods import awq
 from ptq.methods.awq import activation_scales, search_clip, search_scales
-from ptq.methods.gptq import GPTQ, GRAM_BLOCKED_COLUMNS, GptqParams, GptqResult, gram
+from ptq.linalg import GRAM_BLOCKED_COLUMNS, gram
+from ptq.methods.gptq import GPTQ, GptqParams, GptqResult
 from ptq.models.adapters import adapter_for
 from ptq.pipeline import quantize
 from ptq.quant import QuantSpec, fake_quantize
@@ -317,6 +319,34 @@ def test_awq_clip_search_bounds_and_error(spec: QuantSpec) -> None:
         clipped = fake_quantize(torch.clamp(weight, -bound, bound), spec)
         err = (x @ clipped.t() - x @ weight.t()).pow(2).sum(0)
         assert (err <= (x @ fake_quantize(weight, spec).t() - x @ weight.t()).pow(2).sum(0) * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("bias", (False, True))
+def test_awq_linear_error_from_the_gram_matrix_is_the_output_error(bias: bool) -> None:
+    # The error a group inspecting its own linear (down_proj) is scored by: from its inputs' Gram
+    # matrix, against running the linear on every input in float64 (two batches, the bias cancels).
+    weight = gaussian_weight(14)
+    linear = nn.Linear(COLS, ROWS, bias=bias).requires_grad_(False)
+    linear.weight.copy_(weight)
+    xs = [inputs("ill_conditioned", seed=15 + i, tokens=256).reshape(2, 128, COLS) for i in range(2)]
+    quantized = fake_quantize(weight, QuantSpec(3, False, "group", GROUP))
+    delta = (quantized - weight).double()
+    expected = sum(float((x.double() @ delta.t()).pow(2).sum()) for x in xs) / (2 * 256 * ROWS)
+    from_gram = awq._linear_output_error(weight, xs)([quantized])
+    by_forward = awq._module_output_error(linear, [linear], [weight.clone()], xs, [{}, {}])
+    assert from_gram == pytest.approx(expected, rel=1e-5)
+    assert by_forward([quantized]) == pytest.approx(expected, rel=1e-3)  # a difference of float32 outputs
+
+
+def test_awq_searches_the_same_with_or_without_the_gram_shortcut(
+        catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    shortcut = run_pipeline(catalog, model, calibration, "awq")
+    monkeypatch.setattr(awq, "_plain_linear", lambda module: False)  # down_proj's group runs it instead
+    forward = run_pipeline(catalog, model, calibration, "awq")
+    for name, linear in LLAMA.quantizable_linears(forward.model).items():
+        assert torch.equal(shortcut.model.get_submodule(name).weight, linear.weight), name
+    assert shortcut.notes == forward.notes  # the alphas chosen
 
 
 # ------------------------------------------------------------- engine on a tiny Llama

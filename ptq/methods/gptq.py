@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ptq.engine import BlockStep, ModelStep, Specs, Stage
+from ptq.linalg import gram
 from ptq.quant import QuantSpec, fake_quantize, fake_quantize_with, find_params
 from ptq.registry import register_method
 
@@ -26,11 +27,6 @@ MAX_DAMP_RETRIES = 4  # dampening x10 each time, as far as 10^4 x percdamp
 # rtn, threshold 0.5%). With no tokens at all GPTQ would zero the weight (the reference's dead columns).
 MIN_TOKEN_FRACTION = 0.005
 FEW_TOKENS_SHOWN = 10  # linears named in the record's fallback for too few calibration tokens
-# x xᵀ of an input this wide or wider is computed as 4 x 4 blocks, those on and above the diagonal
-# mirrored (10 of 16 products): down_proj's 1536-column Hessian took 0.54x the time on one CPU thread,
-# with the same bits as the whole product there; 576 columns gained nothing.
-GRAM_BLOCKED_COLUMNS = 1024
-GRAM_BLOCKS = 4
 
 
 @dataclass(frozen=True)
@@ -129,22 +125,6 @@ class GPTQ:
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
         return GptqResult(Q.to(weight.dtype), losses, damp_used)
-
-
-def gram(x: torch.Tensor) -> torch.Tensor:
-    """x xᵀ for x [columns, tokens]: symmetric, so a wide one is computed block by block on and above
-    the diagonal and mirrored below it (`GRAM_BLOCKED_COLUMNS`)."""
-    columns = x.shape[0]
-    if columns < GRAM_BLOCKED_COLUMNS:
-        return x @ x.t()
-    product = torch.empty(columns, columns, device=x.device, dtype=x.dtype)
-    size = -(-columns // GRAM_BLOCKS)
-    for i in range(0, columns, size):
-        for j in range(i, columns, size):
-            block = x[i:i + size] @ x[j:j + size].t()
-            product[i:i + size, j:j + size] = block
-            product[j:j + size, i:i + size] = block.t()
-    return product
 
 
 def _child_end(order: list[str], name: str) -> bool:
