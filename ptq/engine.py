@@ -99,7 +99,7 @@ def _copied(output: Any) -> Any:
     return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, output)
 
 
-Observer = Callable[[int, torch.Tensor], None]  # takes a module's input on one batch (its index)
+Observer = Callable[[int, torch.Tensor], None]  # takes a module's input (or output) on one batch (its index)
 
 
 def _taken(items: list[Any], index: int) -> Any:
@@ -286,10 +286,12 @@ class BlockRunner:
             del self._kept[shortcuts[name]]  # the child now replays its outputs
 
     @torch.no_grad()
-    def outputs(self, observers: dict[str, Observer] | None = None, last: bool = False) -> list[torch.Tensor]:
+    def outputs(self, observers: dict[str, Observer] | None = None, last: bool = False,
+                output_observers: dict[str, Observer] | None = None) -> list[torch.Tensor]:
         """The block's output on every batch; `observers` (module name -> callback) see the inputs of
-        those modules on the way, as `feed_inputs` gives them. After the `last` pass the runner holds
-        no recorded outputs or kept inputs (they go batch by batch, as used)."""
+        those modules on the way, as `feed_inputs` gives them, and `output_observers` a copy of their
+        outputs (the first tensor). After the `last` pass the runner holds no recorded outputs or kept
+        inputs (they go batch by batch, as used)."""
         outputs = []
         with self._passing(last) as position:
 
@@ -298,9 +300,16 @@ class BlockRunner:
                     observe(position[0], _input(args, kwargs))
                 return hook
 
+            def output_hook_for(observe: Observer) -> Callable:
+                def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+                    observe(position[0], first_tensor(output).clone())
+                return hook
+
             handles = [self.block.get_submodule(name).register_forward_pre_hook(hook_for(observe),
                                                                                 with_kwargs=True)
                        for name, observe in (observers or {}).items()]
+            handles += [self.block.get_submodule(name).register_forward_hook(output_hook_for(observe))
+                        for name, observe in (output_observers or {}).items()]
             try:
                 for position[0], batch in enumerate(self.batches):
                     outputs.append(first_tensor(self.block(batch.hidden, **batch.kwargs)))
@@ -393,7 +402,8 @@ class BlockStep:
     # The float model's activations at this block's input through the block (as the earlier
     # stages left it): for stages that calibrate on the unquantized model (`float_inputs`).
     float_runner: BlockRunner | None = None
-    # The stage's `float_observers` saw this block's float inputs during the engine's float pass.
+    # The stage's `float_observers` (and `float_output_observers`) saw this block's float inputs
+    # (and outputs) during the engine's float pass: only ever the first stage's.
     float_observed: bool = False
 
     def linears(self) -> dict[str, nn.Linear]:
@@ -431,10 +441,15 @@ class Stage:
         """Model-level work before the block walk."""
 
     def float_observers(self, step: BlockStep) -> dict[str, Observer]:
-        """For a `float_inputs` stage: the modules of the block whose float inputs it reads, each with
-        the callback taking them (batch index, input). When no stage before it walks the blocks, the
-        engine calls them in its own pass over the float block, which it runs anyway for the float
-        outputs, and sets `step.float_observed`: the stage then needs no pass of its own."""
+        """The modules of the block whose float inputs the stage reads, each with the callback taking
+        them (batch index, input). When the stage is the first and the engine runs its own pass over
+        the float block anyway (for the float outputs: a `float_inputs` stage, or float propagation),
+        the engine calls them in that pass and sets `step.float_observed`: the stage then needs no
+        pass of its own."""
+        return {}
+
+    def float_output_observers(self, step: BlockStep) -> dict[str, Observer]:
+        """As `float_observers`, for the outputs of modules of the float block."""
         return {}
 
     def on_block(self, step: BlockStep) -> None:
@@ -529,14 +544,20 @@ def _walk(stages: list[Stage], step: ModelStep, calibration: CalibrationSet | No
                                step.result, float_runner)
         float_outputs = None
         if runner is not None and (config.propagate == "float" or float_batches is not None):
-            # the first stage sees the block as it is: it may take its float inputs from this pass
-            observers = stages[0].float_observers(block_step) if stages[0].float_inputs else {}
+            # the first stage sees the block as it is: it may take its float inputs (and module outputs)
+            # from this pass, when they are what it calibrates on
+            first = stages[0]
+            observed = first.float_inputs or config.propagate == "float"
+            observers = first.float_observers(block_step) if observed else {}
+            output_observers = first.float_output_observers(block_step) if observed else {}
             with _timed(seconds, ENGINE):
-                float_outputs = float_runner.outputs(observers)
-            block_step.float_observed = bool(observers)
-        for stage in stages:
+                float_outputs = float_runner.outputs(observers, output_observers=output_observers)
+            block_step.float_observed = bool(observers or output_observers)
+        for position, stage in enumerate(stages):
             if runner is not None:
                 runner.thaw()  # what the previous stage froze, this one may change
+            if position:  # what the float pass observed, it observed for the first stage
+                block_step.float_observed = False
             with _timed(seconds, stage.name):
                 stage.on_block(block_step)
         if runner is not None:

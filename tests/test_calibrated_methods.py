@@ -349,6 +349,27 @@ def test_awq_searches_the_same_with_or_without_the_gram_shortcut(
     assert shortcut.notes == forward.notes  # the alphas chosen
 
 
+def test_awq_reads_the_engine_float_pass_with_the_same_result(
+        catalog: Catalog, model: LlamaForCausalLM, calibration: CalibrationSet,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # As the first stage of a float-propagating pipeline, AWQ takes its inputs and its inspected
+    # modules' outputs from the engine's float pass: the same weights as with passes of its own,
+    # and no pass of its own.
+    passes = []
+    inputs_of = BlockRunner.inputs_of
+    monkeypatch.setattr(BlockRunner, "inputs_of",
+                        lambda self, modules: passes.append(1) or inputs_of(self, modules))
+    observed = run_pipeline(catalog, model, calibration, "awq")
+    assert passes == []
+    monkeypatch.setattr(awq.Awq, "float_observers", lambda self, step: {})
+    monkeypatch.setattr(awq.Awq, "float_output_observers", lambda self, step: {})
+    own = run_pipeline(catalog, model, calibration, "awq")
+    assert len(passes) == 2  # one per block
+    for name, linear in LLAMA.quantizable_linears(own.model).items():
+        assert torch.equal(observed.model.get_submodule(name).weight, linear.weight), name
+    assert observed.notes == own.notes
+
+
 # ------------------------------------------------------------- engine on a tiny Llama
 
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-from ptq.engine import BlockStep, ModelStep, Specs, Stage, first_tensor
+from ptq.engine import BlockStep, ModelStep, Observer, Specs, Stage, first_tensor
 from ptq.linalg import gram
+from ptq.models.adapters import ScalingGroup
 from ptq.quant import QuantSpec, expand_groups, fake_quantize
 from ptq.registry import register_method
 from ptq.transforms import fold_scales, scales_fold
@@ -125,11 +127,13 @@ def _linear_output_error(weight: torch.Tensor, xs: list[torch.Tensor]) -> Output
 
 
 def _module_output_error(module: nn.Module, layers: list[nn.Linear], originals: list[torch.Tensor],
-                         xs: list[torch.Tensor], kwargs: list[dict]) -> OutputError:
+                         xs: list[torch.Tensor], kwargs: list[dict],
+                         reference: list[torch.Tensor] | None = None) -> OutputError:
     """The mean squared error of the inspected module's output with the candidate weights in its
-    linears, against its output as it is."""
-    with torch.no_grad():
-        reference = [first_tensor(module(x, **kw)) for x, kw in zip(xs, kwargs)]
+    linears, against its output as it is (`reference`, per input, when already known)."""
+    if reference is None:
+        with torch.no_grad():
+            reference = [first_tensor(module(x, **kw)) for x, kw in zip(xs, kwargs)]
 
     def output_error(quantized: list[torch.Tensor]) -> float:
         with torch.no_grad():
@@ -155,6 +159,10 @@ class Awq(Stage):
         super().__init__(params, specs, final)
         self.alphas: dict[str, list[float]] = {}
         self.unreached: set[str] = set()  # inspected modules without calibration inputs (unrouted experts)
+        # this block's inputs of the linears and inspected modules, and the inspected modules' outputs,
+        # per search batch reaching them, when the engine's float pass gathered them
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.references: dict[str, list[torch.Tensor]] = {}
 
     def samples_read(self) -> int | None:
         return self.params.search_samples
@@ -169,15 +177,48 @@ class Awq(Stage):
             step.result.notes.append("AWQ before another weight quantizer: scales and clipping only, the weights "
                                      "are rounded by the later stage")
 
+    def _searched(self, step: BlockStep) -> tuple[dict[str, nn.Module], list[ScalingGroup], int]:
+        """The modules whose inputs the searches read (linears, inspected modules), the scaling groups
+        that fold, and how many calibration batches the searches read."""
+        groups = [group for group in step.adapter.scaling_groups if scales_fold(step.block, group)]
+        modules = {**step.linears(), **{g.inspect: step.block.get_submodule(g.inspect) for g in groups}}
+        return modules, groups, len(step.runner.first(self.params.search_samples).batches)
+
+    def _gathered(self, store: dict[str, list[torch.Tensor]], batches: int) -> Observer:
+        def observe(name: str, index: int, tensor: torch.Tensor) -> None:
+            if index < batches:
+                store.setdefault(name, []).append(tensor)
+        return observe
+
+    def float_observers(self, step: BlockStep) -> dict[str, Observer]:
+        modules, _groups, batches = self._searched(step)
+        self.inputs = {name: [] for name in modules}
+        return {name: partial(self._gathered(self.inputs, batches), name) for name in modules}
+
+    def float_output_observers(self, step: BlockStep) -> dict[str, Observer]:
+        _modules, groups, batches = self._searched(step)
+        self.references = {}
+        return {group.inspect: partial(self._gathered(self.references, batches), group.inspect)
+                for group in groups if not self._linear_error(step.block, group)}
+
+    @staticmethod
+    def _linear_error(block: nn.Module, group: ScalingGroup) -> bool:
+        """The group's output error is one linear's, computed from its inputs' Gram matrix."""
+        return group.linears == (group.inspect,) and _plain_linear(block.get_submodule(group.inspect))
+
     def on_block(self, step: BlockStep) -> None:
         spec, params, block = self.specs.weight, self.params, step.block
         linears = step.linears()
-        groups = [group for group in step.adapter.scaling_groups if scales_fold(block, group)]
+        modules, groups, _batches = self._searched(step)
         search = step.runner.first(params.search_samples)
         # A group's input is its inspected module's (all tokens for an MoE block, whose experts each
         # see only the tokens routed to them); a module no batch reached (an expert no token was
-        # routed to) has no input, and keeps scale 1 and no clipping.
-        inputs = search.inputs_of({**linears, **{g.inspect: block.get_submodule(g.inspect) for g in groups}})
+        # routed to) has no input, and keeps scale 1 and no clipping. When the engine's float pass
+        # gathered them (the stage is the first), so were the inspected modules' outputs: the float
+        # block's, which the earlier groups' folds do not change (but for rounding).
+        inputs = self.inputs if step.float_observed else search.inputs_of(modules)
+        references = self.references if step.float_observed else {}
+        self.inputs, self.references = {}, {}
         for group in groups:
             xs = inputs[group.inspect]
             if not xs:
@@ -187,11 +228,12 @@ class Awq(Stage):
             x_mean = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).abs().float().mean(dim=0)
             layer_list = [linears[name] for name in group.linears]
             originals = [linear.weight.detach().clone() for linear in layer_list]
-            if _plain_linear(module) and group.linears == (group.inspect,):
+            if self._linear_error(block, group):
                 output_error = _linear_output_error(originals[0], xs)
             else:
                 kwargs = [b.kwargs if group.inspect_takes_block_kwargs else {} for b in search.batches]
-                output_error = _module_output_error(module, layer_list, originals, xs, kwargs)
+                output_error = _module_output_error(module, layer_list, originals, xs, kwargs,
+                                                    references.get(group.inspect))
             scales, alpha, _loss = search_scales(originals, x_mean, spec, params.n_grid, output_error)
             self.alphas.setdefault(group.label, []).append(alpha)
             fold_scales(block, group, scales.to(originals[0].dtype), step.adapter.norm_offset)
