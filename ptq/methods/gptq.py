@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from ptq.engine import BlockStep, ModelStep, Specs, Stage
-from ptq.linalg import gram
 from ptq.quant import QuantSpec, fake_quantize, fake_quantize_with, find_params
 from ptq.registry import register_method
 
@@ -72,7 +71,7 @@ class GPTQ:
         self.H *= self.nsamples / (self.nsamples + count)
         self.nsamples += count
         x = (2 / self.nsamples) ** 0.5 * x
-        self.H += gram(x)
+        self.H += x @ x.t()
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, params: GptqParams) -> GptqResult:
         if spec.granularity not in ("group", "channel"):
