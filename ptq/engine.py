@@ -251,11 +251,10 @@ class BlockRunner:
         unrecorded = self._frozen - set(self._replays)
         recording = {} if last else {name: [] for name in unrecorded}
         patched = [self.block.get_submodule(name) for name in self._replays]
+        replay = _taken if last else lambda items, index: _copied(items[index])
         for name, module in zip(self._replays, patched):
-            outputs = self._replays[name]
-            replay = _taken if last else lambda items, index: _copied(items[index])
-            module.forward = lambda *_args, _outputs=outputs, _replay=replay, **_kwargs: \
-                _replay(_outputs, position[0])
+            module.forward = lambda *_args, _outputs=self._replays[name], **_kwargs: \
+                replay(_outputs, position[0])
         shortcuts = {name: linear for name in unrecorded if (linear := self._last_linear_of(name))}
         for name, linear in shortcuts.items():
             child = self.block.get_submodule(name)

@@ -35,7 +35,8 @@ def source(model_config: ModelConfig) -> ResolvedSource:
     return resolved
 
 
-def test_inside_the_context_a_gguf_file_is_read_once_and_the_originals_come_back(source: ResolvedSource) -> None:
+def test_inside_the_context_a_gguf_file_is_read_once_and_the_originals_come_back(
+        source: ResolvedSource) -> None:
     originals = gguf.GGUFReader, gguf.get_tensor_name_map
     path = str(Path(source.location) / source.gguf_file)
     with gguf_parsed_once():
@@ -51,7 +52,8 @@ def test_the_loaded_model_and_tokenizer_are_transformers_own_load(model_config: 
                                                                    source: ResolvedSource) -> None:
     model, tokenizer, _ = load_model(model_config)
     plain_tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    plain = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file,
+                                                 dtype=torch.float32)
     assert model.config.to_dict() == plain.config.to_dict()
     expected = plain.state_dict()
     loaded = model.state_dict()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
@@ -176,28 +175,31 @@ class Awq(Stage):
             step.result.notes.append("AWQ before another weight quantizer: scales and clipping only, the weights "
                                      "are rounded by the later stage")
 
-    def _searched(self, step: BlockStep) -> tuple[dict[str, nn.Module], list[ScalingGroup], int]:
-        """The modules whose inputs the searches read (linears, inspected modules), the scaling groups
-        that fold, and how many calibration batches the searches read."""
+    def _searched(self, step: BlockStep) -> tuple[dict[str, nn.Module], list[ScalingGroup]]:
+        """The modules whose inputs the searches read (linears, inspected modules), and the scaling
+        groups that fold."""
         groups = [group for group in step.adapter.scaling_groups if scales_fold(step.block, group)]
         modules = {**step.linears(), **{g.inspect: step.block.get_submodule(g.inspect) for g in groups}}
-        return modules, groups, len(step.runner.first(self.params.search_samples).batches)
+        return modules, groups
 
-    def _gathered(self, store: dict[str, list[torch.Tensor]], batches: int) -> Observer:
-        def observe(name: str, index: int, tensor: torch.Tensor) -> None:
+    def _gatherer(self, step: BlockStep, store: dict[str, list[torch.Tensor]], name: str) -> Observer:
+        """Appends module `name`'s tensor to `store[name]` on the batches the searches read."""
+        batches = len(step.runner.first(self.params.search_samples).batches)
+
+        def observe(index: int, tensor: torch.Tensor) -> None:
             if index < batches:
                 store.setdefault(name, []).append(tensor)
         return observe
 
     def float_observers(self, step: BlockStep) -> dict[str, Observer]:
-        modules, _groups, batches = self._searched(step)
+        modules, _groups = self._searched(step)
         self.inputs = {name: [] for name in modules}
-        return {name: partial(self._gathered(self.inputs, batches), name) for name in modules}
+        return {name: self._gatherer(step, self.inputs, name) for name in modules}
 
     def float_output_observers(self, step: BlockStep) -> dict[str, Observer]:
-        _modules, groups, batches = self._searched(step)
+        _modules, groups = self._searched(step)
         self.references = {}
-        return {group.inspect: partial(self._gathered(self.references, batches), group.inspect)
+        return {group.inspect: self._gatherer(step, self.references, group.inspect)
                 for group in groups if not self._linear_error(step.block, group)}
 
     @staticmethod
@@ -208,7 +210,7 @@ class Awq(Stage):
     def on_block(self, step: BlockStep) -> None:
         spec, params, block = self.specs.weight, self.params, step.block
         linears = step.linears()
-        modules, groups, _batches = self._searched(step)
+        modules, groups = self._searched(step)
         search = step.runner.first(params.search_samples)
         # A group's input is its inspected module's (all tokens for an MoE block, whose experts each
         # see only the tokens routed to them); a module no batch reached (an expert no token was
