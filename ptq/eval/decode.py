@@ -24,11 +24,13 @@ def float_cache(model_config) -> Cache:
 @torch.inference_mode()
 def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, chunk: int, all_logits: bool) -> torch.Tensor:
     """Feed `ids` [batch, tokens] in chunks of `chunk` tokens; each chunk attends to the earlier
-    ones only through `cache`. Returns the logits of every position, or of the last one."""
+    ones only through `cache`. Returns the logits of every position, or of the last one (then the
+    LM head sees each chunk's last position alone: a fifth of the forward's multiply-adds for
+    SmolLM2's 49k vocabulary, spent on logits nobody reads)."""
     parts = []
+    keep = {} if all_logits else {"logits_to_keep": 1}
     for start in range(0, ids.shape[1], chunk):
-        logits = model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
-        parts.append(logits if all_logits else logits[:, -1:])
+        parts.append(model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True, **keep).logits)
     return torch.cat(parts, dim=1) if all_logits else parts[-1]
 
 
