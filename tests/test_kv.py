@@ -13,8 +13,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ptq.config import KVConfig
-from ptq.eval.decode import decode_speed, float_cache, prefill
-from ptq.eval.passkey import PasskeyTrial, prompt_ids, trials
+from ptq.eval.decode import decode_speed, float_cache, greedy_decode, prefill
+from ptq.eval.passkey import PasskeyTrial, prompt_ids, shared_prefills, trials
 from ptq.eval.perplexity import perplexity
 from ptq.kv import KVStream, QuantizedKVCache, StoredChunk, cache_bytes, kv_elements, stored_bytes
 from ptq.quant import QuantSpec, fake_quantize, pack_codes, unpack_codes
@@ -206,6 +206,53 @@ def test_stored_bytes_counts_each_tensor_once_and_wrappers_by_their_parts(tiny: 
     cache = float_cache(tiny.config)
     cache.update(torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4), 0)
     assert cache_bytes(cache) == 2 * 2 * 5 * 4 * 4
+
+
+def _cache_factory(kind: str, config: LlamaConfig):
+    from transformers.cache_utils import QuantizedCache
+
+    if kind == "float":
+        return partial(float_cache, config)
+    if kind == "kivi":  # keys per channel in groups of 8 tokens, a residual window of 8
+        return partial(QuantizedKVCache, KVConfig(per_token(2, 8), per_token(2, 8), "channel", "token", 8), 2)
+    if kind == "int4":
+        return partial(QuantizedKVCache, KVConfig(per_token(4, 8), per_token(4, 8)), 2)
+    return partial(QuantizedCache, kind, config, nbits=4, axis_key=0 if kind == "quanto" else 1,
+                   axis_value=0 if kind == "quanto" else 1, q_group_size=16, residual_length=16)
+
+
+@pytest.mark.parametrize("kind", ("float", "int4", "kivi", "quanto", "hqq"))
+def test_shared_prefills_are_each_prompts_own_prefill_bit_for_bit(tiny: LlamaForCausalLM, kind: str) -> None:
+    """Prompts alike up to different depths, of different lengths, one the start of another and
+    one unlike the rest: each gets the logits and the decoding its own prefill from an empty cache
+    gives, and whole chunks they share are prefilled once."""
+    make = _cache_factory(kind, tiny.config)
+    filler = torch.randint(3, 97, (1, 70), generator=torch.Generator().manual_seed(7))
+    needle = torch.tensor([[1, 2, 1, 2, 1]])
+    prompts = [torch.cat([filler[:, :depth], needle, filler[:, depth:length]], dim=1)
+               for depth, length in ((40, 60), (9, 60), (40, 70), (25, 45))]
+    prompts += [filler[:, :32], torch.randint(3, 97, (1, 50), generator=torch.Generator().manual_seed(8))]
+    calls: list[int] = []
+    hook = tiny.model.embed_tokens.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+    try:
+        shared = {index: (last, greedy_decode(tiny, cache, last, 3).tokens)
+                  for index, cache, last in shared_prefills(tiny, prompts, make, chunk=8)}
+        fed = sum(calls)
+    finally:
+        hook.remove()
+    assert sorted(shared) == list(range(len(prompts)))
+    for index, ids in enumerate(prompts):
+        cache = make()
+        last = prefill(tiny, ids, cache, chunk=8, all_logits=False)
+        assert torch.equal(shared[index][0], last)
+        assert torch.equal(shared[index][1], greedy_decode(tiny, cache, last, 3).tokens)
+    # 337 tokens prefilled one prompt at a time; shared: 5 whole (50); the first chunk of 0-4 (8);
+    # 1 after it (57); the next of 0, 2, 3, 4 (8), and the next (8); 3 after its third chunk (26);
+    # 4's last chunk (8); 0 is the start of 2: their 5 common chunks more (40); 0's last token (1);
+    # 2's last 11. transformers' quantized caches are not copied: each prompt is prefilled whole.
+    # Then 3 decoding steps for each of the 6.
+    shares = kind in ("float", "int4", "kivi")
+    assert fed == (50 + 8 + 57 + 8 + 8 + 26 + 8 + 40 + 1 + 11 if shares else 337) + 6 * 3
 
 
 def test_passkey_trials_are_seeded_and_prompts_hold_the_key_near_the_requested_length() -> None:
