@@ -26,6 +26,7 @@ from ptq.dependencies import Dependencies, dependencies
 from ptq.engine import QuantResult
 from ptq.eval.memory import PeakMemory
 from ptq.eval.kld import TopKLogprobs
+from ptq.eval.perplexity import PerplexityResult
 from ptq.eval.suite import evaluate
 from ptq.models.adapters import ArchAdapter
 from ptq.models.loading import ResolvedSource
@@ -39,6 +40,7 @@ WEIGHTS_FILE = "weights.safetensors"
 
 
 References = Callable[[], dict[str, TopKLogprobs]]  # the float model's top-k store per evaluation dataset
+Scored = Callable[[], dict[str, PerplexityResult]]  # perplexities measured already, per evaluation dataset
 
 
 @dataclass
@@ -130,11 +132,13 @@ def stage_environments(pipeline: Pipeline) -> dict[str, Any]:
 
 
 def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, load: Callable[[], LoadedModel],
-               store: CacheStore, references: References | None = None, topk: bool = False) -> CellOutcome:
+               store: CacheStore, references: References | None = None, topk: bool = False,
+               scored: Scored | None = None) -> CellOutcome:
     """The cell's outcome from the metrics entry when it is whole; else quantize (or take the
     quantized weights from their entry), evaluate, and store. The model is loaded only then, and
-    `references` (the float model's top-k stores, for the KLD) called only then; with `topk`, a
-    measured outcome brings the model's own top-k stores (the FP baseline's are the references)."""
+    `references` (the float model's top-k stores, for the KLD) and `scored` (perplexities measured
+    already, see `evaluate`) called only then; with `topk`, a measured outcome brings the model's
+    own top-k stores (the FP baseline's are the references)."""
     deps = dependencies(config, stage_modules(pipeline), device.type, stage_environments(pipeline))
     # two workers needing the same outcome (a model's FP baseline) measure it once
     with store.exclusive("metrics", deps.metrics_key):
@@ -143,7 +147,7 @@ def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, loa
             assert found.path is not None
             stored = json.loads((found.path / "outcome.json").read_text())
             return CellOutcome(**stored, cache={"metrics": "hit", "weights": "skipped"})
-        outcome = measure(config, pipeline, load(), store, deps, references, topk)
+        outcome = measure(config, pipeline, load(), store, deps, references, topk, scored)
 
         def write(folder: Path) -> None:
             (folder / "outcome.json").write_text(json.dumps(outcome.stored(), indent=2))
@@ -155,7 +159,8 @@ def run_cached(config: CellConfig, pipeline: Pipeline, device: torch.device, loa
 
 
 def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: CacheStore,
-            deps: Dependencies, references: References | None = None, topk: bool = False) -> CellOutcome:
+            deps: Dependencies, references: References | None = None, topk: bool = False,
+            scored: Scored | None = None) -> CellOutcome:
     """Quantize with the pipeline (or take its weights from `store`), then evaluate. Pipelines work
     on a copy, so the loaded model stays float for the next cell; the baseline leaves the model
     as it is and gets no copy (and has no weights to store)."""
@@ -200,10 +205,11 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
     # after quantizing, so a worker waiting for another's float references has done its own work
     # first; outside the cell's memory: they are the float model's
     float_stores = references() if references is not None and not pipeline.baseline else None
+    measured = scored() if scored is not None else None
     with memory:
         quantize_activations(result, loaded.adapter, config, calibration, loaded.device)
         with on_device(result.model, loaded.device) as placement:
-            evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores, topk)
+            evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores, topk, measured)
     added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "stage_seconds": result.stage_seconds,
                "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,

@@ -4,6 +4,7 @@ once, and a cell run into its record with its gates."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +23,7 @@ from ptq.dependencies import EVAL_SPLIT, fingerprint, references_inputs
 from ptq.errors import BaselineFailed, ConfigError, NonFiniteMetric, PtqError, UnsupportedModel
 from ptq.eval.kld import TopKLogprobs
 from ptq.eval.lm_tasks import check_task_files, check_task_names
-from ptq.eval.suite import float_references
+from ptq.eval.suite import float_references, scored_results
 from ptq.gates import BaselineStore, GateResult, cell_gates
 from ptq.kv import head_dim_of
 from ptq.matrix import Catalog, Cell, Selection, shard
@@ -174,8 +175,13 @@ class Session:
         meanwhile, so a worker needing them waits rather than computing them too."""
         load = partial(self.models.get, cell.config.model)
         run = partial(run_cached, cell.baseline_config, self._fp_pipeline, self.device, load, self.cache)
-        if cell.baseline_config.kv_eval is not None:  # chunked: its logits are not the references' (plain)
-            return run()
+        if cell.baseline_config.kv_eval is not None:
+            # Through the float cache the model's perplexity is the one-shot forward's (the chunks
+            # read exactly what they wrote: tests/test_kv.py), so it is the plain baseline's, which
+            # scores those windows for the other tracks anyway; this baseline measures its KV probes.
+            plain = dataclasses.replace(cell, baseline_config=dataclasses.replace(cell.baseline_config,
+                                                                                   kv_eval=None))
+            return run(scored=lambda: scored_results(self.baseline(plain).metrics))
         inputs = references_inputs(cell.config, self.device.type)  # hashes code and packages: only here
         key = cache_key(inputs)
         if key in self._references:

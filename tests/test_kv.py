@@ -140,6 +140,8 @@ def test_float_chunked_prefill_scores_what_the_plain_model_scores(tiny: LlamaFor
     for chunk in (16, 48, 64):
         chunked = perplexity(tiny, ids, 64, None, 2, prefill_chunk=chunk)
         assert chunked.ppl == pytest.approx(plain.ppl, rel=1e-5) and chunked.prefill_chunk == chunk
+        # window by window too: a Track C baseline takes the plain one's (ptq.session), CIs pair them
+        assert chunked.window_nll == pytest.approx(plain.window_nll, rel=1e-5)
 
 
 def test_quantized_cache_ppl_degrades_with_fewer_bits(tiny: LlamaForCausalLM) -> None:

@@ -1,10 +1,12 @@
 """Session.run: when a cell asks for the FP baseline, relative to its own evaluation. The
 baseline comes first where its perplexity pass builds the float references the cell's KLD
 needs; a Track C cell's baseline (scored through a float cache) cannot, and the cell does not
-wait for it (another worker may be measuring it) before evaluating."""
+wait for it (another worker may be measuring it) before evaluating. That baseline measures the
+KV probes and takes its perplexity from the baseline of the other tracks."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,10 @@ import torch
 
 import ptq.session
 from ptq.cache import CacheStore
+from ptq.cell import CellOutcome
+from ptq.dependencies import fingerprint
+from ptq.eval.perplexity import PerplexityResult
+from ptq.eval.suite import Evaluation
 from ptq.gates import BaselineStore
 from ptq.matrix import Catalog, Selection
 from ptq.session import Session
@@ -44,3 +50,40 @@ def test_a_cell_waits_for_its_baseline_only_when_the_baseline_builds_its_referen
     with pytest.raises(Evaluating):
         session.run(cell, record=None)
     assert calls == expected
+
+
+def test_a_track_c_baseline_takes_its_perplexity_from_the_plain_baseline(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    """Through a float cache the perplexity is the one-shot forward's (tests/test_kv.py): the Track C
+    baseline measures its KV probes and takes its perplexity from the baseline the other tracks use,
+    which runs once and only when the C baseline is measured (not when its outcome is cached)."""
+    catalog = Catalog(BENCH)
+    cells = {cell.track: cell for cell in catalog.cells(Selection(models=("smollm2-135m",), methods=("fp16",)),
+                                                        "cpu")}
+    plain = dataclasses.replace(cells["C"].baseline_config, kv_eval=None)
+    assert fingerprint(plain, "cpu") == fingerprint(cells["A"].baseline_config, "cpu")
+    session = Session(catalog, torch.device("cpu"), CacheStore(None), BaselineStore(tmp_path / "none.json"),
+                      check_baselines=False, require_baselines=False)
+    measured = PerplexityResult(28.8, 32, 512, 16352, 50.0, None, (3.3,) * 32)
+    runs: list[str] = []
+
+    def run_cached(config, pipeline, device, load, store, references=None, topk=False, scored=None):
+        if config.kv_eval is None:
+            runs.append("plain")
+            metrics = Evaluation({"wikitext2": measured}, {}).metrics()
+            return CellOutcome(metrics, {}, [], [], {}, cache={"metrics": "miss"})
+        runs.append("C")
+        if cached:
+            return CellOutcome({}, {}, [], [], {}, cache={"metrics": "hit"})
+        assert scored() == {"wikitext2": measured}
+        return CellOutcome({"ppl": {"wikitext2": 28.8}}, {}, [], [], {}, cache={"metrics": "miss"})
+
+    monkeypatch.setattr(ptq.session, "run_cached", run_cached)
+    cached = True
+    session.baseline(cells["C"])
+    assert runs == ["C"]
+    session._fp_outcomes.clear()
+    cached = False
+    session.baseline(cells["C"])
+    session.baseline(cells["A"])  # measured once, for both
+    assert runs == ["C", "C", "plain"]

@@ -95,6 +95,12 @@ class Evaluation:
         return metrics
 
 
+def scored_results(metrics: dict[str, Any]) -> dict[str, PerplexityResult]:
+    """The perplexity results an evaluation's metrics hold (`Evaluation.metrics`), per dataset."""
+    return {name: PerplexityResult(ppl, **metrics["eval"][name], window_nll=tuple(metrics["window_nll"][name]))
+            for name, ppl in metrics["ppl"].items()}
+
+
 LogitsSink = Callable[[torch.Tensor, torch.Tensor], None]  # takes a window and its logits
 
 
@@ -124,10 +130,11 @@ def kv_probes(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device
 
 def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device: torch.device,
              config: CellConfig, references: dict[str, TopKLogprobs] | None = None,
-             topk: bool = False) -> Evaluation:
+             topk: bool = False, scored: dict[str, PerplexityResult] | None = None) -> Evaluation:
     """Perplexity on every configured dataset (and the KLD to the float model where `references`
     holds its store; with `topk`, the model's own top-k store from the same logits, as
     `float_references` computes it), then the KV probes and the zero-shot tasks, when configured.
+    A dataset in `scored` was scored on the same windows already: its result is taken as it is.
     On CUDA OOM the perplexity batch is halved and that is recorded."""
     results: dict[str, PerplexityResult] = {}
     data: dict[str, Any] = {}
@@ -142,6 +149,9 @@ def evaluate(quantized: QuantResult, tokenizer: PreTrainedTokenizerBase, device:
         text = load_text(dataset, EVAL_SPLIT)
         ids = tokenize_once(tokenizer, text)
         data[dataset] = {**text.describe(), "tokens": int(ids.shape[1])}
+        if scored is not None and dataset in scored:
+            results[dataset] = scored[dataset]
+            continue
         batch_size = config.eval.batch_size
         while True:
             divergence = KLDivergence(references[dataset]) if references and dataset in references else None

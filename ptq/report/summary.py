@@ -107,7 +107,8 @@ def _kv_probes(record: dict[str, Any]) -> str | None:
     probes = nested(record, "config", "kv_eval")
     if probes is None or nested(record, "metrics", "passkey") is None:
         return None
-    return (f"perplexity by chunked prefill of {probes['prefill_chunk']} tokens through the cache; "
+    return (f"perplexity by chunked prefill of {probes['prefill_chunk']} tokens through the cache (the float "
+            "cache's: the one-shot forward's, which it equals); "
             f"passkey at {', '.join(str(n) for n in probes['passkey_lengths'])} tokens, "
             f"{probes['passkey_trials']} trials each; greedy decoding of {probes['decode_tokens']} tokens "
             f"after a {probes['decode_prompt']}-token prompt")
