@@ -240,7 +240,7 @@ def pytest_runtest_call(item: pytest.Item):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`-k` on cells matches whole names (see ptq.matrix.Cell.matches); other tests keep pytest's matching."""
-    calibrated_first(items)
+    longest_first(items)
     expression = config.option.keyword.lstrip()
     if not expression:
         return
@@ -258,17 +258,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = kept
 
 
-def calibrated_first(items: list[pytest.Item]) -> None:
-    """Cells whose pipelines calibrate (the long ones) before the others, in the places cells hold:
-    under xdist the long cells start at once on separate workers rather than last on one, and the
-    others fill in around them. Within each group, one sweep setting after another (in their
-    order): cells of one method at W4A16 and W4A8 share their weights, so the second, run later,
-    reads them from the cache instead of quantizing beside the first."""
+def longest_first(items: list[pytest.Item]) -> None:
+    """Cells by their likely cost, longest first, in the places cells hold: cells whose pipelines
+    calibrate, then cells with KV probes (passkey, decoding), then the others; in each, FP baselines
+    last (the cells before them have usually measured them). Under xdist the long cells start at
+    once on separate workers, and the short ones come last: a worker is handed its next cell one
+    ahead, so whatever is left at the end runs on one worker while the other may idle. Within each
+    group, one sweep setting after another (in their order): cells of one method at W4A16 and W4A8
+    share their weights, so the second, run later, reads them from the cache instead of quantizing
+    beside the first."""
     cells = [(index, item, cell) for index, item in enumerate(items) if (cell := cell_of(item)) is not None]
     ranks: dict[str | None, int] = {}
     for _, _, cell in cells:
         ranks.setdefault(cell.setting, len(ranks))
-    ordered = sorted(cells, key=lambda entry: (not entry[2].pipeline.calibrated, ranks[entry[2].setting]))
+
+    def cost(entry: tuple[int, pytest.Item, Cell]) -> tuple[bool, bool, bool, int]:
+        cell = entry[2]
+        return (not cell.pipeline.calibrated, cell.config.kv_eval is None, cell.pipeline.baseline,
+                ranks[cell.setting])
+
+    ordered = sorted(cells, key=cost)
     for (index, _, _), (_, item, _) in zip(cells, ordered):
         items[index] = item
 

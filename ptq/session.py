@@ -95,24 +95,35 @@ class ModelStore:
         self.device = device
         self._key: tuple[str, str] | None = None
         self._loaded: LoadedModel | None = None
+        # why a model could not be loaded: every later cell of it fails with that, without trying again
+        self._failed: dict[tuple[str, str], PtqError] = {}
 
     def discard(self) -> None:
         self._key, self._loaded = None, None
 
     def get(self, config: ModelConfig) -> LoadedModel:
         key = (config.name, config.dtype)
+        if key in self._failed:
+            raise self._failed[key].with_traceback(None)
         if key != self._key:
             self._loaded = None
             gc.collect()
             progress.report(f"loading {config.name}")
-            model, tokenizer, source = load_model(config)
-            if config.head_dim is not None and config.head_dim != head_dim_of(model.config):
-                raise UnsupportedModel(f"model {config.name}: its YAML states head_dim {config.head_dim}, the "
-                                       f"loaded model has {head_dim_of(model.config)}")
-            self._loaded = LoadedModel(model, tokenizer, adapter_for(model, config.family), source, self.device)
+            try:
+                self._loaded = self._load(config)
+            except PtqError as exc:
+                self._failed[key] = exc
+                raise
             self._key = key
         assert self._loaded is not None
         return self._loaded
+
+    def _load(self, config: ModelConfig) -> LoadedModel:
+        model, tokenizer, source = load_model(config)
+        if config.head_dim is not None and config.head_dim != head_dim_of(model.config):
+            raise UnsupportedModel(f"model {config.name}: its YAML states head_dim {config.head_dim}, the "
+                                   f"loaded model has {head_dim_of(model.config)}")
+        return LoadedModel(model, tokenizer, adapter_for(model, config.family), source, self.device)
 
 
 def ratio_intervals(metrics: dict[str, Any], fp_metrics: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -131,6 +142,14 @@ def ratio_intervals(metrics: dict[str, Any], fp_metrics: dict[str, Any]) -> dict
 def _write_references(stores: dict[str, TopKLogprobs], folder: Path) -> None:
     for dataset, store in stores.items():
         store.save(folder / f"{dataset}.safetensors")
+
+
+def _plain(cell: Cell) -> Cell:
+    """The cell with the FP baseline of plain forwards (Track C's scores through a float cache and
+    adds the KV probes; the other tracks' is that already)."""
+    if cell.baseline_config.kv_eval is None:
+        return cell
+    return dataclasses.replace(cell, baseline_config=dataclasses.replace(cell.baseline_config, kv_eval=None))
 
 
 class Session:
@@ -179,9 +198,7 @@ class Session:
             # Through the float cache the model's perplexity is the one-shot forward's (the chunks
             # read exactly what they wrote: tests/test_kv.py), so it is the plain baseline's, which
             # scores those windows for the other tracks anyway; this baseline measures its KV probes.
-            plain = dataclasses.replace(cell, baseline_config=dataclasses.replace(cell.baseline_config,
-                                                                                   kv_eval=None))
-            return run(scored=lambda: scored_results(self.baseline(plain).metrics))
+            return run(scored=lambda: scored_results(self.baseline(_plain(cell)).metrics))
         inputs = references_inputs(cell.config, self.device.type)  # hashes code and packages: only here
         key = cache_key(inputs)
         if key in self._references:
@@ -230,19 +247,18 @@ class Session:
     def run(self, cell: Cell, record: CellRecord) -> list[GateResult]:
         """Measure the cell into `record` and return the gates that failed. The method quantizes
         before the float references are fetched (they come before its evaluation), and before the
-        FP baseline where the baseline's pass builds them (else the baseline comes after the
-        evaluation): under xdist, a worker quantizes while another measures what they share (see
-        ptq.cache's exclusive), instead of measuring it too."""
+        plain FP baseline, whose pass builds them: under xdist, a worker quantizes while another
+        measures what they share (see ptq.cache's exclusive), instead of measuring it too. A Track C
+        cell's own baseline (the float cache's probes) comes after its evaluation."""
         self.check_baseline_not_failed(cell)
         load = partial(self.models.get, cell.config.model)
 
         reference_problems: list[str] = []
 
         def references() -> dict[str, TopKLogprobs]:
-            if cell.baseline_config.kv_eval is None:  # its pass builds the references: it comes first
-                self.baseline(cell)  # and when it failed, the cell fails before its evaluation
-            else:  # a chunked baseline (Track C) is not needed before the evaluation: no waiting for it
-                self.check_baseline_not_failed(cell)
+            # the plain baseline's pass builds the references: it comes first, and when it failed,
+            # the cell fails before its evaluation
+            self.baseline(_plain(cell))
             stores, problems = self.references(cell)
             reference_problems.extend(problems)
             return stores

@@ -131,7 +131,7 @@ def test_xdist_run_records_every_cell_and_gates_on_baselines(workspace: Path) ->
 def test_workers_sharing_a_model_measure_its_baseline_and_float_references_once(workspace: Path) -> None:
     """With one model and two workers, cells are dealt one by one; whichever worker first needs the
     FP baseline (or the float top-k references) measures it, the other waits and reads it from the
-    cache. Each of tracks A/B and C has its own baseline (C's is scored through a float cache)."""
+    cache. Each of tracks A/B and C has its own baseline (C's adds the float cache's probes)."""
     cache = workspace / "cache-shared"  # empty, whatever the module's other tests stored
     run = run_bench(workspace, "--models", "tiny-llama", "-n", "2", "--update-baselines",
                     "--run-id", "shared", "--cache-dir", str(cache))

@@ -42,10 +42,11 @@ DEFAULT_ORDER = [f"smollm2-135m-{cell}" for cell in (
     "fp16-A", "rtn-A", "gptq-c4-A", "awq-c4-A", "fp16-B", "rtn-B", "smoothquant-c4-B", "fp16-C", "kv-rtn-int4-C",
     "kivi-int2-C")]
 DEFAULT_IDS = set(DEFAULT_ORDER)
-# the order pytest runs them in: cells whose methods calibrate first (conftest's calibrated_first)
+# the order pytest runs them in (conftest's longest_first): cells whose methods calibrate, then those
+# with KV probes, then the others, FP baselines last in each
 RUN_ORDER = [f"smollm2-135m-{cell}" for cell in (
-    "gptq-c4-A", "awq-c4-A", "smoothquant-c4-B", "fp16-A", "rtn-A", "fp16-B", "rtn-B", "fp16-C",
-    "kv-rtn-int4-C", "kivi-int2-C")]
+    "gptq-c4-A", "awq-c4-A", "smoothquant-c4-B", "kv-rtn-int4-C", "kivi-int2-C", "fp16-C", "rtn-A", "rtn-B",
+    "fp16-A", "fp16-B")]
 
 
 @pytest.fixture(scope="module")
@@ -291,16 +292,16 @@ def collected_ids(result: pytest.RunResult) -> list[str]:
 
 @pytest.mark.parametrize(("args", "expected"), [
     (("-k", "rtn and A"), ["smollm2-135m-rtn-A"]),
-    (("-k", "A and not c4"), ["smollm2-135m-fp16-A", "smollm2-135m-rtn-A"]),
-    (("-k", "A"), [*RUN_ORDER[:2], *RUN_ORDER[3:5]]),
-    (("-k", "a"), [*RUN_ORDER[:2], *RUN_ORDER[3:5]]),  # whole names, any case
-    (("-k", "not C"), RUN_ORDER[:7]),
-    (("-k", "rtn-B or fp16-C"), ["smollm2-135m-rtn-B", "smollm2-135m-fp16-C"]),  # substrings of the id
+    (("-k", "A and not c4"), ["smollm2-135m-rtn-A", "smollm2-135m-fp16-A"]),
+    (("-k", "A"), [*RUN_ORDER[:2], RUN_ORDER[6], RUN_ORDER[8]]),
+    (("-k", "a"), [*RUN_ORDER[:2], RUN_ORDER[6], RUN_ORDER[8]]),  # whole names, any case
+    (("-k", "not C"), [*RUN_ORDER[:3], *RUN_ORDER[6:]]),
+    (("-k", "rtn-B or fp16-C"), ["smollm2-135m-fp16-C", "smollm2-135m-rtn-B"]),  # substrings of the id
     (("-k", "c4"), ["smollm2-135m-gptq-c4-A", "smollm2-135m-awq-c4-A", "smollm2-135m-smoothquant-c4-B"]),
     (("--experiment", "track-c", "-k", "int2"), [f"smollm2-135m-{m}-int2-C-track-c" for m in ("kv-rtn", "kivi",
                                                                                               "kv-hf-quanto")]),
     (("--experiment", "track-c", "-k", "kivi-int4"), ["smollm2-135m-kivi-int4-C-track-c"]),
-    (("--tracks", "C", "--methods", "fp16", "kv-rtn"), [f"smollm2-135m-{m}-C" for m in ["fp16", *KV_CELLS[:3]]]),
+    (("--tracks", "C", "--methods", "fp16", "kv-rtn"), [f"smollm2-135m-{m}-C" for m in [*KV_CELLS[:3], "fp16"]]),
     (("--methods", "awq+gptq", "-k", "awq and gptq"), ["smollm2-135m-awq+gptq-c4-A"]),
     ((), RUN_ORDER),
 ])
