@@ -209,7 +209,8 @@ def measure(config: CellConfig, pipeline: Pipeline, loaded: LoadedModel, store: 
     with memory:
         quantize_activations(result, loaded.adapter, config, calibration, loaded.device)
         with on_device(result.model, loaded.device) as placement:
-            evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores, topk, measured)
+            evaluation = evaluate(result, loaded.tokenizer, loaded.device, config, float_stores, topk,
+                                  measured)
     added = memory.peak_bytes - memory.start_bytes
     metrics = {**evaluation.metrics(), "quant_seconds": quant_seconds, "stage_seconds": result.stage_seconds,
                "peak_memory_bytes": memory.peak_bytes, "peak_memory_kind": memory.kind,

@@ -370,9 +370,10 @@ def test_13_an_offline_hub_model_fails_at_once_and_is_tried_once(ws: Path, tmp_p
     reasons = [record["reason"] for record in records_of(ws, "offline").values()]
     assert len(reasons) == 2
     # rtn-A runs first and fails to load the model; the FP baseline fails with the same error, not tried again
-    unavailable = ("ModelUnavailable: cannot load ptq-bench/no-such-model from its local cache (the hub is not "
-                   "used: http://127.0.0.1:9 is unreachable")
-    assert sorted(reasons)[0].startswith("BaselineFailed: the FP baseline of hub-missing failed: " + unavailable)
+    unavailable = ("ModelUnavailable: cannot load ptq-bench/no-such-model from its local cache "
+                   "(the hub is not used: http://127.0.0.1:9 is unreachable")
+    baseline_failed = "BaselineFailed: the FP baseline of hub-missing failed: "
+    assert sorted(reasons)[0].startswith(baseline_failed + unavailable)
     assert sorted(reasons)[1].startswith(unavailable)
 
 

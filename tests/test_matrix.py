@@ -301,7 +301,8 @@ def collected_ids(result: pytest.RunResult) -> list[str]:
     (("--experiment", "track-c", "-k", "int2"), [f"smollm2-135m-{m}-int2-C-track-c" for m in ("kv-rtn", "kivi",
                                                                                               "kv-hf-quanto")]),
     (("--experiment", "track-c", "-k", "kivi-int4"), ["smollm2-135m-kivi-int4-C-track-c"]),
-    (("--tracks", "C", "--methods", "fp16", "kv-rtn"), [f"smollm2-135m-{m}-C" for m in [*KV_CELLS[:3], "fp16"]]),
+    (("--tracks", "C", "--methods", "fp16", "kv-rtn"),
+     [f"smollm2-135m-{m}-C" for m in [*KV_CELLS[:3], "fp16"]]),
     (("--methods", "awq+gptq", "-k", "awq and gptq"), ["smollm2-135m-awq+gptq-c4-A"]),
     ((), RUN_ORDER),
 ])

@@ -18,7 +18,7 @@ from ptq.dependencies import fingerprint
 from ptq.eval.perplexity import PerplexityResult
 from ptq.eval.suite import Evaluation
 from ptq.gates import BaselineStore
-from ptq.matrix import Catalog, Selection
+from ptq.matrix import Catalog, Cell, Selection
 from ptq.session import Session
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -36,8 +36,10 @@ def test_a_cell_waits_for_the_plain_baseline_which_builds_its_references(
     session = Session(catalog, torch.device("cpu"), CacheStore(None), BaselineStore(tmp_path / "none.json"),
                       check_baselines=False, require_baselines=False)
     calls: list[str] = []
-    monkeypatch.setattr(Session, "baseline",
-                        lambda self, asked: calls.append(f"baseline, kv_eval {asked.baseline_config.kv_eval}"))
+    def baseline(_session: Session, asked: Cell) -> None:
+        calls.append(f"baseline, kv_eval {asked.baseline_config.kv_eval}")
+
+    monkeypatch.setattr(Session, "baseline", baseline)
     monkeypatch.setattr(Session, "references", lambda self, _cell: calls.append("references") or ({}, []))
 
     def run_cached(config, pipeline, device, load, store, references):
@@ -56,8 +58,8 @@ def test_a_track_c_baseline_takes_its_perplexity_from_the_plain_baseline(monkeyp
     baseline measures its KV probes and takes its perplexity from the baseline the other tracks use,
     which runs once and only when the C baseline is measured (not when its outcome is cached)."""
     catalog = Catalog(BENCH)
-    cells = {cell.track: cell for cell in catalog.cells(Selection(models=("smollm2-135m",), methods=("fp16",)),
-                                                        "cpu")}
+    fp16 = catalog.cells(Selection(models=("smollm2-135m",), methods=("fp16",)), "cpu")
+    cells = {cell.track: cell for cell in fp16}
     plain = dataclasses.replace(cells["C"].baseline_config, kv_eval=None)
     assert fingerprint(plain, "cpu") == fingerprint(cells["A"].baseline_config, "cpu")
     session = Session(catalog, torch.device("cpu"), CacheStore(None), BaselineStore(tmp_path / "none.json"),

@@ -30,7 +30,8 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: Cache, chunk: int,
     parts = []
     keep = {} if all_logits else {"logits_to_keep": 1}
     for start in range(0, ids.shape[1], chunk):
-        parts.append(model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True, **keep).logits)
+        forward = model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True, **keep)
+        parts.append(forward.logits)
     return torch.cat(parts, dim=1) if all_logits else parts[-1]
 
 

@@ -97,7 +97,8 @@ class Evaluation:
 
 def scored_results(metrics: dict[str, Any]) -> dict[str, PerplexityResult]:
     """The perplexity results an evaluation's metrics hold (`Evaluation.metrics`), per dataset."""
-    return {name: PerplexityResult(ppl, **metrics["eval"][name], window_nll=tuple(metrics["window_nll"][name]))
+    return {name: PerplexityResult(ppl, **metrics["eval"][name],
+                                   window_nll=tuple(metrics["window_nll"][name]))
             for name, ppl in metrics["ppl"].items()}
 
 
