@@ -84,6 +84,22 @@ SPECS = [
 # ------------------------------------------------------------------ GPTQ on one layer
 
 
+@pytest.mark.parametrize("columns", (64, 192, 576, 1000), ids=lambda c: f"{c}cols")
+def test_gptq_hessian_is_the_mean_of_2_x_xT_over_sequences(columns: int) -> None:
+    """H = 2/n Σ x xᵀ over the n sequences seen, in float64 from its definition: the block-wise
+    product (`add_gram_`, 192 rows at a time: one block, several, a short last one) and the
+    running rescaling agree with it to float32 rounding."""
+    batches = [inputs("ill", seed, tokens=3 * 100, columns=columns).reshape(3, 100, columns)
+               for seed in (3, 5)]
+    stats = GPTQ(columns)
+    for batch in batches:
+        stats.add_batch(batch)
+    x = torch.cat([batch.reshape(-1, columns) for batch in batches]).double()
+    expected = 2 / 6 * x.t() @ x
+    assert stats.nsamples == 6 and stats.tokens == 600
+    assert torch.allclose(stats.H.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("static", (False, True), ids=("plain", "act_order+static_groups"))
 @pytest.mark.parametrize("spec", SPECS)
 def test_gptq_with_identity_hessian_is_round_to_nearest(spec: QuantSpec, static: bool) -> None:

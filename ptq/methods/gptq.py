@@ -25,6 +25,9 @@ MAX_DAMP_RETRIES = 4  # dampening x10 each time, as far as 10^4 x percdamp
 # expert the router rarely picks) is rounded to nearest instead: GPTQModel's FailSafe default (strategy
 # rtn, threshold 0.5%). With no tokens at all GPTQ would zero the weight (the reference's dead columns).
 MIN_TOKEN_FRACTION = 0.005
+# Rows of the Hessian per product in `add_gram_`: measured fastest here of 128-384 for 576 and 1,536
+# columns at 4,096 tokens (0.68x and 0.76x the time of the full product, one thread)
+GRAM_ROWS = 192
 FEW_TOKENS_SHOWN = 10  # linears named in the record's fallback for too few calibration tokens
 
 
@@ -71,7 +74,7 @@ class GPTQ:
         self.H *= self.nsamples / (self.nsamples + count)
         self.nsamples += count
         x = (2 / self.nsamples) ** 0.5 * x
-        self.H += x @ x.t()
+        add_gram_(self.H, x)
 
     def quantize(self, weight: torch.Tensor, spec: QuantSpec, params: GptqParams) -> GptqResult:
         if spec.granularity not in ("group", "channel"):
@@ -124,6 +127,19 @@ class GPTQ:
         if perm is not None:
             Q = Q[:, torch.argsort(perm)]
         return GptqResult(Q.to(weight.dtype), losses, damp_used)
+
+
+def add_gram_(H: torch.Tensor, x: torch.Tensor, rows: int = GRAM_ROWS) -> None:
+    """H += x xᵀ for x [columns, tokens], computing only the blocks of `rows` rows on and right of
+    the diagonal and mirroring them below it (H is symmetric): for 1,536 columns (down_proj's
+    input) about 56% of the multiply-adds of x @ x.t(). Each entry is the same dot product over
+    the tokens; only how the BLAS splits the sum may differ (float rounding)."""
+    columns = x.shape[0]
+    for start in range(0, columns, rows):
+        end = min(start + rows, columns)
+        block = x[start:end] @ x[start:].t()
+        H[start:end, start:] += block
+        H[end:, start:end] += block[:, end - start:].t()
 
 
 def _child_end(order: list[str], name: str) -> bool:
