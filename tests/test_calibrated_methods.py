@@ -585,8 +585,9 @@ def test_replaying_final_children_changes_nothing_and_saves_block_passes(
     """GPTQ freezes self_attn once o_proj is quantized and the MLP once down_proj is: later passes
     replay their recorded outputs, and the recording pass computes o_proj / down_proj on their kept
     inputs instead of re-running the child. Same weights and the same propagated activations, bit
-    for bit. With a hook changing the last linear's output the child's output is not that linear's:
-    the first batch's check sees it and the child runs on every batch."""
+    for bit, also where only some batches' inputs were kept (the memory of the block's inputs holds
+    half of down_proj's). With a hook changing the last linear's output the child's output is not
+    that linear's: the first batch's check sees it and the child runs on every batch."""
 
     held_after_last_pass = []  # what a runner still holds after the block's last pass
     outputs = BlockRunner.outputs
@@ -632,11 +633,14 @@ def test_replaying_final_children_changes_nothing_and_saves_block_passes(
     blocks, batches = 2, 2
     # Without replay, attention runs in o_proj's, gate/up's, down's and the output pass, the MLP in
     # down's and the output pass. With it, each child runs until its last linear is quantized, then
-    # in its recording pass (the next) on the first batch only, or on all if the check failed.
-    recording = batches if hooked else 1
+    # in its recording pass (the next) on the first batch, where it is checked, and on each batch
+    # whose kept input did not fit in the block's input activations; on all if the check failed.
+    # o_proj's inputs are as large as the block's (hidden size 64): every batch's fits. down_proj's
+    # are twice as large (intermediate size 128): the first batch's alone.
+    kept = {"attention": batches, "mlp": batches * 64 // 128}
+    recording = {child: batches if hooked else 1 + batches - kept[child] for child in kept}
     assert plain_calls == {"attention": blocks * batches * 4, "mlp": blocks * batches * 2}
-    per_child = blocks * (batches + recording)
-    assert replayed_calls == {"attention": per_child, "mlp": per_child}
+    assert replayed_calls == {child: blocks * (batches + recording[child]) for child in kept}
     # The last pass over a block dropped the recorded outputs and kept inputs (as it used them).
     assert held_after_last_pass == [{}] * (2 * blocks)
 
