@@ -316,6 +316,14 @@ def test_awq_clip_search_bounds_and_error(spec: QuantSpec) -> None:
         err_clipped = (xg @ clipped.t() - xg @ w.t()).pow(2).sum(0)
         err_plain = (xg @ plain.t() - xg @ w.t()).pow(2).sum(0)
         assert (err_clipped <= err_plain * (1 + 1e-5)).all()
+        # and no other candidate, max|w| * (1 - i/n_grid), does better (errors in float64)
+        def error64(quantized: torch.Tensor) -> torch.Tensor:
+            return (xg.double() @ (quantized - w).double().t()).pow(2).sum(0)
+
+        bounds = [absmax[:, None] * (1 - step / n_grid) for step in range(int(max_shrink * n_grid))]
+        candidates = [fake_quantize(torch.clamp(w, -b, b), group_spec) for b in bounds]
+        least = torch.stack([error64(candidate) for candidate in candidates]).amin(0)
+        assert (error64(clipped) <= least * (1 + 1e-5)).all()
         start += size
     assert (best_max < weight.abs().reshape(ROWS, -1).amax(1, keepdim=True)).any()  # some clipping happened
     if spec.granularity == "channel":  # one group per row: the whole layer's error, row by row
