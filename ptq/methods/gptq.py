@@ -25,8 +25,8 @@ MAX_DAMP_RETRIES = 4  # dampening x10 each time, as far as 10^4 x percdamp
 # expert the router rarely picks) is rounded to nearest instead: GPTQModel's FailSafe default (strategy
 # rtn, threshold 0.5%). With no tokens at all GPTQ would zero the weight (the reference's dead columns).
 MIN_TOKEN_FRACTION = 0.005
-# Rows of the Hessian per product in `add_gram_`: measured fastest here of 128-384 for 576 and 1,536
-# columns at 4,096 tokens (0.68x and 0.76x the time of the full product, one thread)
+# Rows of the Hessian per product in `add_gram_`: of 128-384, the fastest here for down_proj's 1,536
+# columns at 4,096 tokens, where most of the time goes (0.68x the full product's; 0.76x at 576), one thread
 GRAM_ROWS = 192
 FEW_TOKENS_SHOWN = 10  # linears named in the record's fallback for too few calibration tokens
 
