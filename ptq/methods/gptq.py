@@ -129,14 +129,14 @@ class GPTQ:
         return GptqResult(Q.to(weight.dtype), losses, damp_used)
 
 
-def add_gram_(H: torch.Tensor, x: torch.Tensor, rows: int = GRAM_ROWS) -> None:
-    """H += x xᵀ for x [columns, tokens], computing only the blocks of `rows` rows on and right of
-    the diagonal and mirroring them below it (H is symmetric): for 1,536 columns (down_proj's
+def add_gram_(H: torch.Tensor, x: torch.Tensor) -> None:
+    """H += x xᵀ for x [columns, tokens], computing only the blocks of `GRAM_ROWS` rows on and right
+    of the diagonal and mirroring them below it (H is symmetric): for 1,536 columns (down_proj's
     input) about 56% of the multiply-adds of x @ x.t(). Each entry is the same dot product over
     the tokens; only how the BLAS splits the sum may differ (float rounding)."""
     columns = x.shape[0]
-    for start in range(0, columns, rows):
-        end = min(start + rows, columns)
+    for start in range(0, columns, GRAM_ROWS):
+        end = min(start + GRAM_ROWS, columns)
         block = x[start:end] @ x[start:].t()
         H[start:end, start:] += block
         H[end:, start:end] += block[:, end - start:].t()
